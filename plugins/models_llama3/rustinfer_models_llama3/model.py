@@ -1,0 +1,193 @@
+"""Llama 3 forward over a paged KV cache, built from ops resolved for one device and dtype."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+
+from rustinfer.config import ModelConfig
+from rustinfer.errors import ModelLoadError
+from rustinfer.models.base import AttentionMetadata, KVCaches, Model
+from rustinfer.models.op_table import OpTable
+from rustinfer.ops import build_cos_sin_cache
+from rustinfer_models_llama3.weights import IGNORED, hf_weight_shapes, slot_for, to_hf_name
+
+logger = logging.getLogger(__name__)
+
+
+class LlamaForCausalLM(Model):
+    """GQA attention, RoPE (with Llama 3 scaling), SwiGLU MLP, RMSNorm, optionally tied embeddings.
+
+    Parameters are packed: per layer one QKV matrix ``[(Hq + 2 Hkv) * D, H]`` and one gate/up matrix
+    ``[2 I, H]``, so each layer runs 4 matmuls.
+    """
+
+    def __init__(self, config: ModelConfig, ops: OpTable, dtype: torch.dtype) -> None:
+        super().__init__(config, ops, dtype)
+        c = config
+        h, d = c.hidden_size, c.head_dim
+        self.q_size = c.num_attention_heads * d
+        self.kv_size = c.num_key_value_heads * d
+        self.scale = d**-0.5
+
+        def empty(*shape: int) -> torch.nn.Parameter:
+            return torch.nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.embed_tokens = empty(c.vocab_size, h)
+        for i in range(c.num_hidden_layers):
+            p = f"layers.{i}."
+            params = {
+                "qkv_weight": empty(self.q_size + 2 * self.kv_size, h),
+                "o_weight": empty(h, self.q_size),
+                "gate_up_weight": empty(2 * c.intermediate_size, h),
+                "down_weight": empty(h, c.intermediate_size),
+                "input_norm": empty(h),
+                "post_attn_norm": empty(h),
+            }
+            if c.attention_bias:
+                params["qkv_bias"] = empty(self.q_size + 2 * self.kv_size)
+                params["o_bias"] = empty(h)
+            if c.mlp_bias:
+                params["gate_up_bias"] = empty(2 * c.intermediate_size)
+                params["down_bias"] = empty(h)
+            for name, param in params.items():
+                self.register_parameter((p + name).replace(".", "_"), param)
+        self.norm = empty(h)
+        self.lm_head = self.embed_tokens if c.tie_word_embeddings else empty(c.vocab_size, h)
+        # float32 for every half/single dtype (the rope op rotates in fp32, see its spec); float64
+        # models keep float64 angles so they stay an exact oracle.
+        cache_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        cos_sin = build_cos_sin_cache(
+            d, c.max_position_embeddings, c.rope_theta, c.rope_scaling, dtype=cache_dtype
+        )
+        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
+        self._layers: list[dict[str, torch.Tensor | None]] = []
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    @classmethod
+    def weight_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        return hf_weight_shapes(config)
+
+    def _param(self, packed_name: str) -> torch.nn.Parameter:
+        return getattr(self, packed_name.replace(".", "_"))
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        expected = set(self.weight_shapes(self.config))
+        seen: set[str] = set()
+        for name, tensor in weights:
+            hf_name = to_hf_name(name)
+            if IGNORED.search(name):
+                continue
+            if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
+                # Some tied checkpoints also store a copy of the embedding; the model reads one.
+                continue
+            slot = slot_for(hf_name, self.config)
+            if slot is None:
+                raise ModelLoadError(
+                    f"checkpoint tensor {name!r} has no place in {self.config.architecture} "
+                    f"(num_hidden_layers={self.config.num_hidden_layers}); is the config right?"
+                )
+            param = self._param(slot.param)
+            target = param if slot.rows is None else param[slot.row_start : slot.row_start + slot.rows]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ModelLoadError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the config implies "
+                    f"{tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            seen.add(hf_name)
+        missing = sorted(expected - seen)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ModelLoadError(f"checkpoint lacks tensors: {shown}")
+        self._bind_layers()
+
+    def _bind_layers(self) -> None:
+        """Per-layer tensor lookups done once, so the forward loop does no string work."""
+        self._layers = []
+        for i in range(self.config.num_hidden_layers):
+            p = f"layers_{i}_"
+            self._layers.append(
+                {
+                    key: getattr(self, p + key, None)
+                    for key in (
+                        "qkv_weight",
+                        "qkv_bias",
+                        "o_weight",
+                        "o_bias",
+                        "gate_up_weight",
+                        "gate_up_bias",
+                        "down_weight",
+                        "down_bias",
+                        "input_norm",
+                        "post_attn_norm",
+                    )
+                }
+            )
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to(device) replaces parameter tensors: re-bind the per-layer lookups afterwards.
+        out = super()._apply(fn, recurse)
+        if self._layers:
+            self._bind_layers()
+        return out
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: KVCaches,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        ops, c = self.ops, self.config
+        eps = c.rms_norm_eps
+        n_tokens = input_ids.shape[0]
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        hidden = ops.embedding(input_ids, self.embed_tokens)  # [T, H]
+        residual: torch.Tensor | None = None
+        for layer, (k_cache, v_cache) in zip(self._layers, kv_caches, strict=True):
+            if residual is None:
+                residual = hidden
+                x = ops.rmsnorm(hidden, layer["input_norm"], eps)
+            else:
+                x, residual = ops.fused_add_rmsnorm(hidden, residual, layer["input_norm"], eps)
+            qkv = ops.linear(x, layer["qkv_weight"], layer["qkv_bias"])  # [T, (Hq + 2 Hkv) * D]
+            q = qkv[:, : self.q_size].view(n_tokens, hq, d)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n_tokens, hkv, d)
+            v = qkv[:, self.q_size + self.kv_size :].view(n_tokens, hkv, d)
+            q, k = ops.rope(q, k, positions, self.cos_sin_cache)
+            ops.kv_cache_store(k, v, k_cache, v_cache, attn.slot_mapping)
+            if attn.is_decode:
+                o = ops.attention_decode(
+                    q, k_cache, v_cache, attn.block_tables, attn.seq_lens, self.scale
+                )
+            else:
+                o = ops.attention_prefill(
+                    q,
+                    k_cache,
+                    v_cache,
+                    attn.block_tables,
+                    attn.cu_seqlens_q,
+                    attn.seq_lens,
+                    attn.max_query_len,
+                    self.scale,
+                )
+            hidden = ops.linear(o.reshape(n_tokens, hq * d), layer["o_weight"], layer["o_bias"])
+            x, residual = ops.fused_add_rmsnorm(hidden, residual, layer["post_attn_norm"], eps)
+            gate_up = ops.linear(x, layer["gate_up_weight"], layer["gate_up_bias"])
+            hidden = ops.linear(ops.silu_and_mul(gate_up), layer["down_weight"], layer["down_bias"])
+        assert residual is not None, "a model has at least one layer"
+        out, _ = ops.fused_add_rmsnorm(hidden, residual, self.norm, eps)
+        return out
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.ops.linear(hidden, self.lm_head, None)
+        # Samplers work in float32; a float64 model keeps float64 so it stays an exact oracle.
+        return logits if logits.dtype == torch.float64 else logits.float()

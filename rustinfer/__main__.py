@@ -1,0 +1,5 @@
+import sys
+
+from rustinfer.cli.main import main
+
+sys.exit(main())

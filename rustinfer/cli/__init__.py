@@ -1,0 +1,1 @@
+"""The ``rustinfer`` command."""

@@ -1,0 +1,39 @@
+"""``rustinfer`` entry point: subcommands generate, bench, plugins."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rustinfer.cli import bench, generate, plugins_cmd
+from rustinfer.errors import RustinferError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rustinfer", description="LLM inference engine")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    generate.add_parser(sub)
+    bench.add_parser(sub)
+    plugins_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (RustinferError, ValueError, FileNotFoundError) as exc:
+        # Deliberate errors carry a message that says what to fix; no traceback for those.
+        print(f"rustinfer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

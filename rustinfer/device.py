@@ -1,0 +1,97 @@
+"""The Device interface: what the engine needs to know about where tensors live.
+
+Device types are registered by plugins (``rustinfer_register_devices``): rustinfer-ops-cpu registers
+``cpu``, rustinfer-ops-cuda registers ``cuda``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import torch
+
+from rustinfer.errors import RegistryError
+from rustinfer.registry import Registries
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+class Device(abc.ABC):
+    """One device of one type (``cpu``, ``cuda:1``)."""
+
+    type: ClassVar[str]
+
+    def __init__(self, index: int | None = None) -> None:
+        self.index = index
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.type if self.index is None else f"{self.type}:{self.index}")
+
+    @classmethod
+    @abc.abstractmethod
+    def is_available(cls) -> bool:
+        """Whether this device type can run here at all."""
+
+    @abc.abstractmethod
+    def name(self) -> str:
+        """A human-readable description (CPU model and threads, GPU name)."""
+
+    @abc.abstractmethod
+    def memory_info(self) -> tuple[int, int]:
+        """``(free_bytes, total_bytes)`` of the memory KV caches are allocated from."""
+
+    def synchronize(self) -> None:
+        """Wait for queued work (no-op on synchronous devices)."""
+
+    def auto_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype ``--dtype auto`` picks on this device for a checkpoint stored in ``checkpoint_dtype``."""
+        return checkpoint_dtype or torch.float32
+
+    def __str__(self) -> str:
+        return str(self.torch_device)
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype | None:
+    """``"auto"`` -> None; a known name -> its torch dtype; anything else is a clear error."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    key = name.removeprefix("torch.")
+    if key in ("bf16",):
+        key = "bfloat16"
+    if key in ("fp16", "half"):
+        key = "float16"
+    if key in ("fp32", "float"):
+        key = "float32"
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]
+
+
+def resolve_device(spec: str, registries: Registries) -> Device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (a GPU when one is usable, else the CPU)."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        for candidate in ("cuda",):
+            if candidate in registries.devices and registries.devices.get(candidate).is_available():
+                return registries.devices.get(candidate)(0)
+        spec = "cpu"
+    dev_type, _, index_text = spec.partition(":")
+    if index_text and not index_text.isdigit():
+        raise ValueError(f"bad device {spec!r}: expected cpu, cuda, cuda:N or auto")
+    try:
+        cls = registries.devices.get(dev_type)
+    except RegistryError as exc:
+        raise RegistryError(f"device {spec!r}: {exc}") from None
+    if not cls.is_available():
+        raise RegistryError(f"device {spec!r} is registered but not available on this machine")
+    index = int(index_text) if index_text else (0 if dev_type != "cpu" else None)
+    return cls(index)

@@ -1,0 +1,231 @@
+"""Plain registries for ops, models and devices, filled once from the plugin hooks.
+
+The hot path never touches pluggy: models resolve their ops once, when they are built, through
+:meth:`OpRegistry.lookup`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from rustinfer.errors import RegistryError
+from rustinfer.lazy import resolve
+
+OP_OVERRIDE_ENV = "RUSTINFER_OP_IMPL"
+
+Requirement = str | Callable[[], str | None]
+
+
+class RegisterOp(Protocol):
+    def __call__(
+        self,
+        op: str,
+        name: str,
+        target: str | Callable[..., Any],
+        *,
+        device: str,
+        dtypes: Iterable[torch.dtype],
+        priority: int = 0,
+        requires: Iterable[Requirement] = (),
+    ) -> None: ...
+
+
+class RegisterModel(Protocol):
+    def __call__(self, architecture: str, target: str | type) -> None: ...
+
+
+class RegisterDevice(Protocol):
+    def __call__(self, device_type: str, target: str | type) -> None: ...
+
+
+@dataclass
+class OpImpl:
+    """One registered implementation of an op for one device type."""
+
+    op: str
+    name: str
+    target: str | Callable[..., Any]
+    device: str
+    dtypes: frozenset[torch.dtype]
+    priority: int
+    requires: tuple[Requirement, ...]
+    plugin: str
+    _fn: Callable[..., Any] | None = field(default=None, repr=False, compare=False)
+
+    def load(self) -> Callable[..., Any]:
+        if self._fn is None:
+            self._fn = resolve(self.target)
+        return self._fn
+
+    def unmet_requirement(self) -> str | None:
+        """``None`` when every requirement holds here, else the first reason it cannot run."""
+        for req in self.requires:
+            check = resolve(req)
+            try:
+                reason = check()
+            except Exception as exc:  # a requirement check that crashes means "cannot run here"
+                reason = f"{getattr(check, '__name__', check)} raised {exc!r}"
+            if reason:
+                return str(reason)
+        return None
+
+    def describe(self) -> str:
+        dts = ",".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
+        return f"{self.name} [{self.device}; {dts}; priority {self.priority}; from {self.plugin}]"
+
+
+def parse_op_overrides(text: str | None) -> dict[str, str]:
+    """Parse ``"rmsnorm=torch,attention_decode=triton"`` into ``{op: impl name}``."""
+    overrides: dict[str, str] = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        op, sep, name = item.partition("=")
+        if not sep or not op.strip() or not name.strip():
+            raise RegistryError(
+                f"{OP_OVERRIDE_ENV}: expected 'op=impl[,op=impl...]', got {item!r}"
+            )
+        overrides[op.strip()] = name.strip()
+    return overrides
+
+
+class OpRegistry:
+    def __init__(self) -> None:
+        self._impls: dict[str, list[OpImpl]] = {}
+
+    def add(self, impl: OpImpl) -> None:
+        from rustinfer.ops import SPECS  # the op must be one the core specifies
+
+        if impl.op not in SPECS:
+            raise RegistryError(
+                f"plugin {impl.plugin!r} registers an implementation of unknown op {impl.op!r}; "
+                f"known ops: {', '.join(sorted(SPECS))}"
+            )
+        for other in self._impls.get(impl.op, []):
+            if other.name == impl.name and other.device == impl.device:
+                raise RegistryError(
+                    f"op {impl.op!r} implementation {impl.name!r} for device {impl.device!r} is "
+                    f"registered twice: by plugin {other.plugin!r} and by plugin {impl.plugin!r}"
+                )
+        self._impls.setdefault(impl.op, []).append(impl)
+
+    def implementations(self, op: str | None = None) -> list[OpImpl]:
+        if op is not None:
+            return list(self._impls.get(op, []))
+        return [impl for impls in self._impls.values() for impl in impls]
+
+    def lookup(
+        self,
+        op: str,
+        device_type: str,
+        dtype: torch.dtype,
+        overrides: dict[str, str] | None = None,
+    ) -> OpImpl:
+        """The highest-priority implementation of ``op`` for this device and dtype that can run here.
+
+        ``overrides`` (default: parsed from ``RUSTINFER_OP_IMPL``) pin an implementation by name; a
+        pinned one must exist and run here, or this raises: no silent fallback.
+        """
+        if overrides is None:
+            overrides = parse_op_overrides(os.environ.get(OP_OVERRIDE_ENV))
+        all_impls = self._impls.get(op, [])
+        candidates = [i for i in all_impls if i.device == device_type and dtype in i.dtypes]
+        candidates.sort(key=lambda i: -i.priority)
+        pinned = overrides.get(op)
+        if pinned is not None:
+            chosen = [i for i in candidates if i.name == pinned]
+            if not chosen:
+                raise RegistryError(
+                    f"{OP_OVERRIDE_ENV} pins op {op!r} to {pinned!r}, but no implementation of that "
+                    f"name serves device {device_type!r} dtype {dtype}; "
+                    + self._registered_text(op)
+                )
+            reason = chosen[0].unmet_requirement()
+            if reason:
+                raise RegistryError(
+                    f"{OP_OVERRIDE_ENV} pins op {op!r} to {pinned!r}, which cannot run here: {reason}"
+                )
+            return chosen[0]
+        unmet: list[str] = []
+        for impl in candidates:
+            reason = impl.unmet_requirement()
+            if reason is None:
+                return impl
+            unmet.append(f"{impl.name}: {reason}")
+        detail = f" (unmet requirements: {'; '.join(unmet)})" if unmet else ""
+        raise RegistryError(
+            f"no implementation of op {op!r} for device {device_type!r} dtype {dtype}{detail}; "
+            + self._registered_text(op)
+        )
+
+    def _registered_text(self, op: str) -> str:
+        impls = self._impls.get(op, [])
+        if not impls:
+            return f"no plugin registers op {op!r} (is rustinfer-ops-cpu installed?)"
+        return "registered: " + "; ".join(i.describe() for i in impls)
+
+
+@dataclass
+class Entry:
+    key: str
+    target: Any
+    plugin: str
+
+
+class NamedRegistry:
+    """Name -> lazily imported object (model classes, device classes)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+        self._loaded: dict[str, Any] = {}
+
+    def add(self, key: str, target: Any, plugin: str) -> None:
+        if not isinstance(key, str) or not key:
+            raise RegistryError(f"plugin {plugin!r} registers a {self.kind} with an empty name")
+        if key in self._entries:
+            other = self._entries[key]
+            raise RegistryError(
+                f"{self.kind} {key!r} is registered twice: by plugin {other.plugin!r} and by "
+                f"plugin {plugin!r}"
+            )
+        self._entries[key] = Entry(key, target, plugin)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def keys(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[k] for k in self.keys()]
+
+    def get(self, key: str) -> Any:
+        if key not in self._entries:
+            known = ", ".join(self.keys()) or "none (is a plugin package installed?)"
+            raise RegistryError(f"unknown {self.kind} {key!r}; registered: {known}")
+        if key not in self._loaded:
+            self._loaded[key] = resolve(self._entries[key].target)
+        return self._loaded[key]
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    registered: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Registries:
+    ops: OpRegistry = field(default_factory=OpRegistry)
+    models: NamedRegistry = field(default_factory=lambda: NamedRegistry("model architecture"))
+    devices: NamedRegistry = field(default_factory=lambda: NamedRegistry("device type"))
+    plugins: list[PluginInfo] = field(default_factory=list)

@@ -1,0 +1,1 @@
+"""Turning a checkpoint into a ready model, and running single requests on it."""

@@ -1,0 +1,89 @@
+"""Checkpoint + device + dtype -> a model on its device with its tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rustinfer.config import ModelConfig
+from rustinfer.device import Device, parse_dtype, resolve_device
+from rustinfer.errors import UnsupportedArchitectureError
+from rustinfer.loaders import ModelSource, dummy_weights, load_model_source
+from rustinfer.models.base import Model
+from rustinfer.models.op_table import OpTable
+from rustinfer.plugins import get_registries
+from rustinfer.registry import Registries
+from rustinfer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Model
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+    device: Device
+    dtype: torch.dtype
+    source: ModelSource
+    load_seconds: float
+
+
+def model_class_for(config: ModelConfig, registries: Registries) -> type[Model]:
+    if config.architecture not in registries.models:
+        supported = ", ".join(registries.models.keys()) or "none (install rustinfer-models-llama3)"
+        raise UnsupportedArchitectureError(
+            f"architecture {config.architecture!r} is not supported by any installed model plugin; "
+            f"supported: {supported}"
+        )
+    return registries.models.get(config.architecture)
+
+
+def _checkpoint_dtype(config: ModelConfig, source: ModelSource) -> torch.dtype | None:
+    if source.format == "gguf":
+        return None  # quantized or mixed: the device decides
+    try:
+        return parse_dtype(config.torch_dtype) if config.torch_dtype else None
+    except ValueError:
+        return None
+
+
+def load_model(
+    model: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    load_format: str = "auto",
+    seed: int = 0,
+    registries: Registries | None = None,
+) -> LoadedModel:
+    """Load ``model`` (None: the embedded default) onto ``device`` in ``dtype``."""
+    start = time.perf_counter()
+    regs = registries or get_registries()
+    dev = resolve_device(device, regs)
+    source = load_model_source(model, load_format=load_format)
+    config = source.config
+    cls = model_class_for(config, regs)
+    torch_dtype = parse_dtype(dtype) or dev.auto_dtype(_checkpoint_dtype(config, source))
+    ops = OpTable.resolve(regs.ops, dev.type, torch_dtype)
+    logger.debug("ops for %s/%s: %s", dev.type, torch_dtype, ops.chosen)
+    net = cls(config, ops, torch_dtype)
+    if source.format == "dummy":
+        net.load_weights(dummy_weights(cls.weight_shapes(config), torch_dtype, seed=seed))
+    else:
+        net.load_weights(source.weights(torch_dtype))
+    net = net.to(dev.torch_device).eval()
+    dev.synchronize()
+    elapsed = time.perf_counter() - start
+    logger.info(
+        "loaded %s (%s, %s) on %s in %.2f s",
+        source.path or config.architecture,
+        source.format,
+        str(torch_dtype).removeprefix("torch."),
+        dev,
+        elapsed,
+    )
+    return LoadedModel(net, source.tokenizer, config, dev, torch_dtype, source, elapsed)

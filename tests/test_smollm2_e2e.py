@@ -1,0 +1,96 @@
+"""The embedded SmolLM2-135M-Instruct GGUF: token-exact against HF transformers, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rustinfer.runtime.generator import SamplingConfig, SingleSequenceRunner
+from rustinfer.runtime.loading import load_model
+
+pytest.importorskip("transformers")
+default_model = pytest.importorskip("rustinfer.default_model")
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three prime numbers greater than 50.",
+    "请用一句话介绍一下北京。",
+    "def fibonacci(n):",
+]
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        path = default_model.default_model_path()
+    except Exception as exc:  # the embedded model package is part of the test install
+        pytest.fail(f"embedded model missing: {exc}")
+    return path, load_model(None, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2):
+    import transformers
+
+    path, _ = smollm2
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
+    """Greedy decoding with HF's own KV cache, EOS not treated specially (both sides ignore it)."""
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    past, ids = out.past_key_values, []
+    for _ in range(n):
+        nxt = int(out.logits[0, -1].argmax())
+        ids.append(nxt)
+        out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return ids
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_ids_match_hf_transformers(smollm2, hf_model, prompt):
+    _, loaded = smollm2
+    ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    assert ids.count(loaded.tokenizer.bos_token_id) <= 1
+    ours = SingleSequenceRunner(loaded).generate(
+        ids, SamplingConfig(max_tokens=NEW_TOKENS, ignore_eos=True)
+    )
+    assert ours.token_ids == hf_greedy(hf_model, ids, NEW_TOKENS)
+
+
+def test_generate_cli_answers_paris():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rustinfer",
+            "generate",
+            "What is the capital of France?",
+            "--device",
+            "cpu",
+            "--max-tokens",
+            "24",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "Paris" in record["text"]
+    assert record["finish_reason"] == "stop"
+    assert record["prompt_tokens"] > 10 and record["token_ids"][-1] == 2  # <|im_end|>
+    assert set(record["timings"]) == {"load_s", "prefill_ms", "decode_ms", "tokens_per_second"}
