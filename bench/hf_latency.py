@@ -10,6 +10,7 @@ median of ``--iters`` runs. Prints one JSON line with the same keys as ``rustinf
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import time
@@ -32,6 +33,12 @@ def load(model: str | None, dtype: torch.dtype):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
 
 
+def _cache_kw(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); pass whichever it takes."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.inference_mode()
 def one_request(model, prompt: list[int], output_len: int) -> tuple[float, float]:
     start = time.perf_counter()
@@ -41,7 +48,7 @@ def one_request(model, prompt: list[int], output_len: int) -> tuple[float, float
     past = out.past_key_values
     start = time.perf_counter()
     for _ in range(output_len - 1):
-        out = model(token.view(1, 1), past_key_values=past, use_cache=True)
+        out = model(token.view(1, 1), **{_cache_kw(model): past}, use_cache=True)
         past = out.past_key_values
         token = out.logits[0, -1].argmax()
     decode_ms = (time.perf_counter() - start) * 1000 / max(1, output_len - 1)

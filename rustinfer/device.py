@@ -14,13 +14,6 @@ import torch
 from rustinfer.errors import RegistryError
 from rustinfer.registry import Registries
 
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
-
 
 class Device(abc.ABC):
     """One device of one type (``cpu``, ``cuda:1``)."""
@@ -47,7 +40,7 @@ class Device(abc.ABC):
     def memory_info(self) -> tuple[int, int]:
         """``(free_bytes, total_bytes)`` of the memory KV caches are allocated from."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027  optional: synchronous devices have nothing to wait for
         """Wait for queued work (no-op on synchronous devices)."""
 
     def auto_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
@@ -56,24 +49,6 @@ class Device(abc.ABC):
 
     def __str__(self) -> str:
         return str(self.torch_device)
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype | None:
-    """``"auto"`` -> None; a known name -> its torch dtype; anything else is a clear error."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return None
-    key = name.removeprefix("torch.")
-    if key in ("bf16",):
-        key = "bfloat16"
-    if key in ("fp16", "half"):
-        key = "float16"
-    if key in ("fp32", "float"):
-        key = "float32"
-    if key not in DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[key]
 
 
 def resolve_device(spec: str, registries: Registries) -> Device:

@@ -88,9 +88,7 @@ def parse_op_overrides(text: str | None) -> dict[str, str]:
             continue
         op, sep, name = item.partition("=")
         if not sep or not op.strip() or not name.strip():
-            raise RegistryError(
-                f"{OP_OVERRIDE_ENV}: expected 'op=impl[,op=impl...]', got {item!r}"
-            )
+            raise RegistryError(f"{OP_OVERRIDE_ENV}: expected 'op=impl[,op=impl...]', got {item!r}")
         overrides[op.strip()] = name.strip()
     return overrides
 

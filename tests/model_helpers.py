@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import torch
+from rustinfer_models_llama3.weights import hf_weight_shapes
 from safetensors.torch import save_file
 
 from rustinfer.config import config_from_hf
 from rustinfer.models.base import Model
 from rustinfer.runtime.kv_cache import allocate_kv_caches, single_sequence_metadata
-from rustinfer_models_llama3.weights import hf_weight_shapes
 
 ROPE_SCALING = {
     # original_max 16 with head_dim 8 puts the four frequencies in all three llama3 regimes
@@ -93,7 +93,11 @@ def incremental_logits(
     # A shuffled block table: the paged path must not assume contiguous blocks.
     table = torch.randperm(blocks, generator=torch.Generator().manual_seed(1)).to(torch.int32)
     attn = single_sequence_metadata(0, prefill_len, table, block_size)
-    rows = [model.compute_logits(model(torch.tensor(ids[:prefill_len]), torch.arange(prefill_len), caches, attn))]
+    rows = [
+        model.compute_logits(
+            model(torch.tensor(ids[:prefill_len]), torch.arange(prefill_len), caches, attn)
+        )
+    ]
     for pos in range(prefill_len, n):
         attn = single_sequence_metadata(pos, 1, table, block_size)
         hidden = model(torch.tensor([ids[pos]]), torch.tensor([pos]), caches, attn)

@@ -31,7 +31,9 @@ def prompt_token_ids(loaded: Any, prompt: str, raw: bool) -> list[int]:
         raise ValueError("this model has no tokenizer (a dummy config without tokenizer.json)")
     if raw:
         return tok.encode(prompt, add_special_tokens=True)
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,15 +43,14 @@ def run(args: argparse.Namespace) -> int:
     ids = prompt_token_ids(loaded, args.prompt, args.raw)
     runner = SingleSequenceRunner(loaded)
     detok = IncrementalDetokenizer(loaded.tokenizer)
-    result = None
     out = sys.stdout
-    for token, result in runner.stream(ids, cfg):
+    for token, generation in runner.stream(ids, cfg):  # noqa: B007  the last one is kept
         delta = detok.add(token)
         if delta and not args.json:
             out.write(delta)
             out.flush()
+    result = generation  # the stream's last item carries finish_reason and timings
     tail = detok.flush()
-    assert result is not None
     t = result.timings
     n_prompt = len(ids)
     if args.json:

@@ -40,7 +40,9 @@ class ReferenceLlama:
         bias = self._get(prefix + ".bias")
         return y if bias is None else y + bias
 
-    def _attention(self, x: torch.Tensor, p: str, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _attention(
+        self, x: torch.Tensor, p: str, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         c = self.config
         n, d = x.shape[0], c.head_dim
         q = self._linear(x, p + "q_proj").view(n, c.num_attention_heads, d).transpose(0, 1)

@@ -75,14 +75,18 @@ class SingleSequenceRunner:
             loaded.config.max_position_embeddings,
         )
 
-    def _sample(self, logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> int:
+    def _sample(
+        self, logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None
+    ) -> int:
         # logits: [1, vocab] float32
         if cfg.temperature == 0:
             return int(self.model.ops.argmax(logits)[0])
         probs = torch.softmax(logits / cfg.temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=gen)[0, 0])
 
-    def stream(self, prompt_ids: Sequence[int], cfg: SamplingConfig) -> Iterator[tuple[int, Generation]]:
+    def stream(
+        self, prompt_ids: Sequence[int], cfg: SamplingConfig
+    ) -> Iterator[tuple[int, Generation]]:
         """Yield ``(token_id, generation_so_far)`` per new token; the last one carries finish_reason."""
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -138,7 +142,7 @@ class SingleSequenceRunner:
                 pos += 1
 
     def generate(self, prompt_ids: Sequence[int], cfg: SamplingConfig) -> Generation:
-        result = Generation()
-        for _, result in self.stream(prompt_ids, cfg):
+        final = Generation()
+        for _, final in self.stream(prompt_ids, cfg):  # noqa: B007  the last value is the result
             pass
-        return result
+        return final

@@ -8,7 +8,9 @@ import torch
 
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
 
-DEFAULT_BLOCK_SIZE = 16  # tokens per KV block: small enough to waste little, large enough for kernels
+DEFAULT_BLOCK_SIZE = (
+    16  # tokens per KV block: small enough to waste little, large enough for kernels
+)
 
 
 def allocate_kv_caches(

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from rustinfer.config import ModelConfig
-from rustinfer.device import Device, parse_dtype, resolve_device
+from rustinfer.device import Device, resolve_device
 from rustinfer.errors import UnsupportedArchitectureError
-from rustinfer.loaders import ModelSource, dummy_weights, load_model_source
+from rustinfer.loaders import ModelSource, dummy_weights, load_model_source, parse_dtype
 from rustinfer.models.base import Model
 from rustinfer.models.op_table import OpTable
 from rustinfer.plugins import get_registries
@@ -46,10 +46,7 @@ def model_class_for(config: ModelConfig, registries: Registries) -> type[Model]:
 def _checkpoint_dtype(config: ModelConfig, source: ModelSource) -> torch.dtype | None:
     if source.format == "gguf":
         return None  # quantized or mixed: the device decides
-    try:
-        return parse_dtype(config.torch_dtype) if config.torch_dtype else None
-    except ValueError:
-        return None
+    return parse_dtype(config.torch_dtype) if config.torch_dtype else None
 
 
 def load_model(
@@ -67,7 +64,10 @@ def load_model(
     source = load_model_source(model, load_format=load_format)
     config = source.config
     cls = model_class_for(config, regs)
-    torch_dtype = parse_dtype(dtype) or dev.auto_dtype(_checkpoint_dtype(config, source))
+    if dtype == "auto":
+        torch_dtype = dev.auto_dtype(_checkpoint_dtype(config, source))
+    else:
+        torch_dtype = parse_dtype(dtype)
     ops = OpTable.resolve(regs.ops, dev.type, torch_dtype)
     logger.debug("ops for %s/%s: %s", dev.type, torch_dtype, ops.chosen)
     net = cls(config, ops, torch_dtype)

@@ -1,0 +1,91 @@
+"""Load a ``.gguf`` file: config and tokenizer from metadata, weights dequantized on demand."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import torch
+
+from rustinfer.config import ModelConfig
+from rustinfer.errors import ModelLoadError
+from rustinfer.loaders.dequant import dequantize_tensor, tensor_shape
+from rustinfer.loaders.gguf_config import config_from_gguf
+from rustinfer.loaders.gguf_meta import field, open_gguf
+from rustinfer.loaders.source import ModelSource
+from rustinfer.tokenizer import Tokenizer
+
+__all__ = ["GGUFWeights", "load_gguf", "unpermute_qk"]
+
+logger = logging.getLogger(__name__)
+
+# Architectures whose llama.cpp converter reorders Q/K rows for interleaved (GPT-J style) rotary
+# pairs. rustinfer's models rotate halves (HF layout), so these rows are put back on load.
+QK_PERMUTED_ARCHITECTURES = frozenset({"llama"})
+_QK_NAME = re.compile(r"blk\.\d+\.attn_(q|k)\.(weight|bias)")
+
+
+def unpermute_qk(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation: GGUF rows (interleaved pairs) -> HF (rotate-half).
+
+    Per head, GGUF holds rows ordered [pair 0 (x, y), pair 1 (x, y), ...] = [head_dim/2, 2];
+    HF holds [all x, all y] = [2, head_dim/2]. Works for weights [out, in] and biases [out].
+    """
+    rows = tensor.shape[0]
+    if rows % (2 * n_heads):
+        raise ModelLoadError(
+            f"cannot un-permute a Q/K tensor of {rows} rows into {n_heads} heads of even size"
+        )
+    rest = tensor.shape[1:]
+    # [n_heads, head_dim/2, 2, *rest] -> [n_heads, 2, head_dim/2, *rest]
+    grouped = tensor.reshape(n_heads, rows // n_heads // 2, 2, *rest)
+    return grouped.transpose(1, 2).reshape(tensor.shape)
+
+
+class GGUFWeights:
+    """The tensors of one GGUF file, in file order, converted one at a time."""
+
+    def __init__(self, reader: gguf.GGUFReader, config: ModelConfig) -> None:
+        self._reader = reader
+        self._heads: dict[str, int] = {}
+        if config.architecture in QK_PERMUTED_ARCHITECTURES:
+            self._heads = {"q": config.num_attention_heads, "k": config.num_key_value_heads}
+
+    def tensor_names(self) -> list[str]:
+        return [t.name for t in self._reader.tensors]
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {t.name: tensor_shape(t) for t in self._reader.tensors}
+
+    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        for tensor in self._reader.tensors:
+            value = dequantize_tensor(tensor, dtype)
+            match = _QK_NAME.fullmatch(tensor.name) if self._heads else None
+            if match:
+                value = unpermute_qk(value, self._heads[match.group(1)])
+            yield tensor.name, value
+
+
+def load_gguf(path: Path, *, with_weights: bool = True) -> ModelSource:
+    """A ModelSource for a GGUF file (``with_weights=False``: config + tokenizer only, "dummy")."""
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    reader = open_gguf(path)
+    if reader.endianess != gguf.GGUFEndian.LITTLE:
+        raise ModelLoadError(f"{path} is a big-endian GGUF file; only little-endian is supported")
+    config = config_from_gguf(reader)
+    tokenizer = None
+    if field(reader, "tokenizer.ggml.model") is not None:
+        tokenizer = Tokenizer.from_gguf(reader)
+    else:
+        logger.warning("%s carries no tokenizer; only token ids can be used with it", path)
+    return ModelSource(
+        path=path,
+        format="gguf" if with_weights else "dummy",
+        config=config,
+        tokenizer=tokenizer,
+        store=GGUFWeights(reader, config) if with_weights else None,
+    )

@@ -1,0 +1,99 @@
+"""Specs of the plain ops: ``embedding`` (exact), ``linear`` and ``argmax`` (exact)."""
+
+from __future__ import annotations
+
+import torch
+
+from rustinfer.ops.spec import OpSpec, Tolerance
+
+
+def embedding_reference(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rows of ``table`` selected by ``ids``, in the table's dtype (a copy, compared exactly)."""
+    return table[ids.to(torch.int64)]
+
+
+def linear_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x @ weight.T + bias in float64."""
+    out = x.to(torch.float64) @ weight.to(torch.float64).T  # [T, N]
+    if bias is not None:
+        out = out + bias.to(torch.float64)
+    return out
+
+
+def argmax_reference(logits: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum of each row, spelled out rather than trusting torch.argmax."""
+    x = logits.to(torch.float64)  # [B, V]; exact for every float input dtype
+    is_max = x == x.max(dim=-1, keepdim=True).values  # [B, V]
+    vocab = x.shape[-1]
+    index = torch.arange(vocab, dtype=torch.int64).expand_as(x)
+    # Non-maxima get index V, so the row minimum is the first maximum.
+    return torch.where(is_max, index, torch.full_like(index, vocab)).min(dim=-1).values
+
+
+EMBEDDING = OpSpec(
+    name="embedding",
+    doc="""embedding(ids, table) -> out
+
+    ids:   [T] int64, each in [0, V).
+    table: [V, H] float.
+    out:   [T, H], table's dtype: out[t] = table[ids[t]]. Compared exactly.
+    """,
+    reference=embedding_reference,
+    exact=True,
+)
+
+LINEAR = OpSpec(
+    name="linear",
+    doc="""linear(x, weight, bias) -> out
+
+    x:      [T, K] float (rows may be strided).
+    weight: [N, K], same dtype (the PyTorch / HF layout: one row per output feature).
+    bias:   [N] same dtype, or None.
+    out:    [T, N], x's dtype: x @ weight.T + bias, accumulated in at least float32.
+
+    Tolerances assume O(1) outputs: inputs at randn scale and weights scaled by 1/sqrt(K), as trained
+    layers are. Accumulation error is then absolute on that unit scale (sums cancel, so an output
+    near zero keeps the absolute error of its terms, not a relative one).
+    """,
+    reference=linear_reference,
+    tolerances={
+        torch.float64: Tolerance(
+            2.0**-40,
+            2.0**-44,
+            "float64 blocked dot products over K <= 4096 terms, terms summing to <= ~0.8 sqrt(K) "
+            "in magnitude: ~K u64 * 50 < 2^-40 even in the worst case",
+        ),
+        torch.float32: Tolerance(
+            2.0**-16,
+            2.0**-20,
+            "fp32 dot products over K <= 4096: with blocked (or pairwise) accumulation the error is "
+            "~sqrt(K) u32 * sum|x w| (~0.8 sqrt(K) = 51): 64*51 u32 = 2^-16 absolute",
+        ),
+        torch.bfloat16: Tolerance(
+            2.0**-16,
+            1.25 * 2.0**-8,
+            "products of bf16 inputs are exact in fp32 and accumulate in fp32 (atol as float32); "
+            "the output is rounded once to bf16: u = 2^-8 relative plus a quarter-u margin",
+        ),
+        torch.float16: Tolerance(
+            2.0**-16,
+            1.25 * 2.0**-11,
+            "products of fp16 inputs are exact in fp32 and accumulate in fp32 (atol as float32); "
+            "the output is rounded once to fp16: u = 2^-11 relative plus a quarter-u margin",
+        ),
+    },
+)
+
+ARGMAX = OpSpec(
+    name="argmax",
+    doc="""argmax(logits) -> ids
+
+    logits: [B, V] float.
+    ids:    [B] int64: the index of the FIRST maximum of each row (ties go to the lower index).
+    Compared exactly. NaN logits are outside the contract.
+    """,
+    reference=argmax_reference,
+    exact=True,
+)

@@ -1,0 +1,69 @@
+"""Shared helpers for op tests: registry lookup, spec-tolerance checks, strided inputs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rustinfer.ops import SPECS
+from rustinfer.plugins import get_registries
+
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cpu_impl(op: str, dtype: torch.dtype) -> Callable[..., Any]:
+    """The registered CPU implementation, found the way models find it (no env overrides)."""
+    return get_registries().ops.lookup(op, "cpu", dtype, overrides={}).load()
+
+
+def randn(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Standard normal values (times ``scale``) rounded once to ``dtype``."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def strided(x: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view equal to ``x``: its rows are a slice of a wider, garbage-filled buffer.
+
+    This is what models pass around: q/k/v slices of a fused QKV output, gate/up halves, etc.
+    """
+    rows = x.shape[0]
+    width = math.prod(x.shape[1:])
+    wide = torch.full((rows, width + 7), float("nan"), dtype=x.dtype)
+    view = wide[:, 3 : 3 + width].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+def maybe_strided(x: torch.Tensor, is_strided: bool) -> torch.Tensor:
+    return strided(x) if is_strided else x
+
+
+def assert_matches_spec(
+    op: str, actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype, slack: float = 1.0
+) -> None:
+    """|actual - reference| within the spec's tolerance for ``dtype`` (times ``slack``, which is
+    2 only where both sides of a comparison carry the implementation's error)."""
+    assert actual.dtype == dtype, f"{op}: output dtype {actual.dtype}, expected {dtype}"
+    assert actual.shape == reference.shape, f"{op}: shape {actual.shape} != {reference.shape}"
+    tol = SPECS[op].tolerance(dtype)
+    torch.testing.assert_close(
+        actual.to(torch.float64),
+        reference.to(torch.float64),
+        atol=tol.atol * slack,
+        rtol=tol.rtol * slack,
+        msg=lambda m: f"{op} [{dtype_id(dtype)}] vs reference ({tol.reason}):\n{m}",
+    )
+
+
+def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
+    # equal_nan: caches hold NaN sentinels in slots nobody may touch.
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=0.0, equal_nan=True)
