@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rustinfer.ops.activation import SILU_AND_MUL
 from rustinfer.ops.attention import ATTENTION_DECODE, ATTENTION_PREFILL, KV_CACHE_STORE
-from rustinfer.ops.basic import ARGMAX, EMBEDDING, LINEAR
+from rustinfer.ops.basic import ARGMAX, EMBEDDING, LINEAR, PREPARE_LINEAR_WEIGHT
 from rustinfer.ops.norm import FUSED_ADD_RMSNORM, RMSNORM
 from rustinfer.ops.rope import ROPE, build_cos_sin_cache, llama3_inv_freq
 from rustinfer.ops.spec import EXACT, OpSpec, Tolerance
@@ -22,6 +22,7 @@ SPECS: dict[str, OpSpec] = {
         ROPE,
         SILU_AND_MUL,
         LINEAR,
+        PREPARE_LINEAR_WEIGHT,
         ARGMAX,
         KV_CACHE_STORE,
         ATTENTION_PREFILL,
@@ -38,6 +39,7 @@ __all__ = [
     "FUSED_ADD_RMSNORM",
     "KV_CACHE_STORE",
     "LINEAR",
+    "PREPARE_LINEAR_WEIGHT",
     "RMSNORM",
     "ROPE",
     "SILU_AND_MUL",

@@ -1,8 +1,10 @@
-"""Paged-KV attention specs: ``kv_cache_store`` (exact), ``attention_prefill``, ``attention_decode``.
+"""Paged-KV attention specs: ``kv_cache_store`` (exact), ``attention_prefill``,
+``attention_decode``.
 
 KV cache layout, per layer: ``k_cache``, ``v_cache``: ``[num_blocks, block_size, n_kv_heads,
-head_dim]``. The token at position p of sequence i lives in block ``block_tables[i, p // block_size]``
-at offset ``p % block_size``; its flat slot is ``block_id * block_size + offset``. Any block size works.
+head_dim]``. The token at position p of sequence i lives in block
+``block_tables[i, p // block_size]`` at offset ``p % block_size``; its flat slot is
+``block_id * block_size + offset``. Any block size works.
 
 The references read the cache one position at a time through the block table (no reshaping tricks),
 so they stay independent of how an implementation gathers blocks.
@@ -127,9 +129,10 @@ _ATTENTION_TOLERANCES = {
     torch.float32: Tolerance(
         2.0**-17,
         2.0**-20,
-        "full fp32 (no TF32): scores are D <= 128 term dot products of scale ~0.8 sqrt(D), off by "
-        "~sqrt(D) u32 * 9 < 2^-20; softmax turns that into the same relative error on each "
-        "probability; P@V sums ctx terms of |v| <= ~4: ~2^-17 absolute",
+        "full fp32 (no TF32): scores, D <= 128 term dot products times scale ~1/sqrt(D), are off "
+        "by ~12 u32 = 2^-20 (rounding errors of the running sums add like a random walk); "
+        "softmax passes that on as relative error of each probability, times |v| <= ~4: 2^-18; "
+        "P@V over ctx terms adds ~sqrt(ctx) u32: < 2^-17 absolute",
     ),
     torch.bfloat16: Tolerance(
         2.0**-8,
@@ -179,8 +182,8 @@ ATTENTION_DECODE = OpSpec(
 
     q:            [B, Hq, D], one new query per sequence (may be strided).
     k_cache, v_cache, block_tables, scale: as in attention_prefill.
-    seq_lens:     [B] int32 >= 1: the query sits at position seq_lens[i] - 1 (its k/v already stored)
-                  and attends to positions 0..seq_lens[i] - 1.
+    seq_lens:     [B] int32 >= 1: the query sits at position seq_lens[i] - 1 (its k/v already
+                  stored) and attends to positions 0..seq_lens[i] - 1.
     out:          [B, Hq, D], q's dtype, contiguous.
     Equal to attention_prefill with q_len = 1 for every sequence.
     """,

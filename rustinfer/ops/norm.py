@@ -1,9 +1,9 @@
 """RMSNorm specs: ``rmsnorm`` and ``fused_add_rmsnorm`` (the residual add folded into the norm).
 
-Tolerances are relative: every error source of an RMSNorm is multiplicative (a rounded product, a
-rounded reciprocal square root of a sum of positive squares), so the error of each element scales with
-that element and ``rtol`` alone carries the bound. ``atol`` is only the spacing of float16 subnormals,
-where a tiny output cannot carry a relative error.
+Tolerances are relative: every error source of an RMSNorm is multiplicative (a rounded product,
+a rounded reciprocal square root of a sum of positive squares), so the error of each element scales
+with that element and ``rtol`` alone carries the bound. ``atol`` only covers float16 subnormals,
+where a tiny value cannot carry a relative error.
 
 Unit roundoff u (half an ulp at 1.0): float64 2^-53, float32 2^-24, bfloat16 2^-8, float16 2^-11.
 """
@@ -74,7 +74,8 @@ RMSNORM = OpSpec(
             _FP16_SUBNORMAL_ATOL,
             2.5 * 2.0**-11,
             "two roundings to fp16 (the normalized x, then times weight), u = 2^-11 each, plus "
-            "fp32 work ~2^-20: 2u and a quarter-u of margin; atol: a subnormal normalized value (2^-25 absolute) times |weight|",
+            "fp32 work ~2^-20: 2u and a quarter-u of margin; atol: a subnormal normalized value "
+            "(off by 2^-25 absolute) times |weight| <= 7",
         ),
     },
 )
@@ -117,7 +118,7 @@ FUSED_ADD_RMSNORM = OpSpec(
             4.5 * 2.0**-11,
             "implementations round x + residual once to fp16 (u = 2^-11) where the reference keeps "
             "it exact; that moves rsqrt by <= u; then rmsnorm's two roundings: 4u on out plus "
-            "margin; atol: a subnormal normalized value (2^-25 absolute) times |weight|",
+            "margin; atol: a subnormal normalized value (off by 2^-25) times |weight| <= 7",
         ),
     },
 )

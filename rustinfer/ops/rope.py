@@ -15,10 +15,10 @@ from rustinfer.ops.spec import OpSpec, Tolerance
 
 
 def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
-    """Apply Llama 3 frequency scaling to ``inv_freq`` ([D/2], any float dtype; float64 advised).
+    """Apply Llama 3 frequency scaling to ``inv_freq`` ([D/2], float64 advised).
 
-    Long wavelengths (beyond the original context) are slowed by ``factor``, short ones are kept, and
-    the band between is interpolated, so the model sees familiar rotations for local structure.
+    Long wavelengths (beyond the original context) are slowed by ``factor``, short ones are kept,
+    and the band between is interpolated, so the model sees familiar rotations for local structure.
     """
     if scaling.rope_type != "llama3":
         raise ValueError(f"unsupported rope scaling type {scaling.rope_type!r}; expected 'llama3'")
@@ -44,8 +44,8 @@ def build_cos_sin_cache(
 ) -> torch.Tensor:
     """The ``[max_positions, head_dim]`` table ``cat(cos, sin)`` that ``rope`` indexes by position.
 
-    Angles are computed in float64 on the CPU and rounded once to ``dtype``: at position 10^5 a float32
-    angle would already be off by ~0.01 rad, and some devices have no float64 at all.
+    Angles are computed in float64 on the CPU and rounded once to ``dtype``: at position 10^5 a
+    float32 angle would already be off by ~0.01 rad, and some devices have no float64 at all.
     """
     if head_dim % 2:
         raise ValueError(f"rope needs an even head_dim, got {head_dim}")
@@ -119,8 +119,8 @@ ROPE = OpSpec(
         torch.float16: Tolerance(
             2.0**-20,
             1.25 * 2.0**-11,
-            "computed in fp32 (atol as for float32, which also covers fp16 subnormal spacing 2^-24) "
-            "and rounded once to fp16: u = 2^-11 relative plus a quarter-u margin",
+            "computed in fp32 (atol as for float32, which also covers fp16 subnormals, spaced "
+            "2^-24) and rounded once to fp16: u = 2^-11 relative plus a quarter-u margin",
         ),
     },
 )

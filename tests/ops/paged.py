@@ -1,4 +1,4 @@
-"""Builders for paged-KV test scenarios: random caches, shuffled block tables, packed queries."""
+"""Builders for paged-KV test scenarios: random caches, block tables, per-token head rows."""
 
 from __future__ import annotations
 
@@ -59,9 +59,10 @@ def paged_kv(
     )
 
 
-def packed_queries(
+def token_heads(
     tokens: int, n_heads: int, head_dim: int, dtype: torch.dtype, is_strided: bool
 ) -> torch.Tensor:
+    """[tokens, n_heads, head_dim] randn values, optionally as a strided view (a QKV slice)."""
     q = randn(tokens, n_heads, head_dim, dtype=dtype)
     return strided(q) if is_strided else q
 

@@ -1,4 +1,4 @@
-"""kv_cache_store (exact), attention_prefill and attention_decode (CPU) against the spec references."""
+"""kv_cache_store (exact), attention_prefill and attention_decode (CPU) vs the spec references."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from rustinfer.ops import ATTENTION_DECODE, ATTENTION_PREFILL, KV_CACHE_STORE
 
 from .helpers import FLOAT_DTYPES, assert_exact, assert_matches_spec, cpu_impl, dtype_id, randn
-from .paged import cu_seqlens, packed_queries, paged_kv
+from .paged import cu_seqlens, paged_kv, token_heads
 
 HEADS = [(4, 4), (9, 3), (8, 2)]  # GQA ratios 1, 3 (SmolLM2) and 4
 HEAD_IDS = [f"{q}q{kv}kv" for q, kv in HEADS]
@@ -37,7 +37,7 @@ def _prefill(
     seq_lens = [s for s, _ in seqs]
     q_lens = [q for _, q in seqs]
     paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype, consecutive)
-    q = packed_queries(sum(q_lens), n_heads, head_dim, dtype, is_strided)
+    q = token_heads(sum(q_lens), n_heads, head_dim, dtype, is_strided)
     args = (
         q,
         paged.k_cache,
@@ -52,14 +52,30 @@ def _prefill(
     return out, ATTENTION_PREFILL.reference(*args)
 
 
+def _decode(
+    seq_lens: list[int],
+    heads: tuple[int, int],
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    is_strided: bool = False,
+    consecutive: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_heads, n_kv_heads = heads
+    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype, consecutive)
+    q = token_heads(len(seq_lens), n_heads, head_dim, dtype, is_strided)
+    args = (q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, _scale(head_dim))
+    return cpu_impl("attention_decode", dtype)(*args), ATTENTION_DECODE.reference(*args)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("tokens", [1, 7, 33])
 @pytest.mark.parametrize("block_size", [16, 5])
 @pytest.mark.parametrize("is_strided", [False, True], ids=["contig", "strided"])
 def test_kv_cache_store(tokens: int, block_size: int, dtype: torch.dtype, is_strided: bool) -> None:
     n_kv_heads, head_dim, num_blocks = 3, 64, 9
-    k = packed_queries(tokens, n_kv_heads, head_dim, dtype, is_strided)
-    v = packed_queries(tokens, n_kv_heads, head_dim, dtype, is_strided)
+    k = token_heads(tokens, n_kv_heads, head_dim, dtype, is_strided)
+    v = token_heads(tokens, n_kv_heads, head_dim, dtype, is_strided)
     k_cache = randn(num_blocks, block_size, n_kv_heads, head_dim, dtype=dtype)
     v_cache = randn(num_blocks, block_size, n_kv_heads, head_dim, dtype=dtype)
     slots = torch.randperm(num_blocks * block_size)[:tokens]
@@ -224,22 +240,6 @@ def test_attention_prefill_random_batches(
     torch.manual_seed(seed)
     out, ref = _prefill(seqs, heads, head_dim, block_size, dtype, consecutive=consecutive)
     assert_matches_spec("attention_prefill", out, ref, dtype)
-
-
-def _decode(
-    seq_lens: list[int],
-    heads: tuple[int, int],
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    is_strided: bool = False,
-    consecutive: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n_heads, n_kv_heads = heads
-    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype, consecutive)
-    q = packed_queries(len(seq_lens), n_heads, head_dim, dtype, is_strided)
-    args = (q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, _scale(head_dim))
-    return cpu_impl("attention_decode", dtype)(*args), ATTENTION_DECODE.reference(*args)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)

@@ -1,4 +1,4 @@
-"""embedding and argmax (exact) and linear (CPU) against the spec references."""
+"""embedding, prepare_linear_weight and argmax (exact) and linear (CPU) against the spec references."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rustinfer.ops import ARGMAX, EMBEDDING, LINEAR
+from rustinfer.ops import ARGMAX, EMBEDDING, LINEAR, PREPARE_LINEAR_WEIGHT
 
 from .helpers import (
     FLOAT_DTYPES,
@@ -86,6 +86,32 @@ def test_linear_rows_independent(
         "linear", out[row : row + 1], LINEAR.reference(x[row : row + 1], weight, b), dtype
     )
     assert_matches_spec("linear", out, LINEAR.reference(x, weight, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("k_n", [(1, 1), (13, 1), (576, 127), (127, 1536)], ids=str)
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_prepared_weight_serves_linear_and_embedding(
+    tokens: int, k_n: tuple[int, int], dtype: torch.dtype
+) -> None:
+    k, n = k_n
+    weight = randn(n, k, dtype=dtype, scale=k**-0.5)
+    prepared = cpu_impl("prepare_linear_weight", dtype)(weight)
+    assert prepared.shape == weight.shape and prepared.dtype == dtype
+    assert_exact(prepared, PREPARE_LINEAR_WEIGHT.reference(weight))
+    x = randn(tokens, k, dtype=dtype)
+    out = cpu_impl("linear", dtype)(x, prepared, None)
+    assert_matches_spec("linear", out, LINEAR.reference(x, weight, None), dtype)
+    # A tied model reads its embedding rows from the same prepared tensor.
+    ids = torch.randint(0, n, (tokens,))
+    assert_exact(cpu_impl("embedding", dtype)(ids, prepared), EMBEDDING.reference(ids, weight))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 200), k=st.integers(1, 200), dtype=st.sampled_from(FLOAT_DTYPES))
+def test_prepare_linear_weight_keeps_values(n: int, k: int, dtype: torch.dtype) -> None:
+    weight = randn(n, k, dtype=dtype)
+    assert_exact(cpu_impl("prepare_linear_weight", dtype)(weight), weight)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)

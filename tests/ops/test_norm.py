@@ -84,3 +84,26 @@ def test_rmsnorm_scale_invariant(
     assert torch.equal(scaled / 2.0**log2_scale, x)
     out = cpu_impl("rmsnorm", dtype)(scaled, weight, 0.0)
     assert_matches_spec("rmsnorm", out, RMSNORM.reference(x, weight, 0.0), dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    hidden=st.integers(1, 200),
+    residual_scale=st.floats(0.01, 100.0),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fused_add_rmsnorm_is_add_then_norm(
+    rows: int, hidden: int, residual_scale: float, dtype: torch.dtype, seed: int
+) -> None:
+    # The fusion changes nothing: residual_out is the once-rounded sum (unique, so compared
+    # exactly), and out is rmsnorm of exactly that tensor, within rmsnorm's own tolerance.
+    torch.manual_seed(seed)
+    x = randn(rows, hidden, dtype=dtype)
+    residual = randn(rows, hidden, dtype=dtype, scale=residual_scale)
+    weight = _weight(hidden, dtype)
+    expected_sum = x + residual
+    out, residual_out = cpu_impl("fused_add_rmsnorm", dtype)(x, residual.clone(), weight, 1e-6)
+    assert torch.equal(residual_out, expected_sum)
+    assert_matches_spec("rmsnorm", out, RMSNORM.reference(expected_sum, weight, 1e-6), dtype)

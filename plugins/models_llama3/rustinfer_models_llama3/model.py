@@ -92,7 +92,9 @@ class LlamaForCausalLM(Model):
                     f"(num_hidden_layers={self.config.num_hidden_layers}); is the config right?"
                 )
             param = self._param(slot.param)
-            target = param if slot.rows is None else param[slot.row_start : slot.row_start + slot.rows]
+            target = (
+                param if slot.rows is None else param[slot.row_start : slot.row_start + slot.rows]
+            )
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ModelLoadError(
                     f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the config implies "
@@ -102,9 +104,23 @@ class LlamaForCausalLM(Model):
             seen.add(hf_name)
         missing = sorted(expected - seen)
         if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            shown = ", ".join(missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
             raise ModelLoadError(f"checkpoint lacks tensors: {shown}")
+        self._prepare_linear_weights()
         self._bind_layers()
+
+    def _prepare_linear_weights(self) -> None:
+        """Give every matmul weight the layout this device's ``linear`` reads fastest (once, here).
+
+        A tied ``lm_head`` is the embedding table itself, so the embedding reads the same tensor.
+        """
+        for name, param in self.named_parameters():
+            if param.dim() == 2 and not (
+                name == "embed_tokens" and not self.config.tie_word_embeddings
+            ):
+                param.data = self.ops.prepare_linear_weight(param.data)
 
     def _bind_layers(self) -> None:
         """Per-layer tensor lookups done once, so the forward loop does no string work."""

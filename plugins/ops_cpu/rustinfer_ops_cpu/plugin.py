@@ -1,0 +1,41 @@
+"""The ``rustinfer`` entry point of rustinfer-ops-cpu: registers every op for device "cpu"."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from rustinfer.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from rustinfer.registry import RegisterDevice, RegisterOp
+
+IMPL_NAME = "torch"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+# op name -> "module:attr" of its implementation (imported lazily by the registry).
+TARGETS = {
+    "embedding": "rustinfer_ops_cpu.basic:embedding",
+    "linear": "rustinfer_ops_cpu.basic:linear",
+    "prepare_linear_weight": "rustinfer_ops_cpu.basic:prepare_linear_weight",
+    "argmax": "rustinfer_ops_cpu.basic:argmax",
+    "rmsnorm": "rustinfer_ops_cpu.norm:rmsnorm",
+    "fused_add_rmsnorm": "rustinfer_ops_cpu.norm:fused_add_rmsnorm",
+    "rope": "rustinfer_ops_cpu.rope:rope",
+    "silu_and_mul": "rustinfer_ops_cpu.activation:silu_and_mul",
+    "kv_cache_store": "rustinfer_ops_cpu.kv_cache:kv_cache_store",
+    "attention_prefill": "rustinfer_ops_cpu.attention:attention_prefill",
+    "attention_decode": "rustinfer_ops_cpu.attention:attention_decode",
+}
+
+
+@hookimpl
+def rustinfer_register_ops(register: RegisterOp) -> None:
+    for op, target in TARGETS.items():
+        register(op, IMPL_NAME, target, device="cpu", dtypes=DTYPES)
+
+
+@hookimpl
+def rustinfer_register_devices(register: RegisterDevice) -> None:
+    register("cpu", "rustinfer_ops_cpu.device:CpuDevice")

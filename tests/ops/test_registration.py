@@ -1,0 +1,41 @@
+"""Every spec is complete, and rustinfer-ops-cpu registers an importable kernel for each one."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from rustinfer.ops import SPECS
+from rustinfer.plugins import get_registries
+
+from .helpers import FLOAT_DTYPES, dtype_id
+
+
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_spec_is_complete(op: str) -> None:
+    spec = SPECS[op]
+    assert spec.name == op
+    assert f"{op}(" in spec.doc, "the doc starts with the op's signature"
+    if not spec.exact:
+        assert set(spec.tolerances) == set(FLOAT_DTYPES)
+        for dtype, tol in spec.tolerances.items():
+            assert 0 <= tol.atol < 0.05 and 0 <= tol.rtol < 0.05, (op, dtype)
+            assert tol.reason, f"{op} {dtype}: every tolerance states its reason"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_cpu_kernel_registered(op: str, dtype: torch.dtype) -> None:
+    impl = get_registries().ops.lookup(op, "cpu", dtype, overrides={})
+    assert impl.name == "torch" and impl.plugin == "ops_cpu"
+    kernel = impl.load()
+    # The kernel takes the reference's arguments, in the same order.
+    assert list(inspect.signature(kernel).parameters) == list(
+        inspect.signature(SPECS[op].reference).parameters
+    )
+
+
+def test_cpu_device_registered() -> None:
+    assert "cpu" in get_registries().devices
