@@ -70,8 +70,10 @@ def _attend(
     if 1 < q_len < ctx:
         # Bottom-right causal: query j sits at position ctx - q_len + j. (q_len == ctx is SDPA's
         # own top-left causal mask; q_len == 1 sees every key.)
-        key_pos = torch.arange(ctx)
-        mask = key_pos <= torch.arange(ctx - q_len, ctx).unsqueeze(1)  # [n, ctx] bool
+        key_pos = torch.arange(ctx, device=q4.device)
+        mask = key_pos <= torch.arange(ctx - q_len, ctx, device=q4.device).unsqueeze(
+            1
+        )  # [n, ctx] bool
     return F.scaled_dot_product_attention(
         q4, k, v, attn_mask=mask, is_causal=1 < q_len == ctx, scale=scale, enable_gqa=True
     )
@@ -93,7 +95,7 @@ def attention_decode(
         o = _attend(q4, k_cache, v_cache, block_tables[0], lens[0], scale)
         o = o.view(1, n_heads, head_dim)
         return o if o.dtype == q.dtype else o.to(q.dtype)
-    out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype)
+    out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
     for i, ctx in enumerate(lens):
         o = _attend(q4[i : i + 1], k_cache, v_cache, block_tables[i], ctx, scale)
         out[i] = o.view(n_heads, head_dim)
@@ -117,7 +119,7 @@ def attention_prefill(
     del max_query_len
     starts = cu_seqlens_q.tolist()
     q4 = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D] view
-    out = torch.empty(q.shape, dtype=q.dtype)  # [T, Hq, D]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
     out4 = out.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D] view, written per sequence
     for i, ctx in enumerate(seq_lens.tolist()):
         start, end = starts[i], starts[i + 1]
