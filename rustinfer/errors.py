@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ChatTemplateError",
     "DefaultModelMissingError",
+    "InvalidRequestError",
     "ModelLoadError",
     "PluginLoadError",
     "RegistryError",
@@ -43,3 +44,12 @@ class RegistryError(RustinferError):
 
 class PluginLoadError(RustinferError):
     """An installed plugin failed to import or to run its registration hooks."""
+
+
+class InvalidRequestError(RustinferError, ValueError):
+    """A request cannot be served as given (empty prompt, too long for the context); ``field`` names
+    the part to fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"invalid request field {field!r}: {message}")
+        self.field = field

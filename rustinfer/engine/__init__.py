@@ -1,0 +1,1 @@
+"""The engine: scheduling, paged KV block management and the model-runner loop."""

@@ -1,0 +1,216 @@
+"""EngineCore on a tiny float64 model: batching, chunking, preemption, prefix cache, abort, limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from model_helpers import random_weights, tiny_config, write_checkpoint
+
+from rustinfer.engine.core import EngineConfig, EngineCore
+from rustinfer.engine.model_runner import kv_bytes_per_block
+from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.engine.scheduler import OverloadedError
+from rustinfer.errors import InvalidRequestError
+from rustinfer.models.reference import ReferenceLlama
+from rustinfer.runtime.loading import load_model
+
+BLOCK = 4
+PROMPTS = [
+    [1, 5, 17, 42, 3, 88, 9, 60, 61, 62, 7],
+    [1, 33, 2, 90],
+    [1, 8, 8, 8, 8, 12, 44, 71, 23, 19, 5, 6, 70, 3, 2, 1, 9],
+    [1, 5, 17, 42, 3, 88, 9, 60, 4],
+    [1, 77, 76, 75, 74, 73, 72, 71, 70, 69, 68, 67, 66, 65, 64, 63, 62, 61, 60, 59, 58],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = tiny_config(rope_scaling=True)
+    weights = random_weights(cfg, seed=5)
+    path = write_checkpoint(tmp_path_factory.mktemp("m"), cfg, weights)
+    loaded = load_model(str(path), device="cpu", dtype="float64")
+    return loaded, ReferenceLlama(loaded.config, weights)
+
+
+def make_engine(loaded, blocks: int = 64, **kw) -> EngineCore:
+    per_block = kv_bytes_per_block(loaded.model, BLOCK)
+    return EngineCore(
+        loaded, EngineConfig(block_size=BLOCK, kv_cache_bytes=blocks * per_block, **kw)
+    )
+
+
+def run_all(engine: EngineCore, max_steps: int = 500) -> dict[str, list]:
+    tokens: dict[str, list[int]] = {}
+    finish: dict[str, str] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            key = f"{out.request_id}/{out.index}"
+            tokens.setdefault(key, []).extend(out.new_token_ids)
+            if out.finished:
+                finish[key] = out.finish_reason
+    assert not engine.has_unfinished()
+    return {"tokens": tokens, "finish": finish}
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+
+
+def test_batched_chunked_and_preempted_runs_match_the_oracle(tiny):
+    loaded, ref = tiny
+    expected = {f"r{i}/0": ref.greedy(p, 7) for i, p in enumerate(PROMPTS)}
+    # Plenty of room, large budget: everything batched together.
+    engine = make_engine(loaded)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", p, GREEDY)
+    assert run_all(engine)["tokens"] == expected
+    # A 5-token budget forces chunked prefill mixed with decodes; 12 blocks (48 slots) for 5
+    # sequences of up to 28 tokens forces preemption by recompute.
+    engine = make_engine(loaded, blocks=12, max_num_batched_tokens=5)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", p, GREEDY)
+    result = run_all(engine)
+    assert result["tokens"] == expected
+    assert set(result["finish"].values()) == {"length"}
+    assert engine.stats()["preemptions"] > 0
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_prefix_cache_serves_a_repeated_prompt(tiny):
+    loaded, ref = tiny
+    engine = make_engine(loaded)
+    engine.add_request("a", PROMPTS[4], GREEDY)
+    first = run_all(engine)["tokens"]["a/0"]
+    engine.add_request("b", PROMPTS[4], GREEDY)
+    second = run_all(engine)["tokens"]["b/0"]
+    assert first == second == ref.greedy(PROMPTS[4], 7)
+    stats = engine.stats()
+    # 21 prompt tokens = 5 full blocks of 4: the second request finds all 5 (20 tokens) cached.
+    assert stats["prefix_cache_hits"] >= 20
+
+
+def test_n_sequences_and_seeds(tiny):
+    loaded, _ = tiny
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
+    engine = make_engine(loaded)
+    engine.add_request("alone", PROMPTS[0], params)
+    alone = run_all(engine)["tokens"]
+    engine = make_engine(loaded)
+    engine.add_request("x", PROMPTS[2], SamplingParams(temperature=0.7, max_tokens=9))
+    engine.add_request("alone", PROMPTS[0], params)
+    engine.add_request("y", PROMPTS[1], SamplingParams(temperature=1.0, seed=3, max_tokens=4))
+    batched = run_all(engine)["tokens"]
+    for k in range(3):
+        assert batched[f"alone/{k}"] == alone[f"alone/{k}"]  # seeded: same alone or batched
+    assert len({tuple(alone[f"alone/{k}"]) for k in range(3)}) > 1  # n samples differ
+
+
+def test_abort_frees_blocks_within_a_step(tiny):
+    loaded, _ = tiny
+    engine = make_engine(loaded)
+    engine.add_request("long", PROMPTS[2], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("short", PROMPTS[1], GREEDY)
+    engine.step()
+    assert engine.stats()["kv_blocks_used"] > 0
+    assert engine.abort("long")
+    outs = engine.step()
+    final = [o for o in outs if o.request_id == "long"]
+    assert final and final[0].finished and final[0].finish_reason == "abort"
+    run_all(engine)
+    assert engine.stats()["kv_blocks_used"] == 0
+    assert not engine.abort("long")  # already gone
+
+
+def test_limits_fail_before_any_work(tiny):
+    loaded, _ = tiny
+    engine = make_engine(loaded, blocks=8, max_waiting=2)  # 32 KV slots
+    with pytest.raises(
+        InvalidRequestError, match=r"'max_tokens'.*21 tokens.*exceeds the context limit of 32"
+    ):
+        engine.add_request("big", PROMPTS[4], SamplingParams(max_tokens=20))
+    with pytest.raises(InvalidRequestError, match="'prompt'.*empty"):
+        engine.add_request("empty", [], GREEDY)
+    with pytest.raises(InvalidRequestError, match=r"outside the vocabulary \[0, 97\)"):
+        engine.add_request("oov", [1, 500], GREEDY)
+    engine.add_request("a", PROMPTS[1], GREEDY)
+    engine.add_request("b", PROMPTS[1], GREEDY)
+    with pytest.raises(OverloadedError, match="overloaded"):
+        engine.add_request("c", PROMPTS[1], GREEDY)
+    assert not engine.abort("c") and "big" not in engine.children
+    run_all(engine)
+
+
+def test_eos_and_stop_token_ids_finish_with_stop(tiny):
+    loaded, ref = tiny
+    greedy = ref.greedy(PROMPTS[0], 7)
+    stop_at = greedy[3]
+    engine = make_engine(loaded)
+    engine.add_request(
+        "s", PROMPTS[0], SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[stop_at])
+    )
+    result = run_all(engine)
+    assert result["tokens"]["s/0"] == greedy[: greedy.index(stop_at) + 1]
+    assert result["finish"]["s/0"] == "stop"
+    engine.add_request(
+        "m",
+        PROMPTS[0],
+        SamplingParams(temperature=0, max_tokens=7, min_tokens=7, stop_token_ids=[stop_at]),
+    )
+    assert len(run_all(engine)["tokens"]["m/0"]) == 7
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """Random submit / step / abort sequences never leak blocks or requests."""
+
+    loaded = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine = make_engine(self.loaded, blocks=10, max_num_batched_tokens=6, max_num_seqs=3)
+        self.count = 0
+
+    @rule(
+        prompt=st.lists(st.integers(1, 96), min_size=1, max_size=14),
+        max_tokens=st.integers(1, 8),
+        temperature=st.sampled_from([0.0, 1.0]),
+    )
+    def submit(self, prompt, max_tokens, temperature):
+        self.count += 1
+        self.engine.add_request(
+            f"q{self.count}", prompt, SamplingParams(temperature=temperature, max_tokens=max_tokens)
+        )
+
+    @rule()
+    def step(self):
+        self.engine.step()
+
+    @rule(which=st.integers(0, 50))
+    def abort(self, which):
+        live = sorted(self.engine.children)
+        if live:
+            self.engine.abort(live[which % len(live)])
+
+    @invariant()
+    def blocks_consistent(self):
+        self.engine.blocks.check_invariants()
+
+    def teardown(self):
+        for _ in range(400):
+            if not self.engine.has_unfinished():
+                break
+            self.engine.step()
+        assert not self.engine.has_unfinished()
+        assert not self.engine.requests and not self.engine.children
+        assert self.engine.stats()["kv_blocks_used"] == 0
+
+
+def test_engine_state_machine(tiny):
+    EngineMachine.loaded = tiny[0]
+    runner = EngineMachine.TestCase()
+    runner.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
+    runner.runTest()
