@@ -1,5 +1,24 @@
-"""rustinfer: an LLM inference engine with pluggable models and kernels."""
+"""rustinfer: an LLM inference engine with pluggable models and kernels.
+
+``from rustinfer import LLM, SamplingParams`` is the offline API; both are imported on first use, so
+``import rustinfer`` (which every plugin does) stays cheap.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LLM":
+        from rustinfer.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from rustinfer.engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'rustinfer' has no attribute {name!r}")

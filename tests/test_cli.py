@@ -84,3 +84,16 @@ def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
 def test_unknown_device_is_a_clear_error(capsys):
     assert main(["generate", "hi", "--device", "tpu"]) == 2
     assert "unknown device type 'tpu'; registered: cpu, cuda" in capsys.readouterr().err
+
+
+def test_bench_throughput_json_on_dummy_weights(tmp_path, capsys):
+    path = write_checkpoint(tmp_path / "m", tiny_config(), {})
+    argv = ["bench", "throughput", "--model", str(path / "config.json"), "--load-format", "dummy",
+            "--device", "cpu", "--threads", "1", "--num-prompts", "5", "--input-len", "9",
+            "--output-len", "4", "--max-num-seqs", "3", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_prompts"] == 5 and result["max_num_seqs"] == 3
+    # Every request produced exactly output_len tokens (EOS ignored).
+    assert result["output_tokens"] == 20
+    assert result["total_tok_s"] > result["output_tok_s"] > 0

@@ -1,4 +1,4 @@
-"""``rustinfer bench latency``: prefill and per-token decode time of one request."""
+"""``rustinfer bench latency`` (one request) and ``rustinfer bench throughput`` (many, batched)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,19 @@ def add_parser(sub: Any) -> None:
     lat.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     lat.add_argument("--json", action="store_true", help="print one JSON line with the result last")
     lat.set_defaults(func=run_latency)
+
+    thr = bench_sub.add_parser("throughput", help="offline throughput of many requests at once")
+    add_model_options(thr)
+    thr.add_argument("--num-prompts", type=int, default=16, help="requests submitted at once")
+    thr.add_argument("--input-len", type=int, default=32, help="prompt tokens of each request")
+    thr.add_argument("--output-len", type=int, default=64, help="generated tokens (EOS ignored)")
+    thr.add_argument(
+        "--max-num-seqs", type=int, default=16, help="requests the engine runs concurrently"
+    )
+    thr.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step")
+    thr.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    thr.add_argument("--json", action="store_true", help="print one JSON line with the result last")
+    thr.set_defaults(func=run_throughput)
 
 
 def random_prompt(loaded: LoadedModel, length: int, seed: int) -> list[int]:
@@ -64,6 +77,65 @@ def run_latency(args: argparse.Namespace) -> int:
         "decode_ms_per_token": round(decode_ms_tok, 4),
         "decode_tok_s": round(1000 / decode_ms_tok, 2) if decode_ms_tok else 0.0,
         "output_tokens": args.output_len,
+        "device": f"{loaded.device} ({loaded.device.name()})",
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+    }
+    out = sys.stdout
+    if not args.json:
+        for key, value in result.items():
+            out.write(f"{key:>20}: {value}\n")
+    else:
+        out.write(json.dumps(result) + "\n")
+    return 0
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    import time
+
+    from rustinfer.engine.core import EngineConfig, EngineCore
+    from rustinfer.engine.sampling_params import SamplingParams
+
+    apply_threads(args.threads)
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    loaded = load_model(args.model, args.device, args.dtype, args.load_format)
+    engine = EngineCore(
+        loaded,
+        EngineConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            # Distinct random prompts share no prefix; caching would only add hashing work.
+            enable_prefix_caching=False,
+        ),
+    )
+    # Distinct prompts (another seed each), so no request is a copy of another.
+    prompts = [
+        random_prompt(loaded, args.input_len, args.seed + i) for i in range(args.num_prompts)
+    ]
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    # Warm-up: one short request, so one-time costs (allocator, kernels) stay out of the timing.
+    engine.add_request("warmup", prompts[0], SamplingParams(temperature=0, max_tokens=2))
+    while engine.has_unfinished():
+        engine.step()
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params)
+    generated = 0
+    while engine.has_unfinished():
+        generated += sum(len(o.new_token_ids) for o in engine.step())
+    loaded.device.synchronize()
+    elapsed = time.perf_counter() - start
+    result = {
+        "num_prompts": args.num_prompts,
+        "max_num_seqs": args.max_num_seqs,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "output_tokens": generated,
+        "elapsed_s": round(elapsed, 3),
+        "output_tok_s": round(generated / elapsed, 2),
+        "total_tok_s": round((generated + args.num_prompts * args.input_len) / elapsed, 2),
+        "requests_per_s": round(args.num_prompts / elapsed, 3),
         "device": f"{loaded.device} ({loaded.device.name()})",
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),

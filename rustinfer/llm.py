@@ -1,0 +1,152 @@
+"""The offline API, in the vLLM convention: ``LLM(...).generate(prompts, params)`` and ``.chat(...)``.
+
+    from rustinfer import LLM, SamplingParams
+    llm = LLM()  # the embedded SmolLM2-135M-Instruct
+    out = llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(temperature=0, max_tokens=32))
+    print(out[0].outputs[0].text)
+
+All prompts are submitted at once and run with continuous batching on one synchronous engine.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rustinfer.engine.core import EngineConfig, EngineCore
+from rustinfer.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
+from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.runtime.loading import load_model
+
+Prompt = str | Sequence[int]
+Message = dict[str, Any]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    cached_tokens: int = 0
+    timings: RequestTimings = field(default_factory=RequestTimings)
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        load_format: str = "auto",
+        seed: int = 0,
+        **engine_options: Any,
+    ) -> None:
+        """Load ``model`` (None: the embedded default); ``engine_options`` are EngineConfig fields."""
+        self.loaded = load_model(
+            model, device=device, dtype=dtype, load_format=load_format, seed=seed
+        )
+        self.engine = EngineCore(self.loaded, EngineConfig(**engine_options))
+        self.tokenizer = self.loaded.tokenizer
+        self._counter = 0
+
+    def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            return prompt, self.tokenizer.encode(prompt)
+        return None, [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
+        """Complete each prompt (text or token ids); results come back in prompt order."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        encoded = [self._encode(p) for p in prompts]  # type: ignore[union-attr]
+        return self._run(encoded, params)
+
+    def chat(
+        self,
+        conversations: Sequence[Message] | Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[GenerationResult]:
+        """Reply to each conversation (a list of ``{"role", "content"}`` messages)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        encoded = [
+            (None, self.tokenizer.apply_chat_template(list(c), add_generation_prompt))
+            for c in conversations
+        ]
+        return self._run(encoded, params)
+
+    def _run(
+        self,
+        encoded: list[tuple[str | None, list[int]]],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list[GenerationResult]:
+        if params is None or isinstance(params, SamplingParams):
+            per_prompt = [params or SamplingParams()] * len(encoded)
+        else:
+            per_prompt = list(params)
+            if len(per_prompt) != len(encoded):
+                raise ValueError(
+                    f"{len(per_prompt)} SamplingParams for {len(encoded)} prompts: give one, "
+                    "or one per prompt"
+                )
+        results: dict[str, GenerationResult] = {}
+        order: list[str] = []
+        try:
+            for (text, ids), p in zip(encoded, per_prompt, strict=True):
+                self._counter += 1
+                rid = f"llm-{self._counter}"
+                self.engine.add_request(rid, ids, p)
+                results[rid] = GenerationResult(
+                    rid, text, ids, [CompletionOutput(k) for k in range(p.n)]
+                )
+                order.append(rid)
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    self._collect(results[out.request_id], out)
+        except BaseException:
+            for rid in order:  # leave nothing behind in the engine on an error or Ctrl-C
+                self.engine.abort(rid)
+            while self.engine.has_unfinished():
+                self.engine.step()
+            raise
+        return [results[rid] for rid in order]
+
+    @staticmethod
+    def _collect(result: GenerationResult, out: RequestOutput) -> None:
+        comp = result.outputs[out.index]
+        comp.text += out.text_delta
+        comp.token_ids.extend(out.new_token_ids)
+        if out.logprobs is not None:
+            comp.logprobs = (comp.logprobs or []) + out.logprobs
+        result.cached_tokens = out.cached_tokens
+        result.timings = out.timings
+        if out.finished:
+            comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
