@@ -58,6 +58,25 @@ def random_prompt(loaded: LoadedModel, length: int, seed: int) -> list[int]:
     return ids
 
 
+def machine_fields(loaded: LoadedModel) -> dict[str, str | int]:
+    return {
+        "device": f"{loaded.device} ({loaded.device.name()})",
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def emit(result: dict[str, object], as_json: bool) -> int:
+    """One aligned line per field, or (``--json``) one JSON line last."""
+    out = sys.stdout
+    if as_json:
+        out.write(json.dumps(result) + "\n")
+    else:
+        for key, value in result.items():
+            out.write(f"{key:>20}: {value}\n")
+    return 0
+
+
 def run_latency(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     loaded = load_model(args.model, args.device, args.dtype, args.load_format)
@@ -77,17 +96,9 @@ def run_latency(args: argparse.Namespace) -> int:
         "decode_ms_per_token": round(decode_ms_tok, 4),
         "decode_tok_s": round(1000 / decode_ms_tok, 2) if decode_ms_tok else 0.0,
         "output_tokens": args.output_len,
-        "device": f"{loaded.device} ({loaded.device.name()})",
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
+        **machine_fields(loaded),
     }
-    out = sys.stdout
-    if not args.json:
-        for key, value in result.items():
-            out.write(f"{key:>20}: {value}\n")
-    else:
-        out.write(json.dumps(result) + "\n")
-    return 0
+    return emit(result, args.json)
 
 
 def run_throughput(args: argparse.Namespace) -> int:
@@ -136,14 +147,6 @@ def run_throughput(args: argparse.Namespace) -> int:
         "output_tok_s": round(generated / elapsed, 2),
         "total_tok_s": round((generated + args.num_prompts * args.input_len) / elapsed, 2),
         "requests_per_s": round(args.num_prompts / elapsed, 3),
-        "device": f"{loaded.device} ({loaded.device.name()})",
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
+        **machine_fields(loaded),
     }
-    out = sys.stdout
-    if not args.json:
-        for key, value in result.items():
-            out.write(f"{key:>20}: {value}\n")
-    else:
-        out.write(json.dumps(result) + "\n")
-    return 0
+    return emit(result, args.json)
