@@ -10,8 +10,8 @@ from rustinfer_models_llama3.weights import hf_weight_shapes
 from safetensors.torch import save_file
 
 from rustinfer.config import config_from_hf
+from rustinfer.engine.model_runner import ModelRunner, ScheduledSequence
 from rustinfer.models.base import Model
-from rustinfer.runtime.kv_cache import allocate_kv_caches, single_sequence_metadata
 
 ROPE_SCALING = {
     # original_max 16 with head_dim 8 puts the four frequencies in all three llama3 regimes
@@ -70,16 +70,19 @@ def write_checkpoint(directory: Path, cfg: dict, weights: dict[str, torch.Tensor
     return directory
 
 
+def _forward_all(runner: ModelRunner, seq: ScheduledSequence) -> torch.Tensor:
+    """Logits at every new position of one step (the runner itself returns only the last)."""
+    step = runner.prepare([seq])
+    hidden = runner.model(step.input_ids, step.positions, runner.kv_caches, step.attn)
+    return runner.model.compute_logits(hidden)
+
+
 @torch.inference_mode()
 def prefill_logits(model: Model, ids: list[int], block_size: int = 16) -> torch.Tensor:
     """Logits at every position from one prefill pass over the paged cache."""
-    n = len(ids)
-    blocks = -(-n // block_size)
-    caches = allocate_kv_caches(model, blocks, block_size, torch.device("cpu"))
-    table = torch.arange(blocks, dtype=torch.int32)
-    attn = single_sequence_metadata(0, n, table, block_size)
-    hidden = model(torch.tensor(ids), torch.arange(n), caches, attn)
-    return model.compute_logits(hidden)
+    blocks = -(-len(ids) // block_size)
+    runner = ModelRunner(model, torch.device("cpu"), blocks, block_size)
+    return _forward_all(runner, ScheduledSequence(ids, 0, list(range(blocks))))
 
 
 @torch.inference_mode()
@@ -87,19 +90,11 @@ def incremental_logits(
     model: Model, ids: list[int], prefill_len: int, block_size: int = 5
 ) -> torch.Tensor:
     """Prefill ``prefill_len`` tokens, then decode the rest one by one; logits of every position."""
-    n = len(ids)
-    blocks = -(-n // block_size)
-    caches = allocate_kv_caches(model, blocks, block_size, torch.device("cpu"))
+    blocks = -(-len(ids) // block_size)
+    runner = ModelRunner(model, torch.device("cpu"), blocks, block_size)
     # A shuffled block table: the paged path must not assume contiguous blocks.
-    table = torch.randperm(blocks, generator=torch.Generator().manual_seed(1)).to(torch.int32)
-    attn = single_sequence_metadata(0, prefill_len, table, block_size)
-    rows = [
-        model.compute_logits(
-            model(torch.tensor(ids[:prefill_len]), torch.arange(prefill_len), caches, attn)
-        )
-    ]
-    for pos in range(prefill_len, n):
-        attn = single_sequence_metadata(pos, 1, table, block_size)
-        hidden = model(torch.tensor([ids[pos]]), torch.tensor([pos]), caches, attn)
-        rows.append(model.compute_logits(hidden))
+    table = torch.randperm(blocks, generator=torch.Generator().manual_seed(1)).tolist()
+    rows = [_forward_all(runner, ScheduledSequence(ids[:prefill_len], 0, table))]
+    for pos in range(prefill_len, len(ids)):
+        rows.append(_forward_all(runner, ScheduledSequence([ids[pos]], pos, table)))
     return torch.cat(rows)

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from rustinfer.runtime.generator import SamplingConfig, SingleSequenceRunner
+from rustinfer.engine.core import EngineConfig, EngineCore, single_request_engine, stream_request
+from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.runtime.loading import load_model
 
 pytest.importorskip("transformers")
@@ -66,14 +67,19 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
     return ids
 
 
+GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+def greedy_alone(loaded, prompt_ids: list[int]) -> list[int]:
+    engine = single_request_engine(loaded, len(prompt_ids) + NEW_TOKENS)
+    return [t for out in stream_request(engine, prompt_ids, GREEDY) for t in out.new_token_ids]
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_ids_match_hf_transformers(smollm2, hf_model, prompt):
     _, loaded = smollm2
     ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    ours = SingleSequenceRunner(loaded).generate(
-        ids, SamplingConfig(max_tokens=NEW_TOKENS, ignore_eos=True)
-    )
-    assert ours.token_ids == hf_greedy(hf_model, ids, NEW_TOKENS)
+    assert greedy_alone(loaded, ids) == hf_greedy(hf_model, ids, NEW_TOKENS)
 
 
 def test_generate_cli_answers_paris():
@@ -105,18 +111,13 @@ def test_generate_cli_answers_paris():
 def test_batching_keeps_greedy_tokens(smollm2):
     """All six prompts in one continuous batch vs each alone, float32: batch shapes change matmul
     summation order, so a near-tie may flip late; at least 5 of 6 must match over 32 tokens."""
-    from rustinfer.engine.core import EngineConfig, EngineCore
-    from rustinfer.engine.sampling_params import SamplingParams
-
     _, loaded = smollm2
     tok = loaded.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
-    cfg = SamplingConfig(max_tokens=NEW_TOKENS, ignore_eos=True)
-    alone = [SingleSequenceRunner(loaded).generate(p, cfg).token_ids for p in prompts]
+    alone = [greedy_alone(loaded, p) for p in prompts]
     engine = EngineCore(loaded, EngineConfig(kv_cache_bytes=64 << 20, max_num_batched_tokens=96))
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, params)
+        engine.add_request(str(i), p, GREEDY)
     batched: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for out in engine.step():

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from rustinfer.cli.common import add_model_options, apply_threads
-from rustinfer.runtime.generator import SamplingConfig, SingleSequenceRunner
+from rustinfer.engine.core import single_request_engine, stream_request
+from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.runtime.loading import LoadedModel, load_model
 
 
@@ -81,13 +82,20 @@ def run_latency(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     loaded = load_model(args.model, args.device, args.dtype, args.load_format)
     prompt = random_prompt(loaded, args.input_len, args.seed)
-    runner = SingleSequenceRunner(loaded, max_model_len=args.input_len + args.output_len)
-    cfg = SamplingConfig(max_tokens=args.output_len, ignore_eos=True)
+    engine = single_request_engine(loaded, args.input_len + args.output_len)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+
+    def one_run() -> tuple[float, float]:
+        """(prefill ms, decode ms per token) of one request, from the engine's own timings."""
+        final = list(stream_request(engine, prompt, params))[-1].timings
+        decode_ms = (final.decode_s or 0.0) * 1000
+        return (final.prefill_s or 0.0) * 1000, decode_ms / max(1, args.output_len - 1)
+
     for _ in range(args.warmup):
-        runner.generate(prompt, cfg)
-    runs = [runner.generate(prompt, cfg).timings for _ in range(max(1, args.iters))]
-    prefill_ms = statistics.median(t.prefill_ms for t in runs)
-    decode_ms_tok = statistics.median(t.decode_ms_per_token for t in runs)
+        one_run()
+    runs = [one_run() for _ in range(max(1, args.iters))]
+    prefill_ms = statistics.median(r[0] for r in runs)
+    decode_ms_tok = statistics.median(r[1] for r in runs)
     result = {
         "load_s": round(loaded.load_seconds, 4),
         "prompt_tokens": args.input_len,
@@ -105,7 +113,6 @@ def run_throughput(args: argparse.Namespace) -> int:
     import time
 
     from rustinfer.engine.core import EngineConfig, EngineCore
-    from rustinfer.engine.sampling_params import SamplingParams
 
     apply_threads(args.threads)
     if args.num_prompts < 1:

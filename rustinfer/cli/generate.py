@@ -8,8 +8,8 @@ import sys
 from typing import Any
 
 from rustinfer.cli.common import add_model_options, apply_threads
-from rustinfer.detokenizer import IncrementalDetokenizer
-from rustinfer.runtime.generator import SamplingConfig, SingleSequenceRunner
+from rustinfer.engine.core import single_request_engine, stream_request
+from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.runtime.loading import load_model
 
 
@@ -38,45 +38,53 @@ def prompt_token_ids(loaded: Any, prompt: str, raw: bool) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
-    cfg = SamplingConfig(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
     loaded = load_model(args.model, args.device, args.dtype, args.load_format)
     ids = prompt_token_ids(loaded, args.prompt, args.raw)
-    runner = SingleSequenceRunner(loaded)
-    detok = IncrementalDetokenizer(loaded.tokenizer)
+    engine = single_request_engine(loaded, len(ids) + args.max_tokens)
     out = sys.stdout
-    for token, generation in runner.stream(ids, cfg):  # noqa: B007  the last one is kept
-        delta = detok.add(token)
-        if delta and not args.json:
-            out.write(delta)
+    text: list[str] = []
+    token_ids: list[int] = []
+    for output in stream_request(engine, ids, params):
+        text.append(output.text_delta)
+        token_ids.extend(output.new_token_ids)
+        if output.text_delta and not args.json:
+            out.write(output.text_delta)
             out.flush()
-    result = generation  # the stream's last item carries finish_reason and timings
-    tail = detok.flush()
-    t = result.timings
+    final = output  # the last output carries finish_reason and the request's timings
+    t = final.timings
+    prefill_ms = (t.prefill_s or 0.0) * 1000
+    decode_ms = (t.decode_s or 0.0) * 1000
+    decode_tokens = len(token_ids) - 1  # the first token comes from the prefill
+    tok_s = decode_tokens / decode_ms * 1000 if decode_tokens and decode_ms else 0.0
     n_prompt = len(ids)
     if args.json:
         record = {
-            "text": detok.text,
-            "token_ids": result.token_ids,
+            "text": "".join(text),
+            "token_ids": token_ids,
             "prompt_tokens": n_prompt,
-            "finish_reason": result.finish_reason,
+            "finish_reason": final.finish_reason,
             "timings": {
                 "load_s": round(loaded.load_seconds, 4),
-                "prefill_ms": round(t.prefill_ms, 3),
-                "decode_ms": round(t.decode_ms, 3),
-                "tokens_per_second": round(t.decode_tokens_per_second, 3),
+                "prefill_ms": round(prefill_ms, 3),
+                "decode_ms": round(decode_ms, 3),
+                "tokens_per_second": round(tok_s, 3),
             },
         }
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
         return 0
-    out.write(tail + "\n")
+    out.write("\n")
     err = sys.stderr
     err.write(f"load: {loaded.load_seconds:.2f} s ({loaded.device}, {str(loaded.dtype)[6:]})\n")
     err.write(
-        f"prefill: {n_prompt} tokens in {t.prefill_ms:.1f} ms "
-        f"({n_prompt / max(t.prefill_ms, 1e-9) * 1000:.1f} tok/s)\n"
+        f"prefill: {n_prompt} tokens in {prefill_ms:.1f} ms "
+        f"({n_prompt / max(prefill_ms, 1e-9) * 1000:.1f} tok/s)\n"
     )
+    per_token = decode_ms / decode_tokens if decode_tokens else 0.0
     err.write(
-        f"decode: {t.decode_tokens} tokens, {t.decode_ms_per_token:.2f} ms/token "
-        f"({t.decode_tokens_per_second:.1f} tok/s); finish: {result.finish_reason}\n"
+        f"decode: {decode_tokens} tokens, {per_token:.2f} ms/token "
+        f"({tok_s:.1f} tok/s); finish: {final.finish_reason}\n"
     )
     return 0

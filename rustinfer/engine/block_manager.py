@@ -204,13 +204,18 @@ class BlockManager:
         del self._tables[seq_id], self._seq_hashes[seq_id]
         # Tail first: a sequence's later blocks are shared by fewer future prompts than its leading
         # ones, so they should be evicted first; LRU order is release order.
+        released: list[int] = []
         for block in reversed(table):
             self._ref[block] -= 1
             if self._ref[block] == 0:
                 if self._block_hash[block] is None:
-                    self._free.append(block)
+                    released.append(block)
                 else:
                     self._evictable[block] = None
+        # Unhashed blocks go back to the FRONT of the free list in table order: the next sequence
+        # reuses them first (still in cache) and in the same order, so a table that was a run of
+        # consecutive ids stays one, which lets the CPU attention read the cache without a gather.
+        self._free.extendleft(released)
 
     def reset_prefix_cache(self) -> None:
         """Forget every hash. Blocks in use stay allocated; evictable ones become plain free."""

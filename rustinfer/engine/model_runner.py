@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rustinfer.models.base import AttentionMetadata, Model
-from rustinfer.runtime.kv_cache import allocate_kv_caches
+from rustinfer.models.base import AttentionMetadata, KVCaches, Model
+
+DEFAULT_BLOCK_SIZE = (
+    16  # tokens per KV block: small enough to waste little, large enough for kernels
+)
 
 
 @dataclass
@@ -23,6 +26,31 @@ class ScheduledSequence:
     start_pos: int  # position of token_ids[0] in the sequence
     block_table: Sequence[int]  # covers at least start_pos + len(token_ids) tokens
     needs_logits: bool = True  # False for a prompt chunk that does not reach the prompt's end
+
+
+@dataclass
+class StepInputs:
+    """The flat tensors of one step, built once on the host and copied to the device."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attn: AttentionMetadata
+    cu_seqlens_q: list[int]  # host copy of attn.cu_seqlens_q: picks logits rows without a sync
+
+
+def allocate_kv_caches(
+    model: Model, num_blocks: int, block_size: int, device: torch.device
+) -> KVCaches:
+    """Per layer (k_cache, v_cache). ``empty``, not ``zeros``: attention reads only slots written
+    this run (positions < seq_len), and untouched pages of a large CPU pool then cost nothing."""
+    shape = model.kv_cache_shape(num_blocks, block_size)
+    return [
+        (
+            torch.empty(shape, dtype=model.dtype, device=device),
+            torch.empty(shape, dtype=model.dtype, device=device),
+        )
+        for _ in range(model.num_kv_layers)
+    ]
 
 
 def kv_bytes_per_block(model: Model, block_size: int) -> int:
@@ -54,9 +82,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, device)
 
-    def _metadata(
-        self, seqs: Sequence[ScheduledSequence]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def prepare(self, seqs: Sequence[ScheduledSequence]) -> StepInputs:
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -89,20 +115,24 @@ class ModelRunner:
             cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=dev),
             max_query_len=max(len(s.token_ids) for s in seqs),
         )
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return input_ids, pos_t, attn, cu_q
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            attn=attn,
+            cu_seqlens_q=cu_q,
+        )
 
     @torch.inference_mode()
     def execute(self, seqs: Sequence[ScheduledSequence]) -> torch.Tensor:
         """Run one step; logits [number of sequences with needs_logits, vocab], in order."""
         if not seqs:
             raise ValueError("an engine step schedules at least one sequence")
-        input_ids, positions, attn, cu_q = self._metadata(seqs)
-        hidden = self.model(input_ids, positions, self.kv_caches, attn)  # [T, H]
+        step = self.prepare(seqs)
+        hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.attn)  # [T, H]
         # The last new token of each sequence that samples: row cu_q[i + 1] - 1 (host-side list,
         # so no device sync here).
-        last_rows = [end - 1 for s, end in zip(seqs, cu_q[1:], strict=True) if s.needs_logits]
+        ends = step.cu_seqlens_q[1:]
+        last_rows = [end - 1 for s, end in zip(seqs, ends, strict=True) if s.needs_logits]
         if not last_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         index = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
