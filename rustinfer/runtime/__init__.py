@@ -1,1 +1,1 @@
-"""Turning a checkpoint into a ready model, and running single requests on it."""
+"""Turning a checkpoint into a model on its device, with its tokenizer."""
