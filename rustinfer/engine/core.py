@@ -139,6 +139,8 @@ class EngineCore:
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + k)
             req = Request(seq_id, list(prompt), params, max_tokens, generator=gen)
+            if k > 0 and self.config.enable_prefix_caching:
+                req.prefix_parent = self.requests[seq_ids[0]]
             self.scheduler.add(req)  # may raise OverloadedError: nothing was registered yet
             self.requests[seq_id] = req
             self._state[seq_id] = _SequenceState(self, req, request_id, k)

@@ -43,6 +43,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
     num_preemptions: int = 0
+    # For sequences 1..n-1 of an n > 1 request: sequence 0. They are admitted once it has computed
+    # its prompt, so its full prompt blocks are in the prefix cache and shared rather than recomputed.
+    prefix_parent: Request | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
 

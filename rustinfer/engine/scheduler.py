@@ -137,6 +137,13 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
+            parent = req.prefix_parent
+            if (
+                parent is not None
+                and not parent.is_finished
+                and parent.num_computed_tokens < len(parent.prompt_token_ids)
+            ):
+                break  # one more step, and the sibling's prompt blocks are cached for this one
             tokens = req.all_token_ids
             if not self.blocks.can_allocate(tokens):
                 break  # FCFS: later requests do not overtake the head of the queue

@@ -109,6 +109,17 @@ def test_n_sequences_and_seeds(tiny):
     assert len({tuple(alone[f"alone/{k}"]) for k in range(3)}) > 1  # n samples differ
 
 
+def test_n_sequences_share_the_prompt_blocks(tiny):
+    loaded, _ = tiny
+    engine = make_engine(loaded)
+    params = SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=4, ignore_eos=True)
+    engine.add_request("n3", PROMPTS[4], params)  # 21 tokens: 5 full blocks of 4
+    result = run_all(engine)
+    assert all(len(result["tokens"][f"n3/{k}"]) == 4 for k in range(3))
+    # Sequences 1 and 2 find sequence 0's 5 full prompt blocks in the prefix cache.
+    assert engine.stats()["prefix_cache_hits"] == 2 * 20
+
+
 def test_abort_frees_blocks_within_a_step(tiny):
     loaded, _ = tiny
     engine = make_engine(loaded)
