@@ -11,14 +11,15 @@ All prompts are submitted at once and run with continuous batching on one synchr
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rustinfer.engine.core import EngineConfig, EngineCore
+from rustinfer.engine.model_runner import DEFAULT_BLOCK_SIZE, kv_bytes_per_block
 from rustinfer.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
 from rustinfer.engine.sampling_params import SamplingParams
-from rustinfer.runtime.loading import load_model
+from rustinfer.runtime.loading import LoadedModel, load_model
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
@@ -59,12 +60,44 @@ class LLM:
         **engine_options: Any,
     ) -> None:
         """Load ``model`` (None: the embedded default); ``engine_options`` are EngineConfig fields."""
-        self.loaded = load_model(
-            model, device=device, dtype=dtype, load_format=load_format, seed=seed
-        )
-        self.engine = EngineCore(self.loaded, EngineConfig(**engine_options))
-        self.tokenizer = self.loaded.tokenizer
+        loaded = load_model(model, device=device, dtype=dtype, load_format=load_format, seed=seed)
+        self._attach(loaded, EngineCore(loaded, EngineConfig(**engine_options)))
+
+    def _attach(self, loaded: LoadedModel, engine: EngineCore) -> None:
+        self.loaded = loaded
+        self.engine = engine
+        self.tokenizer = loaded.tokenizer
         self._counter = 0
+
+    @classmethod
+    def for_single_request(cls, loaded: LoadedModel, max_tokens_total: int) -> LLM:
+        """An LLM over an already loaded model whose KV pool holds exactly one request of
+        ``max_tokens_total`` tokens: ``rustinfer generate`` and ``bench latency`` allocate no more
+        than they use. No prefix cache: one request has nothing to share, and repeated benchmark
+        runs must prefill for real."""
+        block = DEFAULT_BLOCK_SIZE
+        blocks = max(1, -(-max_tokens_total // block))
+        config = EngineConfig(
+            block_size=block,
+            max_num_seqs=1,
+            kv_cache_bytes=blocks * kv_bytes_per_block(loaded.model, block),
+            enable_prefix_caching=False,
+        )
+        llm = cls.__new__(cls)
+        llm._attach(loaded, EngineCore(loaded, config))
+        return llm
+
+    def stream(self, prompt: Prompt, params: SamplingParams) -> Iterator[RequestOutput]:
+        """One request's outputs as the engine produces them (text deltas, tokens, timings)."""
+        _, ids = self._encode(prompt)
+        self._counter += 1
+        request_id = f"llm-{self._counter}"
+        self.engine.add_request(request_id, ids, params)
+        try:
+            while self.engine.has_unfinished():
+                yield from (o for o in self.engine.step() if o.request_id == request_id)
+        finally:  # a consumer that stops early (Ctrl-C, break) leaves nothing running
+            self._drain([request_id])
 
     def _encode(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -132,12 +165,14 @@ class LLM:
                 for out in self.engine.step():
                     self._collect(results[out.request_id], out)
         except BaseException:
-            for rid in order:  # leave nothing behind in the engine on an error or Ctrl-C
-                self.engine.abort(rid)
-            while self.engine.has_unfinished():
-                self.engine.step()
+            self._drain(order)  # leave nothing behind in the engine on an error or Ctrl-C
             raise
         return [results[rid] for rid in order]
+
+    def _drain(self, request_ids: Sequence[str]) -> None:
+        aborted = [rid for rid in request_ids if self.engine.abort(rid)]
+        while aborted and self.engine.has_unfinished():
+            self.engine.step()
 
     @staticmethod
     def _collect(result: GenerationResult, out: RequestOutput) -> None:

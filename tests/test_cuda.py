@@ -7,8 +7,8 @@ import torch
 from model_helpers import random_weights, tiny_config, write_checkpoint
 
 from rustinfer.config import config_from_hf
-from rustinfer.engine.core import single_request_engine, stream_request
 from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.llm import LLM
 from rustinfer.models.reference import ReferenceLlama
 from rustinfer.plugins import get_registries
 from rustinfer.runtime.loading import load_model
@@ -39,9 +39,9 @@ def test_tiny_model_on_cuda_matches_reference(tmp_path, rope_scaling):
     ref = ReferenceLlama(config_from_hf(cfg), weights)
     # Greedy ids over the paged cache on the GPU equal the float64 oracle's (random weights at
     # this scale leave clear argmax margins).
-    engine = single_request_engine(loaded, len(PROMPT) + 12)
+    llm = LLM.for_single_request(loaded, len(PROMPT) + 12)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    tokens = [t for out in stream_request(engine, PROMPT, params) for t in out.new_token_ids]
+    tokens = [t for out in llm.stream(PROMPT, params) for t in out.new_token_ids]
     assert tokens == ref.greedy(PROMPT, 12)
 
 

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from rustinfer.engine.core import EngineConfig, EngineCore, single_request_engine, stream_request
+from rustinfer.engine.core import EngineConfig, EngineCore
 from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.llm import LLM
 from rustinfer.runtime.loading import load_model
 
 pytest.importorskip("transformers")
@@ -71,8 +72,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
 def greedy_alone(loaded, prompt_ids: list[int]) -> list[int]:
-    engine = single_request_engine(loaded, len(prompt_ids) + NEW_TOKENS)
-    return [t for out in stream_request(engine, prompt_ids, GREEDY) for t in out.new_token_ids]
+    llm = LLM.for_single_request(loaded, len(prompt_ids) + NEW_TOKENS)
+    return [t for out in llm.stream(prompt_ids, GREEDY) for t in out.new_token_ids]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

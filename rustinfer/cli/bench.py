@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from rustinfer.cli.common import add_model_options, apply_threads
-from rustinfer.engine.core import single_request_engine, stream_request
 from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.llm import LLM
 from rustinfer.runtime.loading import LoadedModel, load_model
 
 
@@ -82,12 +82,12 @@ def run_latency(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     loaded = load_model(args.model, args.device, args.dtype, args.load_format)
     prompt = random_prompt(loaded, args.input_len, args.seed)
-    engine = single_request_engine(loaded, args.input_len + args.output_len)
+    llm = LLM.for_single_request(loaded, args.input_len + args.output_len)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
     def one_run() -> tuple[float, float]:
         """(prefill ms, decode ms per token) of one request, from the engine's own timings."""
-        final = list(stream_request(engine, prompt, params))[-1].timings
+        final = list(llm.stream(prompt, params))[-1].timings
         decode_ms = (final.decode_s or 0.0) * 1000
         return (final.prefill_s or 0.0) * 1000, decode_ms / max(1, args.output_len - 1)
 

@@ -8,8 +8,8 @@ import sys
 from typing import Any
 
 from rustinfer.cli.common import add_model_options, apply_threads
-from rustinfer.engine.core import single_request_engine, stream_request
 from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.llm import LLM
 from rustinfer.runtime.loading import load_model
 
 
@@ -43,11 +43,11 @@ def run(args: argparse.Namespace) -> int:
     )
     loaded = load_model(args.model, args.device, args.dtype, args.load_format)
     ids = prompt_token_ids(loaded, args.prompt, args.raw)
-    engine = single_request_engine(loaded, len(ids) + args.max_tokens)
+    llm = LLM.for_single_request(loaded, len(ids) + args.max_tokens)
     out = sys.stdout
     text: list[str] = []
     token_ids: list[int] = []
-    for output in stream_request(engine, ids, params):
+    for output in llm.stream(ids, params):
         text.append(output.text_delta)
         token_ids.extend(output.new_token_ids)
         if output.text_delta and not args.json:
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
         return 0
     out.write("\n")
+    out.flush()  # the text, then the timings on stderr, in that order on a terminal
     err = sys.stderr
     err.write(f"load: {loaded.load_seconds:.2f} s ({loaded.device}, {str(loaded.dtype)[6:]})\n")
     err.write(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +18,6 @@ from rustinfer.engine.model_runner import (
     DEFAULT_BLOCK_SIZE,
     ModelRunner,
     ScheduledSequence,
-    kv_bytes_per_block,
     num_blocks_for_budget,
 )
 from rustinfer.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
@@ -319,31 +318,3 @@ class EngineCore:
             "tokens_generated": self._tokens_generated,
             "tokens_per_second": self._tokens_generated / elapsed,
         }
-
-
-def single_request_engine(loaded: LoadedModel, max_tokens_total: int) -> EngineCore:
-    """An engine whose KV pool holds exactly one request of ``max_tokens_total`` tokens (prompt and
-    output): ``rustinfer generate`` and ``bench latency`` allocate no more than they use. No prefix
-    cache: one request has nothing to share, and repeated benchmark runs must prefill for real."""
-    block = DEFAULT_BLOCK_SIZE
-    blocks = max(1, -(-max_tokens_total // block))
-    budget = blocks * kv_bytes_per_block(loaded.model, block)
-    config = EngineConfig(
-        block_size=block, max_num_seqs=1, kv_cache_bytes=budget, enable_prefix_caching=False
-    )
-    return EngineCore(loaded, config)
-
-
-def stream_request(
-    engine: EngineCore, prompt_token_ids: Sequence[int], params: SamplingParams
-) -> Iterator[RequestOutput]:
-    """Run one request to the end on an otherwise idle engine, yielding its outputs as they come."""
-    request_id = f"single-{time.monotonic_ns()}"
-    engine.add_request(request_id, prompt_token_ids, params)
-    try:
-        while engine.has_unfinished():
-            yield from engine.step()
-    finally:  # a consumer that stops early (Ctrl-C, break) leaves nothing running
-        if engine.abort(request_id):
-            while engine.has_unfinished():
-                engine.step()
