@@ -54,3 +54,21 @@ def test_bench_latency_on_cuda(tmp_path, capsys):
             "--iters", "1", "--json"]  # fmt: skip
     assert main(argv) == 0
     assert '"device": "cuda:0' in capsys.readouterr().out
+
+
+def test_engine_sizes_kv_from_free_gpu_memory_and_batches(tmp_path):
+    cfg = tiny_config()
+    weights = random_weights(cfg)
+    path = write_checkpoint(tmp_path / "m", cfg, weights)
+    llm = LLM(str(path), device="cuda", dtype="float32", gpu_memory_utilization=0.02)
+    free, _ = llm.loaded.device.memory_info()
+    per_block = llm.engine.kv_capacity_tokens // llm.engine.blocks.num_blocks
+    assert per_block == llm.engine.config.block_size
+    # The pool took about 2% of what was free when the engine was built (free now excludes it).
+    pool_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in llm.engine.runner.kv_caches)
+    assert 0.01 * (free + pool_bytes) < pool_bytes < 0.03 * (free + pool_bytes)
+    ref = ReferenceLlama(config_from_hf(cfg), weights)
+    prompts = [PROMPT, PROMPT[:7], PROMPT[3:18]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [ref.greedy(p, 6) for p in prompts]

@@ -116,9 +116,13 @@ def _decode_padded(
     _, block_size, n_kv_heads, _ = k_cache.shape
     n_blocks = -(-max_ctx // block_size)
     width = n_blocks * block_size
-    ids = block_tables[:, :n_blocks].reshape(-1)
+    lens = seq_lens.to(torch.int64).unsqueeze(1)  # [B, 1]
+    # A shorter sequence's table entries past its own blocks are padding (any value, even -1):
+    # read block 0 there instead; those slots are masked and zeroed below.
+    own = torch.arange(n_blocks, device=q4.device) < (lens + block_size - 1) // block_size
+    ids = torch.where(own, block_tables[:, :n_blocks].to(torch.int64), 0).reshape(-1)
     # [B, width] True where the slot holds one of the sequence's positions.
-    valid = torch.arange(width, device=q4.device) < seq_lens.to(torch.int64).unsqueeze(1)
+    valid = torch.arange(width, device=q4.device) < lens
     pad = ~valid[:, :, None, None]
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
