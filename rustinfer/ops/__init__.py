@@ -11,6 +11,7 @@ from rustinfer.ops.attention import ATTENTION_DECODE, ATTENTION_PREFILL, KV_CACH
 from rustinfer.ops.basic import ARGMAX, EMBEDDING, LINEAR, PREPARE_LINEAR_WEIGHT
 from rustinfer.ops.norm import FUSED_ADD_RMSNORM, RMSNORM
 from rustinfer.ops.rope import ROPE, build_cos_sin_cache, llama3_inv_freq
+from rustinfer.ops.rope_store import ROPE_KV_STORE
 from rustinfer.ops.spec import EXACT, OpSpec, Tolerance
 
 SPECS: dict[str, OpSpec] = {
@@ -20,6 +21,7 @@ SPECS: dict[str, OpSpec] = {
         RMSNORM,
         FUSED_ADD_RMSNORM,
         ROPE,
+        ROPE_KV_STORE,
         SILU_AND_MUL,
         LINEAR,
         PREPARE_LINEAR_WEIGHT,
@@ -42,6 +44,7 @@ __all__ = [
     "PREPARE_LINEAR_WEIGHT",
     "RMSNORM",
     "ROPE",
+    "ROPE_KV_STORE",
     "SILU_AND_MUL",
     "SPECS",
     "OpSpec",

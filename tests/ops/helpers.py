@@ -35,7 +35,7 @@ def strided(x: torch.Tensor) -> torch.Tensor:
     """
     rows = x.shape[0]
     width = math.prod(x.shape[1:])
-    wide = torch.full((rows, width + 7), float("nan"), dtype=x.dtype)
+    wide = torch.full((rows, width + 7), float("nan"), dtype=x.dtype, device=x.device)
     view = wide[:, 3 : 3 + width].view(x.shape)
     view.copy_(x)
     return view

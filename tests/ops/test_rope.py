@@ -13,6 +13,7 @@ from rustinfer.config import RopeScaling
 from rustinfer.ops import ROPE, build_cos_sin_cache, llama3_inv_freq
 
 from .helpers import FLOAT_DTYPES, assert_matches_spec, cpu_impl, dtype_id, randn, strided
+from .rope_store_case import check_rope_kv_store
 
 MAX_POSITIONS = 4096
 # Llama-3.2-1B's published rope configuration.
@@ -149,3 +150,13 @@ def test_llama3_scaling_matches_transformers() -> None:
     torch.testing.assert_close(
         cache, torch.cat((angles.cos(), angles.sin()), -1).float(), rtol=0.0, atol=0.0
     )
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("heads", [(4, 4), (9, 3), (8, 2)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+@pytest.mark.parametrize("is_strided", [False, True], ids=["contig", "strided"])
+def test_rope_kv_store(
+    tokens: int, heads: tuple[int, int], dtype: torch.dtype, is_strided: bool
+) -> None:
+    check_rope_kv_store(cpu_impl("rope_kv_store", dtype), tokens, heads, 64, dtype, is_strided)

@@ -178,8 +178,9 @@ class LlamaForCausalLM(Model):
             q = qkv[:, : self.q_size].view(n_tokens, hq, d)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n_tokens, hkv, d)
             v = qkv[:, self.q_size + self.kv_size :].view(n_tokens, hkv, d)
-            q, k = ops.rope(q, k, positions, self.cos_sin_cache)
-            ops.kv_cache_store(k, v, k_cache, v_cache, attn.slot_mapping)
+            q = ops.rope_kv_store(
+                q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, attn.slot_mapping
+            )
             if attn.is_decode:
                 o = ops.attention_decode(
                     q, k_cache, v_cache, attn.block_tables, attn.seq_lens, self.scale

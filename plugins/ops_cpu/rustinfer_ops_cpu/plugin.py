@@ -23,6 +23,7 @@ TARGETS = {
     "rmsnorm": "rustinfer_ops_cpu.norm:rmsnorm",
     "fused_add_rmsnorm": "rustinfer_ops_cpu.norm:fused_add_rmsnorm",
     "rope": "rustinfer_ops_cpu.rope:rope",
+    "rope_kv_store": "rustinfer_ops_cpu.rope:rope_kv_store",
     "silu_and_mul": "rustinfer_ops_cpu.activation:silu_and_mul",
     "kv_cache_store": "rustinfer_ops_cpu.kv_cache:kv_cache_store",
     "attention_prefill": "rustinfer_ops_cpu.attention:attention_prefill",

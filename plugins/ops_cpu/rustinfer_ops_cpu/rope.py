@@ -30,3 +30,24 @@ def rope(
     cos2 = torch.cat((cos, cos), dim=-1)  # [T, 1, D]
     sin2 = torch.cat((-sin, sin), dim=-1)  # [T, 1, D]
     return _rotate(q, cos2, sin2, half), _rotate(k, cos2, sin2, half)
+
+
+def rope_kv_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """rope on q and k, then k and v into the paged cache; returns the rotated q.
+
+    On the CPU fusing buys nothing (the rotated k is a small temporary), so this composes the two.
+    """
+    from rustinfer_ops_cpu.kv_cache import kv_cache_store
+
+    q_out, k_out = rope(q, k, positions, cos_sin_cache)
+    kv_cache_store(k_out, v, k_cache, v_cache, slot_mapping)
+    return q_out

@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from rustinfer.hookspecs import hookimpl
 from rustinfer.registry import RegisterDevice, RegisterOp
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TRITON_DTYPES = (torch.bfloat16, torch.float16)
+# Above the plain-torch kernels (priority 0): where both can run, the Triton kernel is picked.
+TRITON_PRIORITY = 10
+# bf16 tensor-core dots (tl.dot on bf16) need Ampere (compute capability 8.0) or newer.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+
+# op name -> "module:attr" of its Triton implementation (imported lazily by the registry).
+TRITON_TARGETS = {
+    "rmsnorm": "rustinfer_ops_cuda.kernels.norm:rmsnorm",
+    "fused_add_rmsnorm": "rustinfer_ops_cuda.kernels.norm:fused_add_rmsnorm",
+    "silu_and_mul": "rustinfer_ops_cuda.kernels.activation:silu_and_mul",
+    "rope_kv_store": "rustinfer_ops_cuda.kernels.rope_store:rope_kv_store",
+    "attention_decode": "rustinfer_ops_cuda.kernels.decode_attention:attention_decode",
+    "attention_prefill": "rustinfer_ops_cuda.kernels.prefill_attention:attention_prefill",
+}
 
 
 def cuda_available() -> str | None:
     """Requirement: a usable CUDA device (None), else the reason."""
     return None if torch.cuda.is_available() else "no CUDA device is visible to torch"
+
+
+def triton_importable() -> str | None:
+    """Requirement: the triton package is installed (CUDA builds of torch bring it)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def compute_capability_supported() -> str | None:
+    """Requirement: the current CUDA device is Ampere or newer."""
+    reason = cuda_available()
+    if reason:
+        return reason
+    cap = torch.cuda.get_device_capability()
+    if cap < MIN_COMPUTE_CAPABILITY:
+        want = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+        return f"compute capability {cap[0]}.{cap[1]} is below {want} (bf16 tensor cores)"
+    return None
 
 
 @hookimpl
@@ -24,9 +60,19 @@ def rustinfer_register_devices(register: RegisterDevice) -> None:
 def rustinfer_register_ops(register: RegisterOp) -> None:
     # The plain-torch kernels of rustinfer-ops-cpu are device-generic (cuBLAS matmuls, SDPA), so
     # they serve cuda too, registered here explicitly at priority 0: every op then has a cuda
-    # implementation, and the Triton kernels of this package take over by registering at a higher
-    # priority, op by op. Matmuls (linear) stay on cuBLAS by design.
+    # implementation in every dtype (float32 included), and the Triton kernels below take over
+    # for bf16/fp16. Matmuls (linear) stay on cuBLAS by design.
     from rustinfer_ops_cpu.plugin import TARGETS
 
     for op, target in TARGETS.items():
         register(op, "torch", target, device="cuda", dtypes=DTYPES, requires=[cuda_available])
+    for op, target in TRITON_TARGETS.items():
+        register(
+            op,
+            "triton",
+            target,
+            device="cuda",
+            dtypes=TRITON_DTYPES,
+            priority=TRITON_PRIORITY,
+            requires=[triton_importable, compute_capability_supported],
+        )

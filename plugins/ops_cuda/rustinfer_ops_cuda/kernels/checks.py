@@ -1,0 +1,66 @@
+"""Argument checks shared by the kernel launchers.
+
+A Triton kernel reads raw pointers: a wrong dtype, a stride it does not expect or a tensor on
+another device silently produces garbage or a memory fault, so every launcher checks first and
+names the argument and what it should be.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    if hasattr(triton, "knobs"):
+        return bool(triton.knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(**tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device, a CUDA one unless the interpreter runs the kernels on the CPU."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first_name, device = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != device:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {device}")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(f"Triton kernels need CUDA tensors, got {first_name} on {device}")
+    return device
+
+
+def check_tensor(
+    name: str,
+    t: torch.Tensor,
+    shape: Sequence[int | None],
+    dtypes: torch.dtype | Sequence[torch.dtype],
+    *,
+    inner_contiguous: bool = True,
+    contiguous: bool = False,
+) -> None:
+    """``shape`` lists the expected sizes (None: any); ``inner_contiguous``: the last dim has
+    stride 1 (what vectorised loads need); ``contiguous``: the whole tensor is dense."""
+    allowed = (dtypes,) if isinstance(dtypes, torch.dtype) else tuple(dtypes)
+    if t.dtype not in allowed:
+        names = " or ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name} has dtype {str(t.dtype).removeprefix('torch.')}, expected {names}")
+    if t.dim() != len(shape) or any(
+        want is not None and got != want for got, want in zip(t.shape, shape, strict=True)
+    ):
+        want_s = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected {want_s}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    if inner_contiguous and t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dim, got strides {t.stride()}")
+
+
+def check_index_rows(name: str, t: torch.Tensor, rows: int) -> None:
+    """Per-token metadata vectors (positions, slots) on the kernels' device, int32 or int64."""
+    check_tensor(name, t, [rows], (torch.int32, torch.int64))
+    if t.stride(0) != 1 and rows > 1:
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")

@@ -1,0 +1,269 @@
+"""Paged decode attention with GQA and split-KV (flash-decoding), in Triton.
+
+One query per sequence. A program takes one (sequence, KV head, split): the ``GROUP`` query heads
+that share the KV head are stacked as the rows of one ``tl.dot`` (padded to the 16-row minimum of a
+tensor-core tile), so each K/V tile is read from memory once per KV head rather than once per query
+head. A sequence's context is cut into ``num_splits`` chunks handled by separate programs, which
+keeps every multiprocessor busy at batch 1 with a long context; a second kernel merges the chunks'
+partial results through their log-sum-exp. Chunk bounds are computed in the kernel from
+``seq_lens``: the host never reads sequence lengths, so one launch serves any lengths (and a CUDA
+graph can replay it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from rustinfer_ops_cuda.kernels.checks import check_device, check_tensor
+
+# log2(e): the kernels use exp2, so scores are pre-multiplied by scale * log2(e).
+LOG2E = 1.4426950408889634
+# tl.dot needs at least 16 rows and 16 columns per operand tile.
+MIN_DOT = 16
+# Keys per loop step. 64 keys x 128-byte rows (D=64, bf16) = 8 KB of K and of V per step: enough
+# bytes in flight per program to stream at bandwidth with 2 pipeline stages, few enough registers
+# to keep 4 warps resident per scheduler.
+BLOCK_N = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
+# Enough programs to fill the GPU: aim for this many programs per multiprocessor before splitting
+# stops paying (each split adds a partial result to write and merge).
+PROGRAMS_PER_SM = 4
+# An upper bound on splits; at 32k context and 64-key steps each split still loops 16 times.
+MAX_SPLITS = 32
+# Never split a context into chunks shorter than this many keys: shorter chunks cost more in
+# partial-result traffic than they gain in parallelism.
+MIN_KEYS_PER_SPLIT = 256
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    stride_qb,
+    stride_qh,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    stride_table_row,
+    stride_ob,
+    stride_oh,
+    scale_log2,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Chunk length: a whole number of BLOCK_N steps, so only the context's last step is ragged.
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    row_valid = rows < GROUP
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+        mask=row_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_row
+    head_offset = kv_head * stride_cache_head
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_valid = keys < end
+        page = tl.load(table_row + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
+        token = page * stride_cache_block + (keys % PAGE) * stride_cache_token + head_offset
+        kv_mask = key_valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N], log2 units
+        scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_mask = row_valid[:, None] & dim_valid[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
+    else:
+        # An empty chunk (start >= seq_len) leaves l_i = 0: it stores lse = -inf and zeros, and
+        # the merge gives it weight 0.
+        nonempty = l_i > 0
+        out = tl.where(nonempty[:, None], acc / tl.where(nonempty, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        # Partial results: [B, Hq, NUM_SPLITS, BLOCK_D] and [B, Hq, NUM_SPLITS], fp32, dense.
+        part_row = (seq * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
+        tl.store(
+            part_out_ptr + part_row[:, None].to(tl.int64) * BLOCK_D + dims[None, :],
+            out,
+            mask=row_valid[:, None],
+        )
+        tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    row = (seq * NUM_HEADS + head) * NUM_SPLITS + splits  # [NUM_SPLITS]
+    lse = tl.load(part_lse_ptr + row)
+    weights = tl.exp2(lse - tl.max(lse, 0))  # empty splits: exp2(-inf) = 0
+    parts = tl.load(part_out_ptr + row[:, None].to(tl.int64) * BLOCK_D + dims[None, :])
+    out = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(
+        out_ptr + seq * stride_ob + head * stride_oh + dims,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dims < HEAD_DIM,
+    )
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, n_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per sequence, from shapes only (never from the lengths on the device).
+
+    ``max_context`` is the block table's capacity in tokens: no sequence has more keys, so no more
+    than max_context / MIN_KEYS_PER_SPLIT splits can each get a useful chunk.
+    """
+    if device.type != "cuda":
+        sms = 4  # the interpreter: still exercise the split path on small shapes
+        min_keys = BLOCK_N
+    else:
+        sms = _multiprocessors(device.index if device.index is not None else 0)
+        min_keys = MIN_KEYS_PER_SPLIT
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, batch * n_kv_heads)
+    useful = max(1, max_context // min_keys)
+    splits = max(1, min(wanted, useful, MAX_SPLITS))
+    return triton.next_power_of_2(splits) if splits > 1 else 1  # the merge loads a pow-2 range
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """The ``attention_decode`` op (see its spec). ``num_splits`` overrides the split heuristic
+    (a power of two; benchmarks and tests use it)."""
+    check_tensor("q", q, [None, None, None], (torch.bfloat16, torch.float16, torch.float32))
+    batch, n_heads, head_dim = q.shape
+    check_tensor("k_cache", k_cache, [None, None, None, head_dim], q.dtype, contiguous=True)
+    num_blocks, page, n_kv_heads, _ = k_cache.shape
+    check_tensor("v_cache", v_cache, list(k_cache.shape), q.dtype, contiguous=True)
+    check_tensor("block_tables", block_tables, [batch, None], torch.int32)
+    check_tensor("seq_lens", seq_lens, [batch], torch.int32)
+    check_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads")
+    if block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables rows must be contiguous, got strides {block_tables.stride()}")
+    out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    group = n_heads // n_kv_heads
+    block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, n_kv_heads, block_tables.shape[1] * page, q.device)
+    elif num_splits < 1 or num_splits & (num_splits - 1):
+        raise ValueError(f"num_splits must be a power of two >= 1, got {num_splits}")
+    if num_splits > 1:
+        part_out = torch.empty(
+            (batch, n_heads, num_splits, block_d), dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+    _decode_kernel[(batch, n_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        scale * LOG2E,
+        GROUP=group,
+        GROUP_PAD=max(MIN_DOT, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PAGE=page,
+        BLOCK_N=BLOCK_N,
+        NUM_SPLITS=num_splits,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
+    )
+    if num_splits > 1:
+        _merge_kernel[(batch, n_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=n_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            num_warps=NUM_WARPS,
+        )
+    return out

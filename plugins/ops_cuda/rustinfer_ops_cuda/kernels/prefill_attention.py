@@ -1,0 +1,256 @@
+"""Paged prefill / extend attention over a ragged batch (flash-attention style), in Triton.
+
+A program takes BLOCK_M consecutive new queries of one sequence and one query head, and streams
+that sequence's keys and values from the paged cache, BLOCK_N at a time, through an online softmax.
+The new tokens' K/V are already in the cache (``rope_kv_store`` ran first), so a cached prefix, a
+plain prompt and a chunk of a chunked prefill are the same case: the queries are the last q_len
+positions of a seq_len-long context, masked causally from the bottom-right.
+
+The key loop runs in two phases: keys every query of the tile may see (no mask to compute), then the
+diagonal band where the causal mask applies. Query tiles are launched longest-work-first (the last
+tiles of a sequence see the most keys), which shortens the tail of the launch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from rustinfer_ops_cuda.kernels.checks import check_device, check_tensor
+
+LOG2E = 1.4426950408889634
+MIN_DOT = 16  # tl.dot's smallest tile side
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile shape and launch parameters of the prefill kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# By head dim. 128 queries x 64 keys per step keeps the two dots of a step on tensor cores with the
+# fp32 accumulator (128 x D) in registers; D=128 doubles the accumulator, hence 8 warps to hold it.
+# Three pipeline stages hide the K/V gathers behind the dots of the step before.
+CONFIGS = {
+    64: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    128: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+}
+# Head dims above 128 need smaller tiles to fit the accumulator and the K/V stages in registers
+# and shared memory.
+LARGE_HEAD_DIM = PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+# The interpreter runs tiles as numpy arrays: small tiles keep the interpret lane quick and still
+# cover several tiles per sequence.
+INTERPRET_CONFIG = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+
+
+def default_config(head_dim: int, device: torch.device) -> PrefillConfig:
+    if device.type != "cuda":
+        return INTERPRET_CONFIG
+    block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    if block_d <= 64:
+        return CONFIGS[64]
+    if block_d <= 128:
+        return CONFIGS[128]
+    return LARGE_HEAD_DIM
+
+
+@triton.jit
+def _attend_step(
+    q,
+    acc,
+    m_i,
+    l_i,
+    keys,
+    key_valid,
+    visible,
+    table_row,
+    k_cache_ptr,
+    v_cache_ptr,
+    stride_cache_block,
+    stride_cache_token,
+    head_offset,
+    dims,
+    dim_valid,
+    scale_log2,
+    PAGE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One BLOCK_N step of the online softmax for a [BLOCK_M, D] query tile."""
+    page = tl.load(table_row + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
+    token = page * stride_cache_block + (keys % PAGE) * stride_cache_token + head_offset
+    kv_mask = key_valid[:, None] & dim_valid[None, :]
+    k = tl.load(k_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], log2 units
+    if MASKED:
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    cu_seqlens_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    stride_table_row,
+    stride_ot,
+    stride_oh,
+    scale_log2,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest-work tiles first
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len  # cached positions before the first new query
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < q_len
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < HEAD_DIM
+    q_rows = (q_start + rows).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
+        mask=row_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    )
+    query_pos = prefix + rows  # [BLOCK_M]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_row
+    head_offset = (head // GROUP) * stride_cache_head
+
+    # Phase 1: keys before the tile's first query position are visible to every row of the tile.
+    first_query = prefix + tile * BLOCK_M
+    unmasked_end = (first_query // BLOCK_N) * BLOCK_N
+    for n0 in range(0, unmasked_end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_valid = keys < seq_len  # always true here; the loads still take a mask
+        acc, m_i, l_i = _attend_step(
+            q, acc, m_i, l_i, keys, key_valid, key_valid[None, :], table_row, k_cache_ptr, v_cache_ptr,
+            stride_cache_block, stride_cache_token, head_offset, dims, dim_valid, scale_log2,
+            PAGE=PAGE, MASKED=False,
+        )  # fmt: skip
+    # Phase 2: the diagonal band, up to the tile's last query position.
+    band_end = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)
+    for n0 in range(unmasked_end, band_end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_valid = keys < seq_len
+        visible = (keys[None, :] <= query_pos[:, None]) & key_valid[None, :]
+        acc, m_i, l_i = _attend_step(
+            q, acc, m_i, l_i, keys, key_valid, visible, table_row, k_cache_ptr, v_cache_ptr,
+            stride_cache_block, stride_cache_token, head_offset, dims, dim_valid, scale_log2,
+            PAGE=PAGE, MASKED=True,
+        )  # fmt: skip
+
+    # Padding rows (row >= q_len) saw only zeros and are not stored; every real row saw key 0.
+    out = acc / l_i[:, None]
+    tl.store(
+        out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & dim_valid[None, :],
+    )
+
+
+def attention_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    *,
+    config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """The ``attention_prefill`` op (see its spec). ``config`` overrides the tile shape (for
+    benchmark sweeps)."""
+    check_tensor("q", q, [None, None, None], (torch.bfloat16, torch.float16, torch.float32))
+    tokens, n_heads, head_dim = q.shape
+    check_tensor("k_cache", k_cache, [None, None, None, head_dim], q.dtype, contiguous=True)
+    page, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    check_tensor("v_cache", v_cache, list(k_cache.shape), q.dtype, contiguous=True)
+    check_tensor("block_tables", block_tables, [None, None], torch.int32)
+    batch = block_tables.shape[0]
+    check_tensor("cu_seqlens_q", cu_seqlens_q, [batch + 1], torch.int32)
+    check_tensor("seq_lens", seq_lens, [batch], torch.int32)
+    check_device(
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        block_tables=block_tables,
+        cu_seqlens_q=cu_seqlens_q,
+        seq_lens=seq_lens,
+    )
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads")
+    if block_tables.stride(1) != 1:
+        raise ValueError(f"block_tables rows must be contiguous, got strides {block_tables.stride()}")
+    if max_query_len < 1 and tokens > 0:
+        raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
+    out = torch.empty((tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    if tokens == 0:
+        return out
+    cfg = config or default_config(head_dim, q.device)
+    grid = (triton.cdiv(max_query_len, cfg.block_m), n_heads, batch)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens,
+        out,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        scale * LOG2E,
+        GROUP=n_heads // n_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(MIN_DOT, triton.next_power_of_2(head_dim)),
+        PAGE=page,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out

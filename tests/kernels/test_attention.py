@@ -1,0 +1,230 @@
+"""Triton paged attention (decode with split-KV, prefill/extend) against the float64 spec references.
+
+interpret lane: CPU tensors through Triton's interpreter, fp16 and fp32 (the interpreter's bf16
+``tl.dot`` is wrong), small shapes. cuda lane: the compiled kernels, bf16 and fp16, the full matrix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ops.helpers import assert_matches_spec, dtype_id
+from ops.paged import cu_seqlens, paged_kv, token_heads
+from rustinfer_ops_cuda.kernels.decode_attention import attention_decode
+from rustinfer_ops_cuda.kernels.prefill_attention import attention_prefill
+
+from kernels.lanes import LANE_DEVICE
+from rustinfer.ops import ATTENTION_DECODE, ATTENTION_PREFILL
+
+interpret = pytest.mark.interpret
+cuda = pytest.mark.cuda
+
+
+def _scale(head_dim: int) -> float:
+    # Not the default 1/sqrt(D): a kernel that ignores ``scale`` must fail.
+    return 1.5 * head_dim**-0.5
+
+
+def check_decode(
+    seq_lens: list[int],
+    heads: tuple[int, int],
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int = 16,
+    is_strided: bool = False,
+    num_splits: int | None = None,
+    device: str = LANE_DEVICE,
+) -> None:
+    n_heads, n_kv_heads = heads
+    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype)
+    q = token_heads(len(seq_lens), n_heads, head_dim, dtype, False)
+    args = (q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, _scale(head_dim))
+    reference = ATTENTION_DECODE.reference(*args)
+    on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    if is_strided:
+        from ops.helpers import strided
+
+        on_device[0] = strided(on_device[0])
+    out = attention_decode(*on_device, num_splits=num_splits)
+    assert out.is_contiguous()
+    assert_matches_spec("attention_decode", out.cpu(), reference, dtype)
+
+
+def check_prefill(
+    seqs: list[tuple[int, int]],
+    heads: tuple[int, int],
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int = 16,
+    is_strided: bool = False,
+    device: str = LANE_DEVICE,
+) -> None:
+    """Sequences given as (seq_len, q_len): the new queries are the last q_len positions."""
+    n_heads, n_kv_heads = heads
+    seq_lens = [s for s, _ in seqs]
+    q_lens = [n for _, n in seqs]
+    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype)
+    q = token_heads(sum(q_lens), n_heads, head_dim, dtype, False)
+    args = (
+        q,
+        paged.k_cache,
+        paged.v_cache,
+        paged.block_tables,
+        cu_seqlens(q_lens),
+        paged.seq_lens,
+        max(q_lens),
+        _scale(head_dim),
+    )
+    reference = ATTENTION_PREFILL.reference(*args)
+    on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    if is_strided:
+        from ops.helpers import strided
+
+        on_device[0] = strided(on_device[0])
+    out = attention_prefill(*on_device)
+    assert out.is_contiguous()
+    assert_matches_spec("attention_prefill", out.cpu(), reference, dtype)
+
+
+# -- interpret lane ------------------------------------------------------------------------------
+
+INTERPRET_DTYPES = [torch.float16, torch.float32]
+
+
+@interpret
+@pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "seq_lens, heads, head_dim, block_size, num_splits",
+    [
+        ([1, 17, 40], (8, 2), 64, 16, None),  # heuristic splits, lengths around a block
+        ([33], (9, 3), 64, 5, 4),  # SmolLM2's heads, odd block size, 4 chunks
+        ([70, 3], (4, 4), 128, 16, 2),  # no GQA, D=128, a chunk left empty for the short one
+        ([100], (8, 1), 64, 16, 1),  # GQA 8, no split: the single-pass store path
+        ([16, 32], (4, 2), 32, 16, 8),  # exact block multiples, more chunks than key steps
+    ],
+)
+def test_decode_interpret(seq_lens, heads, head_dim, block_size, num_splits, dtype):
+    check_decode(seq_lens, heads, head_dim, dtype, block_size, num_splits=num_splits)
+
+
+@interpret
+def test_decode_interpret_strided_q():
+    check_decode([5, 23], (8, 2), 64, torch.float16, is_strided=True)
+
+
+@interpret
+@pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "seqs, heads, head_dim, block_size",
+    [
+        ([(40, 40), (17, 17), (1, 1)], (8, 2), 64, 16),  # plain prompts, ragged
+        ([(33, 33)], (9, 3), 64, 5),  # odd block size, tiles spanning pages
+        ([(70, 20), (3, 3)], (4, 4), 128, 16),  # a cached prefix of 50 under a 20-token chunk
+        ([(50, 17), (48, 1)], (8, 1), 64, 16),  # extend and a one-token extend, GQA 8
+    ],
+)
+def test_prefill_interpret(seqs, heads, head_dim, block_size, dtype):
+    check_prefill(seqs, heads, head_dim, dtype, block_size)
+
+
+@interpret
+def test_prefill_interpret_strided_q():
+    check_prefill([(21, 21), (30, 9)], (8, 2), 64, torch.float16, is_strided=True)
+
+
+@interpret
+def test_launchers_reject_bad_arguments():
+    paged = paged_kv([9], 16, 2, 64, torch.float16)
+    q = token_heads(1, 8, 64, torch.float16, False)
+    tables, lens = paged.block_tables, paged.seq_lens
+    with pytest.raises(TypeError, match="block_tables has dtype int64"):
+        attention_decode(q, paged.k_cache, paged.v_cache, tables.long(), lens, 0.1)
+    with pytest.raises(TypeError, match="k_cache has dtype float32"):
+        attention_decode(q, paged.k_cache.float(), paged.v_cache, tables, lens, 0.1)
+    with pytest.raises(ValueError, match="v_cache must be contiguous"):
+        v_t = paged.v_cache.transpose(0, 1).contiguous().transpose(0, 1)
+        attention_decode(q, paged.k_cache, v_t, tables, lens, 0.1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        attention_decode(token_heads(1, 7, 64, torch.float16, False), paged.k_cache,
+                         paged.v_cache, tables, lens, 0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="cu_seqlens_q has shape"):
+        attention_prefill(token_heads(9, 8, 64, torch.float16, False), paged.k_cache,
+                          paged.v_cache, tables, cu_seqlens([9])[:1], lens, 9, 0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="num_splits must be a power of two"):
+        attention_decode(q, paged.k_cache, paged.v_cache, tables, lens, 0.1, num_splits=3)
+
+
+# -- cuda lane -----------------------------------------------------------------------------------
+
+CUDA_DTYPES = [torch.bfloat16, torch.float16]
+# GQA ratios 1, 4 and 8 (Llama-3.2-1B is 32/8, Llama-3.1-8B 32/8, 70B 64/8).
+CUDA_HEADS = [(8, 8), (32, 8), (32, 4)]
+BOUNDARY_LENS = [1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 256, 257, 1023, 1025]
+
+
+@cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", CUDA_HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("is_strided", [False, True], ids=["contig", "strided"])
+def test_decode_cuda_block_boundaries(heads, head_dim, dtype, is_strided):
+    check_decode(BOUNDARY_LENS, heads, head_dim, dtype, 16, is_strided)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("seq_lens", [[32768], [32767, 4096, 1], [8191, 8193]], ids=str)
+@pytest.mark.parametrize("num_splits", [None, 1, 32])
+def test_decode_cuda_long_contexts(seq_lens, num_splits, dtype):
+    check_decode(seq_lens, (32, 8), 64, dtype, 16, num_splits=num_splits)
+
+
+@cuda
+@pytest.mark.parametrize("block_size", [1, 5, 32, 256])
+def test_decode_cuda_block_sizes(block_size):
+    check_decode([1, 7, 300, 513], (32, 8), 128, torch.bfloat16, block_size)
+
+
+@cuda
+def test_decode_cuda_batch_64():
+    lens = torch.randint(1, 3000, (64,)).tolist()
+    check_decode(lens, (32, 8), 64, torch.bfloat16)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", CUDA_HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("is_strided", [False, True], ids=["contig", "strided"])
+def test_prefill_cuda_ragged(heads, head_dim, dtype, is_strided):
+    # Odd lengths, tile and block boundaries, one-token prompts, a cached prefix under a chunk.
+    seqs = [(1, 1), (17, 17), (127, 127), (129, 129), (300, 300), (400, 77), (1000, 1), (515, 256)]
+    check_prefill(seqs, heads, head_dim, dtype, 16, is_strided)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("seqs", [[(2048, 2048)], [(32768, 64)], [(16384, 129), (2049, 2049)]],
+                         ids=str)  # fmt: skip
+def test_prefill_cuda_long(seqs, dtype):
+    check_prefill(seqs, (32, 8), 64, dtype)
+
+
+@cuda
+@pytest.mark.parametrize("block_size", [1, 5, 32, 256])
+def test_prefill_cuda_block_sizes(block_size):
+    check_prefill([(200, 200), (333, 100)], (32, 8), 64, torch.bfloat16, block_size)
+
+
+@cuda
+def test_registry_picks_triton_on_cuda_never_on_cpu():
+    from rustinfer.plugins import get_registries
+
+    regs = get_registries()
+    for op in ("rmsnorm", "fused_add_rmsnorm", "silu_and_mul", "rope_kv_store",
+               "attention_decode", "attention_prefill"):  # fmt: skip
+        for dtype in CUDA_DTYPES:
+            assert regs.ops.lookup(op, "cuda", dtype, overrides={}).name == "triton"
+            assert regs.ops.lookup(op, "cpu", dtype, overrides={}).name == "torch"
+        # float32 on cuda stays with the plain-torch kernels (the Triton ones are half-precision).
+        assert regs.ops.lookup(op, "cuda", torch.float32, overrides={}).name == "torch"
