@@ -204,11 +204,15 @@ def attention_decode(
     check_tensor("v_cache", v_cache, list(k_cache.shape), q.dtype, contiguous=True)
     check_tensor("block_tables", block_tables, [batch, None], torch.int32)
     check_tensor("seq_lens", seq_lens, [batch], torch.int32)
-    check_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens)
+    check_device(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens
+    )
     if n_heads % n_kv_heads:
         raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads")
     if block_tables.stride(1) != 1:
-        raise ValueError(f"block_tables rows must be contiguous, got strides {block_tables.stride()}")
+        raise ValueError(
+            f"block_tables rows must be contiguous, got strides {block_tables.stride()}"
+        )
     out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out

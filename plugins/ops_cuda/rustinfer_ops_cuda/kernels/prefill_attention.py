@@ -219,7 +219,9 @@ def attention_prefill(
     if n_heads % n_kv_heads:
         raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads")
     if block_tables.stride(1) != 1:
-        raise ValueError(f"block_tables rows must be contiguous, got strides {block_tables.stride()}")
+        raise ValueError(
+            f"block_tables rows must be contiguous, got strides {block_tables.stride()}"
+        )
     if max_query_len < 1 and tokens > 0:
         raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
     out = torch.empty((tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
