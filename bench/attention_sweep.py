@@ -1,0 +1,171 @@
+"""Tile-shape sweep for the Triton attention kernels on a GPU (Llama-3.2-1B heads: 32 q, 8 kv).
+
+Prefill: each PrefillConfig at 2048/4096/8192 tokens, head dim 64, in TFLOP/s (causal FLOPs).
+Decode: BLOCK_N x warps x stages x splits at batch 1 and 64, contexts 4k and 32k, as % of the
+bandwidth floor (K and V bytes read once). Prints a table per kernel, best first, and writes JSON.
+
+    python bench/attention_sweep.py [--out sweep.json] [--bandwidth 2.95e12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import logging
+import sys
+
+import torch
+import triton
+import triton.testing
+from rustinfer_ops_cuda.kernels import decode_attention as dec
+from rustinfer_ops_cuda.kernels.prefill_attention import PrefillConfig, attention_prefill
+
+logger = logging.getLogger("attention_sweep")
+HQ, HKV, D, PAGE = 32, 8, 64, 16
+
+
+def _paged_cache(batch: int, ctx: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random bf16 caches with each sequence's blocks shuffled over the pool."""
+    blocks_per_seq = triton.cdiv(ctx, PAGE)
+    num_blocks = batch * blocks_per_seq
+    shape = (num_blocks, PAGE, HKV, D)
+    k = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator)
+    v = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator)
+    perm = torch.randperm(num_blocks, device="cuda", generator=generator).to(torch.int32)
+    tables = perm.view(batch, blocks_per_seq).contiguous()
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return k, v, tables, lens
+
+
+def sweep_prefill(results: list[dict]) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    configs = [
+        PrefillConfig(bm, bn, w, s)
+        for bm, bn, w, s in [
+            (128, 64, 4, 3),
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (128, 128, 4, 3),
+            (128, 64, 4, 4),
+            (128, 32, 4, 4),
+            (64, 64, 4, 3),
+            (64, 128, 4, 3),
+            (256, 64, 8, 3),
+        ]
+    ]
+    for tokens in (2048, 4096, 8192):
+        k, v, tables, lens = _paged_cache(1, tokens, gen)
+        q = torch.randn(tokens, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cu = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
+        flops = 4.0 * HQ * D * tokens * (tokens + 1) / 2
+        for cfg in configs:
+            try:
+                run = functools.partial(
+                    attention_prefill, q, k, v, tables, cu, lens, tokens, D**-0.5, config=cfg
+                )
+                ms = triton.testing.do_bench(
+                    run,
+                    warmup=25,
+                    rep=100,
+                    return_mode="median",
+                )
+            except Exception as exc:  # a config may not fit shared memory on this card
+                logger.warning("prefill %s at %d: %s", cfg, tokens, exc)
+                continue
+            tflops = flops / (ms * 1e-3) / 1e12
+            results.append({"kernel": "prefill", "tokens": tokens, "config": cfg.__dict__,
+                            "ms": ms, "tflops": tflops})  # fmt: skip
+            logger.info("prefill %5d %s %.3f ms %.0f TFLOP/s", tokens, cfg, ms, tflops)
+
+
+def _graph_ms(fn, calls: int) -> float:
+    """Median ms per call from replays of a CUDA graph of ``calls`` calls (no host launch cost)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2 * calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    return ms / calls
+
+
+def _rotating_decode(sets: list, q: torch.Tensor, splits: int | None, counter) -> None:
+    k, v, tables, lens = sets[next(counter) % len(sets)]
+    dec.attention_decode(q, k, v, tables, lens, D**-0.5, num_splits=splits)
+
+
+def sweep_decode(results: list[dict], bandwidth: float) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    defaults = (dec.BLOCK_N, dec.NUM_WARPS, dec.NUM_STAGES)
+    for batch, ctx in ((1, 4096), (1, 32768), (64, 4096), (64, 32768)):
+        # Rotate between cache sets when one fits in L2, so repeated runs do not hit the cache.
+        sets = [_paged_cache(batch, ctx, gen) for _ in range(4 if batch * ctx <= 4096 else 1)]
+        q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        kv_bytes = 2 * batch * ctx * HKV * D * 2
+        floor_ms = (kv_bytes + 2 * q.numel() * 2) / bandwidth * 1e3
+        for block_n, warps, stages, splits in itertools.product(
+            (32, 64, 128), (4, 8), (2, 3), (None, 1, 8, 16, 32, 64)
+        ):
+            dec.BLOCK_N, dec.NUM_WARPS, dec.NUM_STAGES = block_n, warps, stages
+            run = functools.partial(_rotating_decode, sets, q, splits, itertools.count())
+
+            try:
+                ms = _graph_ms(run, len(sets))
+            except Exception as exc:
+                logger.warning("decode b%d ctx%d %s: %s", batch, ctx, (block_n, warps), exc)
+                continue
+            results.append({"kernel": "decode", "batch": batch, "ctx": ctx, "block_n": block_n,
+                            "num_warps": warps, "num_stages": stages, "splits": splits,
+                            "ms": ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
+    dec.BLOCK_N, dec.NUM_WARPS, dec.NUM_STAGES = defaults
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write every measurement here as JSON")
+    parser.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s for the floor")
+    parser.add_argument("--only", choices=("prefill", "decode"), default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    results: list[dict] = []
+    if args.only in (None, "prefill"):
+        sweep_prefill(results)
+    if args.only in (None, "decode"):
+        sweep_decode(results, args.bandwidth)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    lines = []
+    for tokens in (2048, 4096, 8192):
+        rows = sorted((r for r in results if r.get("tokens") == tokens), key=lambda r: r["ms"])
+        for r in rows[:3]:
+            c = r["config"]
+            lines.append(f"prefill T={tokens:5d} bm{c['block_m']} bn{c['block_n']} "
+                         f"w{c['num_warps']} s{c['num_stages']}: {r['ms']:.3f} ms "
+                         f"{r['tflops']:.0f} TFLOP/s")  # fmt: skip
+    for batch, ctx in ((1, 4096), (1, 32768), (64, 4096), (64, 32768)):
+        rows = [r for r in results if r.get("batch") == batch and r.get("ctx") == ctx]
+        default = [r for r in rows if (r["block_n"], r["num_warps"], r["num_stages"], r["splits"])
+                   == (*defaults_of(dec), None)]  # fmt: skip
+        for r in sorted(rows, key=lambda r: r["ms"])[:2] + default:
+            lines.append(f"decode b{batch:2d} ctx{ctx:6d} bn{r['block_n']} w{r['num_warps']} "
+                         f"s{r['num_stages']} splits={r['splits']}: {r['ms'] * 1e3:.1f} us "
+                         f"{r['pct_floor']:.0f}% of floor"
+                         + (" (default)" if r in default else ""))  # fmt: skip
+    print("\n".join(lines))
+    return 0
+
+
+def defaults_of(module) -> tuple[int, int, int]:
+    return module.BLOCK_N, module.NUM_WARPS, module.NUM_STAGES
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
