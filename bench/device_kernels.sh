@@ -38,8 +38,8 @@ if [ "${RUN_LANE:-1}" = 1 ]; then
   lane_rc=${PIPESTATUS[0]}
 fi
 if [ "${RUN_SWEEP:-0}" = 1 ]; then
-  echo "== attention tile sweep"
-  python3 bench/attention_sweep.py --out "$OUT/sweep.json" 2>"$OUT/sweep.err" | tee "$OUT/sweep.txt"
+  echo "== launch-shape sweep"
+  python3 bench/kernel_sweep.py --out "$OUT/sweep.json" ${SWEEP_ARGS:-} 2>"$OUT/sweep.err" | tee "$OUT/sweep.txt"
 fi
 [ "${RUN_BENCH:-1}" = 1 ] || exit "$lane_rc"
 # pytest -q ends with e.g. "12 passed, 3 skipped in 40.2s" (or "no tests ran").

@@ -24,12 +24,12 @@ from rustinfer_ops_cuda.kernels.checks import check_device, check_tensor
 LOG2E = 1.4426950408889634
 # tl.dot needs at least 16 rows and 16 columns per operand tile.
 MIN_DOT = 16
-# Keys per loop step. 64 keys x 128-byte rows (D=64, bf16) = 8 KB of K and of V per step: enough
-# bytes in flight per program to stream at bandwidth with 2 pipeline stages, few enough registers
-# to keep 4 warps resident per scheduler.
-BLOCK_N = 64
+# Keys per loop step, warps and pipeline depth: the best all-round setting of a sweep on an H100
+# (bench/kernel_sweep.py, KERNEL_NOTES.md): 128 keys x 128-byte rows (D=64, bf16) = 16 KB of K and
+# of V per step, 3 stages in flight, within 5% of the best setting at batch 1 and 64, 4k and 32k.
+BLOCK_N = 128
 NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 3
 # Enough programs to fill the GPU: aim for this many programs per multiprocessor before splitting
 # stops paying (each split adds a partial result to write and merge).
 PROGRAMS_PER_SM = 4

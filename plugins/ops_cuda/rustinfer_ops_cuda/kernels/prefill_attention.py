@@ -36,10 +36,11 @@ class PrefillConfig:
 
 
 # By head dim. 128 queries x 64 keys per step keeps the two dots of a step on tensor cores with the
-# fp32 accumulator (128 x D) in registers; D=128 doubles the accumulator, hence 8 warps to hold it.
-# Three pipeline stages hide the K/V gathers behind the dots of the step before.
+# fp32 accumulator (128 x D) in registers; three pipeline stages hide the K/V gathers behind the
+# dots of the step before. D=64: 8 warps measured best at 4k and 8k tokens on an H100 (272 and 331
+# TFLOP/s, bench/kernel_sweep.py); D=128 doubles the accumulator, 8 warps hold it.
 CONFIGS = {
-    64: PrefillConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    64: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
     128: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
 }
 # Head dims above 128 need smaller tiles to fit the accumulator and the K/V stages in registers

@@ -1,10 +1,12 @@
-"""Tile-shape sweep for the Triton attention kernels on a GPU (Llama-3.2-1B heads: 32 q, 8 kv).
+"""Launch-shape sweep for the Triton kernels on a GPU (Llama-3.2-1B shapes: 32 q heads, 8 kv, D 64).
 
 Prefill: each PrefillConfig at 2048/4096/8192 tokens, head dim 64, in TFLOP/s (causal FLOPs).
 Decode: BLOCK_N x warps x stages x splits at batch 1 and 64, contexts 4k and 32k, as % of the
 bandwidth floor (K and V bytes read once). Prints a table per kernel, best first, and writes JSON.
 
-    python bench/attention_sweep.py [--out sweep.json] [--bandwidth 2.95e12]
+rope_kv_store: tokens per program x warps at 4096 tokens, as % of the bandwidth floor.
+
+    python bench/kernel_sweep.py [--out sweep.json] [--bandwidth 2.95e12] [--only KERNEL]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import triton.testing
 from rustinfer_ops_cuda.kernels import decode_attention as dec
 from rustinfer_ops_cuda.kernels.prefill_attention import PrefillConfig, attention_prefill
 
-logger = logging.getLogger("attention_sweep")
+logger = logging.getLogger("kernel_sweep")
 HQ, HKV, D, PAGE = 32, 8, 64, 16
 
 
@@ -92,8 +94,20 @@ def _graph_ms(fn, calls: int) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
-    return ms / calls
+    # Back-to-back replays, not do_bench: its L2 flush leaves dirty lines whose write-back
+    # slows the next short kernel. Input sets rotate instead (see sweep_decode).
+    for _ in range(3):
+        graph.replay()
+    rounds = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        rounds.append(start.elapsed_time(end) / 10)
+    return sorted(rounds)[len(rounds) // 2] / calls
 
 
 def _rotating_decode(sets: list, q: torch.Tensor, splits: int | None, counter) -> None:
@@ -106,7 +120,7 @@ def sweep_decode(results: list[dict], bandwidth: float) -> None:
     defaults = (dec.BLOCK_N, dec.NUM_WARPS, dec.NUM_STAGES)
     for batch, ctx in ((1, 4096), (1, 32768), (64, 4096), (64, 32768)):
         # Rotate between cache sets when one fits in L2, so repeated runs do not hit the cache.
-        sets = [_paged_cache(batch, ctx, gen) for _ in range(4 if batch * ctx <= 4096 else 1)]
+        sets = [_paged_cache(batch, ctx, gen) for _ in range(max(1, 2**17 // (batch * ctx)))]
         q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         kv_bytes = 2 * batch * ctx * HKV * D * 2
         floor_ms = (kv_bytes + 2 * q.numel() * 2) / bandwidth * 1e3
@@ -127,11 +141,59 @@ def sweep_decode(results: list[dict], bandwidth: float) -> None:
     dec.BLOCK_N, dec.NUM_WARPS, dec.NUM_STAGES = defaults
 
 
+def sweep_rope(results: list[dict], bandwidth: float) -> None:
+    from rustinfer_ops_cuda.kernels import rope_store
+
+    from rustinfer.ops import build_cos_sin_cache
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    tokens = 4096
+    width = (HQ + 2 * HKV) * D
+    cos_sin = build_cos_sin_cache(D, 8192, 500000.0, None, device="cuda")
+    num_blocks = tokens // PAGE * 4
+    k_cache = torch.empty(num_blocks, PAGE, HKV, D, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.empty_like(k_cache)
+    sets = []
+    for _ in range(4):  # 4 x 25 MB of qkv: past the L2
+        qkv = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q = qkv[:, : HQ * D].view(tokens, HQ, D)
+        k = qkv[:, HQ * D : (HQ + HKV) * D].view(tokens, HKV, D)
+        v = qkv[:, (HQ + HKV) * D :].view(tokens, HKV, D)
+        pos = torch.randint(0, 8192, (tokens,), device="cuda", generator=gen)
+        slots = torch.randperm(num_blocks * PAGE, device="cuda", generator=gen)[:tokens]
+        sets.append((q, k, v, pos, cos_sin, k_cache, v_cache, slots))
+    # q, k, v read and q_out, k/v cache slots written (2 x width), cos/sin rows, positions, slots
+    nbytes = 2 * tokens * width * 2 + tokens * D * 4 + tokens * 16
+    floor_ms = nbytes / bandwidth * 1e3
+    saved = (
+        rope_store.TOKENS_PER_PROGRAM,
+        rope_store.MIN_TOKENS_TO_BATCH,
+        rope_store.WARPS_OVERRIDE,
+    )
+    for per_program, warps in itertools.product((1, 2, 4, 8), (0, 2, 4, 8)):
+        rope_store.TOKENS_PER_PROGRAM, rope_store.MIN_TOKENS_TO_BATCH = per_program, 1
+        rope_store.WARPS_OVERRIDE = warps
+        counter = itertools.count()
+        run = functools.partial(_rotating_call, rope_store.rope_kv_store, sets, counter)
+        try:
+            ms = _graph_ms(run, len(sets))
+        except Exception as exc:
+            logger.warning("rope %s: %s", (per_program, warps), exc)
+            continue
+        results.append({"kernel": "rope", "tokens_per_program": per_program, "num_warps": warps,
+                        "ms": ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
+    rope_store.TOKENS_PER_PROGRAM, rope_store.MIN_TOKENS_TO_BATCH, rope_store.WARPS_OVERRIDE = saved
+
+
+def _rotating_call(fn, sets: list, counter) -> None:
+    fn(*sets[next(counter) % len(sets)])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write every measurement here as JSON")
     parser.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s for the floor")
-    parser.add_argument("--only", choices=("prefill", "decode"), default=None)
+    parser.add_argument("--only", choices=("prefill", "decode", "rope"), default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     results: list[dict] = []
@@ -139,6 +201,8 @@ def main() -> int:
         sweep_prefill(results)
     if args.only in (None, "decode"):
         sweep_decode(results, args.bandwidth)
+    if args.only in (None, "rope"):
+        sweep_rope(results, args.bandwidth)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -159,6 +223,10 @@ def main() -> int:
                          f"s{r['num_stages']} splits={r['splits']}: {r['ms'] * 1e3:.1f} us "
                          f"{r['pct_floor']:.0f}% of floor"
                          + (" (default)" if r in default else ""))  # fmt: skip
+    for r in sorted((r for r in results if r["kernel"] == "rope"), key=lambda r: r["ms"])[:4]:
+        lines.append(f"rope T=4096 tokens/program {r['tokens_per_program']} warps "
+                     f"{r['num_warps'] or 'auto'}: {r['ms'] * 1e3:.1f} us "
+                     f"{r['pct_floor']:.0f}% of floor")  # fmt: skip
     print("\n".join(lines))
     return 0
 
