@@ -110,14 +110,16 @@ def _graph_ms(fn, calls: int) -> float:
     return sorted(rounds)[len(rounds) // 2] / calls
 
 
-def _rotating_decode(sets: list, q: torch.Tensor, splits: int | None, counter) -> None:
+def _rotating_decode(
+    sets: list, q: torch.Tensor, splits: int | None, block_n: int | None, counter
+) -> None:
     k, v, tables, lens = sets[next(counter) % len(sets)]
-    dec.attention_decode(q, k, v, tables, lens, D**-0.5, num_splits=splits)
+    dec.attention_decode(q, k, v, tables, lens, D**-0.5, num_splits=splits, block_n=block_n)
 
 
 def sweep_decode(results: list[dict], bandwidth: float) -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
-    defaults = (dec.BLOCK_N, dec.NUM_WARPS, dec.NUM_STAGES)
+    defaults = (dec.NUM_WARPS, dec.NUM_STAGES)
     for batch, ctx in ((1, 4096), (1, 32768), (64, 4096), (64, 32768)):
         # Rotate between cache sets when one fits in L2, so repeated runs do not hit the cache.
         sets = [_paged_cache(batch, ctx, gen) for _ in range(max(1, 2**17 // (batch * ctx)))]
@@ -125,10 +127,10 @@ def sweep_decode(results: list[dict], bandwidth: float) -> None:
         kv_bytes = 2 * batch * ctx * HKV * D * 2
         floor_ms = (kv_bytes + 2 * q.numel() * 2) / bandwidth * 1e3
         for block_n, warps, stages, splits in itertools.product(
-            (32, 64, 128), (4, 8), (2, 3), (None, 1, 8, 16, 32, 64)
+            (None, 32, 64, 128), (4, 8), (2, 3), (None, 1, 8, 16, 32, 64)
         ):
-            dec.BLOCK_N, dec.NUM_WARPS, dec.NUM_STAGES = block_n, warps, stages
-            run = functools.partial(_rotating_decode, sets, q, splits, itertools.count())
+            dec.NUM_WARPS, dec.NUM_STAGES = warps, stages
+            run = functools.partial(_rotating_decode, sets, q, splits, block_n, itertools.count())
 
             try:
                 ms = _graph_ms(run, len(sets))
@@ -138,7 +140,7 @@ def sweep_decode(results: list[dict], bandwidth: float) -> None:
             results.append({"kernel": "decode", "batch": batch, "ctx": ctx, "block_n": block_n,
                             "num_warps": warps, "num_stages": stages, "splits": splits,
                             "ms": ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
-    dec.BLOCK_N, dec.NUM_WARPS, dec.NUM_STAGES = defaults
+    dec.NUM_WARPS, dec.NUM_STAGES = defaults
 
 
 def sweep_rope(results: list[dict], bandwidth: float) -> None:
@@ -231,8 +233,8 @@ def main() -> int:
     return 0
 
 
-def defaults_of(module) -> tuple[int, int, int]:
-    return module.BLOCK_N, module.NUM_WARPS, module.NUM_STAGES
+def defaults_of(module) -> tuple[None, int, int]:
+    return None, module.NUM_WARPS, module.NUM_STAGES
 
 
 if __name__ == "__main__":

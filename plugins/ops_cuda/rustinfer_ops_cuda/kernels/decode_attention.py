@@ -24,20 +24,22 @@ from rustinfer_ops_cuda.kernels.checks import check_device, check_tensor
 LOG2E = 1.4426950408889634
 # tl.dot needs at least 16 rows and 16 columns per operand tile.
 MIN_DOT = 16
-# Keys per loop step, warps and pipeline depth: the best all-round setting of a sweep on an H100
-# (bench/kernel_sweep.py, KERNEL_NOTES.md): 128 keys x 128-byte rows (D=64, bf16) = 16 KB of K and
-# of V per step, 3 stages in flight, within 5% of the best setting at batch 1 and 64, 4k and 32k.
-BLOCK_N = 128
+# Launch settings from a sweep on an H100 (bench/kernel_sweep.py; bench/KERNEL_NOTES.md):
+# - a long context split over many programs (batch 1) streams best with 128 keys per step
+#   (16 KB of K and of V per step, D=64 bf16): fewer, larger steps per short chunk;
+# - a grid already full without splitting (batch 64) streams best with 64-key steps, no split
+#   (95-99% of the bandwidth floor at 4k-32k, against 89-91% with 128 keys and 2 splits).
+BLOCK_N_SPLIT = 128
+BLOCK_N_WHOLE = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
-# Enough programs to fill the GPU: aim for this many programs per multiprocessor before splitting
-# stops paying (each split adds a partial result to write and merge).
-PROGRAMS_PER_SM = 4
-# An upper bound on splits; at 32k context and 64-key steps each split still loops 16 times.
-MAX_SPLITS = 32
-# Never split a context into chunks shorter than this many keys: shorter chunks cost more in
-# partial-result traffic than they gain in parallelism.
-MIN_KEYS_PER_SPLIT = 256
+# Split a sequence's context only while the grid has fewer than this many programs per
+# multiprocessor: below it, too few loads are in flight to reach bandwidth.
+PROGRAMS_PER_SM = 2
+# At most this many chunks per sequence: a 32k context still gets 512 keys (4 steps) per chunk.
+MAX_SPLITS = 64
+# Never cut chunks shorter than this: below it the partial results cost more than they gain.
+MIN_KEYS_PER_SPLIT = 128
 
 
 @triton.jit
@@ -175,7 +177,7 @@ def choose_num_splits(batch: int, n_kv_heads: int, max_context: int, device: tor
     """
     if device.type != "cuda":
         sms = 4  # the interpreter: still exercise the split path on small shapes
-        min_keys = BLOCK_N
+        min_keys = 16
     else:
         sms = _multiprocessors(device.index if device.index is not None else 0)
         min_keys = MIN_KEYS_PER_SPLIT
@@ -194,9 +196,10 @@ def attention_decode(
     scale: float,
     *,
     num_splits: int | None = None,
+    block_n: int | None = None,
 ) -> torch.Tensor:
-    """The ``attention_decode`` op (see its spec). ``num_splits`` overrides the split heuristic
-    (a power of two; benchmarks and tests use it)."""
+    """The ``attention_decode`` op (see its spec). ``num_splits`` (a power of two) and
+    ``block_n`` (keys per step) override the launch heuristics, for benchmarks and tests."""
     check_tensor("q", q, [None, None, None], (torch.bfloat16, torch.float16, torch.float32))
     batch, n_heads, head_dim = q.shape
     check_tensor("k_cache", k_cache, [None, None, None, head_dim], q.dtype, contiguous=True)
@@ -222,6 +225,7 @@ def attention_decode(
         num_splits = choose_num_splits(batch, n_kv_heads, block_tables.shape[1] * page, q.device)
     elif num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two >= 1, got {num_splits}")
+    block_n = block_n or (BLOCK_N_SPLIT if num_splits > 1 else BLOCK_N_WHOLE)
     if num_splits > 1:
         part_out = torch.empty(
             (batch, n_heads, num_splits, block_d), dtype=torch.float32, device=q.device
@@ -252,7 +256,7 @@ def attention_decode(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         PAGE=page,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
