@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import sys
+import time
 
 import torch
 import triton
@@ -96,8 +97,10 @@ def _graph_ms(fn, calls: int) -> float:
             fn()
     # Back-to-back replays, not do_bench: its L2 flush leaves dirty lines whose write-back
     # slows the next short kernel. Input sets rotate instead (see sweep_decode).
-    for _ in range(3):
+    end_warm = time.perf_counter() + 0.2  # let the clocks ramp up (see bench/kernels.py)
+    while time.perf_counter() < end_warm:
         graph.replay()
+        torch.cuda.synchronize()
     rounds = []
     for _ in range(7):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
