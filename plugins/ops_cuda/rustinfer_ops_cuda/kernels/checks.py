@@ -64,3 +64,33 @@ def check_index_rows(name: str, t: torch.Tensor, rows: int) -> None:
     check_tensor(name, t, [rows], (torch.int32, torch.int64))
     if t.stride(0) != 1 and rows > 1:
         raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+
+
+def check_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    **more: torch.Tensor,
+) -> None:
+    """The arguments every paged attention launcher shares: q [rows, Hq, D] (last dim unit
+    stride), dense caches [num_blocks, block_size, Hkv, D] of q's dtype with Hkv dividing Hq,
+    int32 block tables with contiguous rows and int32 seq_lens, all on one device (``more``:
+    further tensors for the device check)."""
+    check_tensor("q", q, [None, None, None], (torch.bfloat16, torch.float16, torch.float32))
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    check_tensor("k_cache", k_cache, [None, None, None, head_dim], q.dtype, contiguous=True)
+    check_tensor("v_cache", v_cache, list(k_cache.shape), q.dtype, contiguous=True)
+    check_tensor("block_tables", block_tables, [None, None], torch.int32)
+    check_tensor("seq_lens", seq_lens, [block_tables.shape[0]], torch.int32)
+    check_device(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens, **more
+    )
+    n_kv_heads = k_cache.shape[2]
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads")
+    if block_tables.stride(1) != 1 and block_tables.shape[1] > 1:
+        raise ValueError(
+            f"block_tables rows must be contiguous, got strides {block_tables.stride()}"
+        )

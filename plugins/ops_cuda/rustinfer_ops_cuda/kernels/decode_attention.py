@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rustinfer_ops_cuda.kernels.checks import check_device, check_tensor
+from rustinfer_ops_cuda.kernels.checks import check_paged_attention
 
 # log2(e): the kernels use exp2, so scores are pre-multiplied by scale * log2(e).
 LOG2E = 1.4426950408889634
@@ -200,22 +200,11 @@ def attention_decode(
 ) -> torch.Tensor:
     """The ``attention_decode`` op (see its spec). ``num_splits`` (a power of two) and
     ``block_n`` (keys per step) override the launch heuristics, for benchmarks and tests."""
-    check_tensor("q", q, [None, None, None], (torch.bfloat16, torch.float16, torch.float32))
+    check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens)
     batch, n_heads, head_dim = q.shape
-    check_tensor("k_cache", k_cache, [None, None, None, head_dim], q.dtype, contiguous=True)
-    num_blocks, page, n_kv_heads, _ = k_cache.shape
-    check_tensor("v_cache", v_cache, list(k_cache.shape), q.dtype, contiguous=True)
-    check_tensor("block_tables", block_tables, [batch, None], torch.int32)
-    check_tensor("seq_lens", seq_lens, [batch], torch.int32)
-    check_device(
-        q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, seq_lens=seq_lens
-    )
-    if n_heads % n_kv_heads:
-        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads")
-    if block_tables.stride(1) != 1:
-        raise ValueError(
-            f"block_tables rows must be contiguous, got strides {block_tables.stride()}"
-        )
+    page, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {batch} queries")
     out = torch.empty((batch, n_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rustinfer_ops_cuda.kernels.checks import check_device, check_tensor
+from rustinfer_ops_cuda.kernels.checks import check_paged_attention, check_tensor
 
 LOG2E = 1.4426950408889634
 MIN_DOT = 16  # tl.dot's smallest tile side
@@ -200,29 +200,11 @@ def attention_prefill(
 ) -> torch.Tensor:
     """The ``attention_prefill`` op (see its spec). ``config`` overrides the tile shape (for
     benchmark sweeps)."""
-    check_tensor("q", q, [None, None, None], (torch.bfloat16, torch.float16, torch.float32))
+    check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q=cu_seqlens_q)
     tokens, n_heads, head_dim = q.shape
-    check_tensor("k_cache", k_cache, [None, None, None, head_dim], q.dtype, contiguous=True)
     page, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    check_tensor("v_cache", v_cache, list(k_cache.shape), q.dtype, contiguous=True)
-    check_tensor("block_tables", block_tables, [None, None], torch.int32)
     batch = block_tables.shape[0]
     check_tensor("cu_seqlens_q", cu_seqlens_q, [batch + 1], torch.int32)
-    check_tensor("seq_lens", seq_lens, [batch], torch.int32)
-    check_device(
-        q=q,
-        k_cache=k_cache,
-        v_cache=v_cache,
-        block_tables=block_tables,
-        cu_seqlens_q=cu_seqlens_q,
-        seq_lens=seq_lens,
-    )
-    if n_heads % n_kv_heads:
-        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv_heads} kv heads")
-    if block_tables.stride(1) != 1:
-        raise ValueError(
-            f"block_tables rows must be contiguous, got strides {block_tables.stride()}"
-        )
     if max_query_len < 1 and tokens > 0:
         raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
     out = torch.empty((tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
