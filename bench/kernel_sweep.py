@@ -56,7 +56,11 @@ def sweep_prefill(results: list[dict]) -> None:
             (64, 64, 4, 3),
             (64, 128, 4, 3),
             (256, 64, 8, 3),
+            (128, 64, 8, 2),
         ]
+    ] + [
+        PrefillConfig(bm, bn, w, s, paired=True)
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)]
     ]
     for tokens in (2048, 4096, 8192):
         k, v, tables, lens = _paged_cache(1, tokens, gen)
@@ -214,10 +218,11 @@ def main() -> int:
     lines = []
     for tokens in (2048, 4096, 8192):
         rows = sorted((r for r in results if r.get("tokens") == tokens), key=lambda r: r["ms"])
-        for r in rows[:3]:
+        for r in rows[:4]:
             c = r["config"]
             lines.append(f"prefill T={tokens:5d} bm{c['block_m']} bn{c['block_n']} "
-                         f"w{c['num_warps']} s{c['num_stages']}: {r['ms']:.3f} ms "
+                         f"w{c['num_warps']} s{c['num_stages']}"
+                         f"{' paired' if c.get('paired') else ''}: {r['ms']:.3f} ms "
                          f"{r['tflops']:.0f} TFLOP/s")  # fmt: skip
     for batch, ctx in ((1, 4096), (1, 32768), (64, 4096), (64, 32768)):
         rows = [r for r in results if r.get("batch") == batch and r.get("ctx") == ctx]

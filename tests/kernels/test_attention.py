@@ -11,7 +11,7 @@ import torch
 from ops.helpers import assert_matches_spec, dtype_id
 from ops.paged import cu_seqlens, paged_kv, token_heads
 from rustinfer_ops_cuda.kernels.decode_attention import attention_decode
-from rustinfer_ops_cuda.kernels.prefill_attention import attention_prefill
+from rustinfer_ops_cuda.kernels.prefill_attention import PrefillConfig, attention_prefill
 
 from kernels.lanes import LANE_DEVICE
 from rustinfer.ops import ATTENTION_DECODE, ATTENTION_PREFILL
@@ -58,6 +58,7 @@ def check_prefill(
     block_size: int = 16,
     is_strided: bool = False,
     device: str = LANE_DEVICE,
+    config: PrefillConfig | None = None,
 ) -> None:
     """Sequences given as (seq_len, q_len): the new queries are the last q_len positions."""
     n_heads, n_kv_heads = heads
@@ -81,7 +82,7 @@ def check_prefill(
         from ops.helpers import strided
 
         on_device[0] = strided(on_device[0])
-    out = attention_prefill(*on_device)
+    out = attention_prefill(*on_device, config=config)
     assert out.is_contiguous()
     assert_matches_spec("attention_prefill", out.cpu(), reference, dtype)
 
@@ -125,6 +126,14 @@ def test_decode_interpret_strided_q():
 )
 def test_prefill_interpret(seqs, heads, head_dim, block_size, dtype):
     check_prefill(seqs, heads, head_dim, dtype, block_size)
+
+
+@interpret
+@pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=dtype_id)
+def test_prefill_interpret_paired_tiles(dtype):
+    # Mirrored tile pairs: 3, 2 and 1 tiles of 16 (odd counts leave a middle tile alone).
+    paired = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, paired=True)
+    check_prefill([(40, 40), (50, 20), (9, 9)], (8, 2), 64, dtype, config=paired)
 
 
 @interpret
@@ -208,6 +217,15 @@ def test_prefill_cuda_ragged(heads, head_dim, dtype, is_strided):
                          ids=str)  # fmt: skip
 def test_prefill_cuda_long(seqs, dtype):
     check_prefill(seqs, (32, 8), 64, dtype)
+
+
+@cuda
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("block_m, block_n, num_warps", [(128, 64, 8), (64, 64, 4), (128, 128, 8)])
+def test_prefill_cuda_configs(block_m, block_n, num_warps, paired):
+    cfg = PrefillConfig(block_m, block_n, num_warps, 3, paired)
+    seqs = [(1, 1), (129, 129), (700, 383), (1000, 1000)]
+    check_prefill(seqs, (32, 8), 64, torch.bfloat16, config=cfg)
 
 
 @cuda

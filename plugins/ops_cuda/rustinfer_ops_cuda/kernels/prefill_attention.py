@@ -33,14 +33,19 @@ class PrefillConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # One program per pair of mirrored query tiles (equal causal work per program) instead of
+    # one per tile launched longest first.
+    paired: bool = False
 
 
 # By head dim. 128 queries x 64 keys per step keeps the two dots of a step on tensor cores with the
 # fp32 accumulator (128 x D) in registers; three pipeline stages hide the K/V gathers behind the
-# dots of the step before. D=64: 8 warps measured best at 4k and 8k tokens on an H100 (272 and 331
-# TFLOP/s, bench/kernel_sweep.py); D=128 doubles the accumulator, 8 warps hold it.
+# dots of the step before. D=64, measured on an H100 (bench/kernel_sweep.py, KERNEL_NOTES.md):
+# 8 warps, and mirrored tile pairs per program: 257/316/353 TFLOP/s at 2k/4k/8k tokens against
+# 204/276/331 with one tile per program launched longest first. D=128 doubles the accumulator,
+# 8 warps hold it; its pairing is untimed, so it keeps one tile per program.
 CONFIGS = {
-    64: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    64: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, paired=True),
     128: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
 }
 # Head dims above 128 need smaller tiles to fit the accumulator and the K/V stages in registers
@@ -101,13 +106,17 @@ def _attend_step(
 
 
 @triton.jit
-def _prefill_kernel(
+def _prefill_tile(
+    tile,
+    head,
+    seq,
+    q_start,
+    q_len,
+    seq_len,
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
     block_tables_ptr,
-    cu_seqlens_ptr,
-    seq_lens_ptr,
     out_ptr,
     stride_qt,
     stride_qh,
@@ -125,17 +134,8 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest-work tiles first
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-
-    q_start = tl.load(cu_seqlens_ptr + seq)
-    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
-    if tile * BLOCK_M >= q_len:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
+    """Queries tile*BLOCK_M .. +BLOCK_M of one sequence and head, against its whole context."""
     prefix = seq_len - q_len  # cached positions before the first new query
-
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < q_len
     dims = tl.arange(0, BLOCK_D)
@@ -186,6 +186,62 @@ def _prefill_kernel(
     )
 
 
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    cu_seqlens_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_cache_block,
+    stride_cache_token,
+    stride_cache_head,
+    stride_table_row,
+    stride_ot,
+    stride_oh,
+    scale_log2,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAIRED: tl.constexpr,
+):
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_ptr + seq)
+    q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    n_tiles = tl.cdiv(q_len, BLOCK_M)
+    if PAIRED:
+        # Program j takes tile j and its mirror n_tiles-1-j: under the causal mask their work adds
+        # up to the same for every j, so no program waits on a long tail.
+        first = tl.program_id(0)
+        mirror = n_tiles - 1 - first
+    else:
+        first = tl.num_programs(0) - 1 - tl.program_id(0)  # longest-work tiles first
+        mirror = first  # no second tile
+    if first < n_tiles:
+        _prefill_tile(
+            first, head, seq, q_start, q_len, seq_len, q_ptr, k_cache_ptr, v_cache_ptr,
+            block_tables_ptr, out_ptr, stride_qt, stride_qh, stride_cache_block,
+            stride_cache_token, stride_cache_head, stride_table_row, stride_ot, stride_oh,
+            scale_log2, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+    if mirror > first:
+        _prefill_tile(
+            mirror, head, seq, q_start, q_len, seq_len, q_ptr, k_cache_ptr, v_cache_ptr,
+            block_tables_ptr, out_ptr, stride_qt, stride_qh, stride_cache_block,
+            stride_cache_token, stride_cache_head, stride_table_row, stride_ot, stride_oh,
+            scale_log2, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N,
+        )  # fmt: skip
+
+
 def attention_prefill(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -211,7 +267,8 @@ def attention_prefill(
     if tokens == 0:
         return out
     cfg = config or default_config(head_dim, q.device)
-    grid = (triton.cdiv(max_query_len, cfg.block_m), n_heads, batch)
+    tiles = triton.cdiv(max_query_len, cfg.block_m)
+    grid = (triton.cdiv(tiles, 2) if cfg.paired else tiles, n_heads, batch)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -235,6 +292,7 @@ def attention_prefill(
         PAGE=page,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
+        PAIRED=cfg.paired,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
