@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops.helpers import assert_matches_spec, dtype_id
-from ops.paged import cu_seqlens, paged_kv, token_heads
+from ops.helpers import assert_matches_spec, dtype_id, strided
+from ops.paged import cu_seqlens, decode_args, paged_kv, prefill_args, token_heads
 from rustinfer_ops_cuda.kernels.decode_attention import attention_decode
 from rustinfer_ops_cuda.kernels.prefill_attention import PrefillConfig, attention_prefill
 
@@ -20,9 +20,12 @@ interpret = pytest.mark.interpret
 cuda = pytest.mark.cuda
 
 
-def _scale(head_dim: int) -> float:
-    # Not the default 1/sqrt(D): a kernel that ignores ``scale`` must fail.
-    return 1.5 * head_dim**-0.5
+def _on_device(args: tuple, device: str, is_strided: bool) -> list:
+    """The op's arguments on ``device``; q as a strided view there when ``is_strided``."""
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    if is_strided:
+        moved[0] = strided(moved[0])
+    return moved
 
 
 def check_decode(
@@ -35,19 +38,10 @@ def check_decode(
     num_splits: int | None = None,
     device: str = LANE_DEVICE,
 ) -> None:
-    n_heads, n_kv_heads = heads
-    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype)
-    q = token_heads(len(seq_lens), n_heads, head_dim, dtype, False)
-    args = (q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, _scale(head_dim))
-    reference = ATTENTION_DECODE.reference(*args)
-    on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-    if is_strided:
-        from ops.helpers import strided
-
-        on_device[0] = strided(on_device[0])
-    out = attention_decode(*on_device, num_splits=num_splits)
+    args = decode_args(seq_lens, heads, head_dim, block_size, dtype)
+    out = attention_decode(*_on_device(args, device, is_strided), num_splits=num_splits)
     assert out.is_contiguous()
-    assert_matches_spec("attention_decode", out.cpu(), reference, dtype)
+    assert_matches_spec("attention_decode", out.cpu(), ATTENTION_DECODE.reference(*args), dtype)
 
 
 def check_prefill(
@@ -61,30 +55,10 @@ def check_prefill(
     config: PrefillConfig | None = None,
 ) -> None:
     """Sequences given as (seq_len, q_len): the new queries are the last q_len positions."""
-    n_heads, n_kv_heads = heads
-    seq_lens = [s for s, _ in seqs]
-    q_lens = [n for _, n in seqs]
-    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype)
-    q = token_heads(sum(q_lens), n_heads, head_dim, dtype, False)
-    args = (
-        q,
-        paged.k_cache,
-        paged.v_cache,
-        paged.block_tables,
-        cu_seqlens(q_lens),
-        paged.seq_lens,
-        max(q_lens),
-        _scale(head_dim),
-    )
-    reference = ATTENTION_PREFILL.reference(*args)
-    on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
-    if is_strided:
-        from ops.helpers import strided
-
-        on_device[0] = strided(on_device[0])
-    out = attention_prefill(*on_device, config=config)
+    args = prefill_args(seqs, heads, head_dim, block_size, dtype)
+    out = attention_prefill(*_on_device(args, device, is_strided), config=config)
     assert out.is_contiguous()
-    assert_matches_spec("attention_prefill", out.cpu(), reference, dtype)
+    assert_matches_spec("attention_prefill", out.cpu(), ATTENTION_PREFILL.reference(*args), dtype)
 
 
 # -- interpret lane ------------------------------------------------------------------------------

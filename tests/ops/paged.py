@@ -70,3 +70,59 @@ def token_heads(
 def cu_seqlens(q_lens: list[int]) -> torch.Tensor:
     """[B+1] int32 prefix sums: sequence i owns query rows cu[i]:cu[i+1]."""
     return torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def attention_scale(head_dim: int) -> float:
+    # Not the default 1/sqrt(D): an implementation that ignores ``scale`` must fail.
+    return 1.5 * head_dim**-0.5
+
+
+def prefill_args(
+    seqs: list[tuple[int, int]],
+    heads: tuple[int, int],
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    is_strided: bool = False,
+    consecutive: bool = False,
+) -> tuple:
+    """attention_prefill's arguments for sequences given as (seq_len, q_len): the new queries
+    are the last q_len positions of each."""
+    n_heads, n_kv_heads = heads
+    seq_lens = [s for s, _ in seqs]
+    q_lens = [q for _, q in seqs]
+    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype, consecutive)
+    q = token_heads(sum(q_lens), n_heads, head_dim, dtype, is_strided)
+    return (
+        q,
+        paged.k_cache,
+        paged.v_cache,
+        paged.block_tables,
+        cu_seqlens(q_lens),
+        paged.seq_lens,
+        max(q_lens),
+        attention_scale(head_dim),
+    )
+
+
+def decode_args(
+    seq_lens: list[int],
+    heads: tuple[int, int],
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    is_strided: bool = False,
+    consecutive: bool = False,
+) -> tuple:
+    """attention_decode's arguments: one query per sequence, at its last position."""
+    n_heads, n_kv_heads = heads
+    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype, consecutive)
+    q = token_heads(len(seq_lens), n_heads, head_dim, dtype, is_strided)
+    return (
+        q,
+        paged.k_cache,
+        paged.v_cache,
+        paged.block_tables,
+        paged.seq_lens,
+        attention_scale(head_dim),
+    )

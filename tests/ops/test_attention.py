@@ -10,17 +10,12 @@ from hypothesis import strategies as st
 from rustinfer.ops import ATTENTION_DECODE, ATTENTION_PREFILL, KV_CACHE_STORE
 
 from .helpers import FLOAT_DTYPES, assert_exact, assert_matches_spec, cpu_impl, dtype_id, randn
-from .paged import cu_seqlens, paged_kv, token_heads
+from .paged import attention_scale, cu_seqlens, decode_args, paged_kv, prefill_args, token_heads
 
 HEADS = [(4, 4), (9, 3), (8, 2)]  # GQA ratios 1, 3 (SmolLM2) and 4
 HEAD_IDS = [f"{q}q{kv}kv" for q, kv in HEADS]
 CONTEXTS = [1, 15, 16, 17, 33]  # around the 16-token block boundary
 HEAD_DIMS = [64, 128]  # the hypothesis tests add small ones (8, 16)
-
-
-def _scale(head_dim: int) -> float:
-    # Not the default 1/sqrt(D): an implementation that ignores ``scale`` must fail.
-    return 1.5 * head_dim**-0.5
 
 
 def _prefill(
@@ -33,23 +28,8 @@ def _prefill(
     consecutive: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the CPU prefill on sequences given as (seq_len, q_len); return (out, reference)."""
-    n_heads, n_kv_heads = heads
-    seq_lens = [s for s, _ in seqs]
-    q_lens = [q for _, q in seqs]
-    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype, consecutive)
-    q = token_heads(sum(q_lens), n_heads, head_dim, dtype, is_strided)
-    args = (
-        q,
-        paged.k_cache,
-        paged.v_cache,
-        paged.block_tables,
-        cu_seqlens(q_lens),
-        paged.seq_lens,
-        max(q_lens),
-        _scale(head_dim),
-    )
-    out = cpu_impl("attention_prefill", dtype)(*args)
-    return out, ATTENTION_PREFILL.reference(*args)
+    args = prefill_args(seqs, heads, head_dim, block_size, dtype, is_strided, consecutive)
+    return cpu_impl("attention_prefill", dtype)(*args), ATTENTION_PREFILL.reference(*args)
 
 
 def _decode(
@@ -61,10 +41,7 @@ def _decode(
     is_strided: bool = False,
     consecutive: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n_heads, n_kv_heads = heads
-    paged = paged_kv(seq_lens, block_size, n_kv_heads, head_dim, dtype, consecutive)
-    q = token_heads(len(seq_lens), n_heads, head_dim, dtype, is_strided)
-    args = (q, paged.k_cache, paged.v_cache, paged.block_tables, paged.seq_lens, _scale(head_dim))
+    args = decode_args(seq_lens, heads, head_dim, block_size, dtype, is_strided, consecutive)
     return cpu_impl("attention_decode", dtype)(*args), ATTENTION_DECODE.reference(*args)
 
 
@@ -190,7 +167,7 @@ def test_chunked_prefill_equals_one_shot(split: int, block_size: int, dtype: tor
             cu_seqlens([q_len]),
             torch.tensor([context], dtype=torch.int32),
             q_len,
-            _scale(head_dim),
+            attention_scale(head_dim),
         )
 
     one_shot = run(slice(0, seq_len), seq_len)
@@ -207,9 +184,11 @@ def test_prefill_with_one_query_equals_decode(heads: tuple[int, int], dtype: tor
     paged = paged_kv(seq_lens, 16, n_kv_heads, head_dim, dtype)
     q = randn(len(seq_lens), n_heads, head_dim, dtype=dtype)
     common = (paged.k_cache, paged.v_cache, paged.block_tables)
-    decode = cpu_impl("attention_decode", dtype)(q, *common, paged.seq_lens, _scale(head_dim))
+    decode = cpu_impl("attention_decode", dtype)(
+        q, *common, paged.seq_lens, attention_scale(head_dim)
+    )
     prefill = cpu_impl("attention_prefill", dtype)(
-        q, *common, cu_seqlens([1] * len(seq_lens)), paged.seq_lens, 1, _scale(head_dim)
+        q, *common, cu_seqlens([1] * len(seq_lens)), paged.seq_lens, 1, attention_scale(head_dim)
     )
     assert_matches_spec("attention_decode", decode, prefill.to(torch.float64), dtype, slack=2.0)
 
