@@ -15,6 +15,7 @@ silently dropping it: the client then sees that the output was cut mid-character
 
 from __future__ import annotations
 
+from rustinfer.emitted_text import EmittedText
 from rustinfer.tokenizer import Tokenizer
 
 __all__ = ["IncrementalDetokenizer"]
@@ -50,24 +51,18 @@ class IncrementalDetokenizer:
         self._start = 0  # first token of the decode window
         # Characters of decode(ids[_start:]) already emitted (or belonging to context before them).
         self._emitted = 0
-        self._pieces: list[str] = []
-        self._text_cache = ""
+        self._out = EmittedText()
 
     @property
     def text(self) -> str:
         """All text emitted so far (joined lazily, so add() never copies the whole output)."""
-        if self._pieces:
-            self._text_cache += "".join(self._pieces)
-            self._pieces.clear()
-        return self._text_cache
+        return self._out.text
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _emit(self, delta: str) -> str:
-        if delta:
-            self._pieces.append(delta)
-        return delta
+        return self._out.emit(delta)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly complete text (possibly empty)."""

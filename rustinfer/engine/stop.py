@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from rustinfer.emitted_text import EmittedText
+
 __all__ = ["StopStringMatcher"]
 
 
@@ -27,8 +29,7 @@ class StopStringMatcher:
         self.include_stop_str_in_output = include_stop_str_in_output
         self.matched_stop: str | None = None  # the stop string that ended generation, if any
         self._held = ""  # received but not emitted: could be the start of a stop string
-        self._pieces: list[str] = []
-        self._text_cache = ""
+        self._out = EmittedText()
         # Longest text that may need holding: one character short of the longest stop string.
         self._max_hold = max((len(s) for s in self.stop), default=1) - 1
 
@@ -39,15 +40,10 @@ class StopStringMatcher:
     @property
     def text(self) -> str:
         """All text emitted so far (held-back text excluded)."""
-        if self._pieces:
-            self._text_cache += "".join(self._pieces)
-            self._pieces.clear()
-        return self._text_cache
+        return self._out.text
 
     def _emit(self, text: str) -> str:
-        if text:
-            self._pieces.append(text)
-        return text
+        return self._out.emit(text)
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """Take the next text delta; return ``(text safe to emit now, whether a stop matched)``.
