@@ -12,18 +12,18 @@ graph can replay it).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from rustinfer_ops_cuda.kernels.attention_common import (
+    LOG2E,
+    MIN_DOT,
+    attend_step,
+    multiprocessor_count,
+)
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention
 
-# log2(e): the kernels use exp2, so scores are pre-multiplied by scale * log2(e).
-LOG2E = 1.4426950408889634
-# tl.dot needs at least 16 rows and 16 columns per operand tile.
-MIN_DOT = 16
 # Launch settings from a sweep on an H100 (bench/kernel_sweep.py; bench/KERNEL_NOTES.md):
 # - a long context split over many programs (batch 1) streams best with 128 keys per step
 #   (16 KB of K and of V per step, D=64 bf16): fewer, larger steps per short chunk;
@@ -98,19 +98,11 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_valid = keys < end
-        page = tl.load(table_row + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
-        token = page * stride_cache_block + (keys % PAGE) * stride_cache_token + head_offset
-        kv_mask = key_valid[:, None] & dim_valid[None, :]
-        k = tl.load(k_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale_log2  # [GROUP_PAD, BLOCK_N], log2 units
-        scores = tl.where(key_valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = attend_step(
+            q, acc, m_i, l_i, keys, key_valid, key_valid[None, :], table_row, k_cache_ptr,
+            v_cache_ptr, stride_cache_block, stride_cache_token, head_offset, dims, dim_valid,
+            scale_log2, PAGE=PAGE, MASKED=True,
+        )  # fmt: skip
 
     out_mask = row_valid[:, None] & dim_valid[None, :]
     if NUM_SPLITS == 1:
@@ -164,11 +156,6 @@ def _merge_kernel(
     )
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def choose_num_splits(batch: int, n_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Splits per sequence, from shapes only (never from the lengths on the device).
 
@@ -179,7 +166,7 @@ def choose_num_splits(batch: int, n_kv_heads: int, max_context: int, device: tor
         sms = 4  # the interpreter: still exercise the split path on small shapes
         min_keys = 16
     else:
-        sms = _multiprocessors(device.index if device.index is not None else 0)
+        sms = multiprocessor_count(device)
         min_keys = MIN_KEYS_PER_SPLIT
     wanted = triton.cdiv(PROGRAMS_PER_SM * sms, batch * n_kv_heads)
     useful = max(1, max_context // min_keys)

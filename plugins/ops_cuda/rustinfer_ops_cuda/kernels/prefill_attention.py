@@ -7,23 +7,26 @@ plain prompt and a chunk of a chunked prefill are the same case: the queries are
 positions of a seq_len-long context, masked causally from the bottom-right.
 
 The key loop runs in two phases: keys every query of the tile may see (no mask to compute), then the
-diagonal band where the causal mask applies. Query tiles are launched longest-work-first (the last
-tiles of a sequence see the most keys), which shortens the tail of the launch.
+diagonal band where the causal mask applies. The last tiles of a sequence see the most keys, so
+either each program takes a tile and its mirror (equal work per program), or tiles are launched
+longest-work-first: both shorten the tail of the launch.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from rustinfer_ops_cuda.kernels.attention_common import (
+    LOG2E,
+    MIN_DOT,
+    attend_step,
+    multiprocessor_count,
+)
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention, check_tensor
-
-LOG2E = 1.4426950408889634
-MIN_DOT = 16  # tl.dot's smallest tile side
 
 
 @dataclass(frozen=True)
@@ -57,17 +60,6 @@ LARGE_HEAD_DIM = PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2
 INTERPRET_CONFIG = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 
 
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: pair whenever asked, to exercise the path
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_config(head_dim: int, device: torch.device) -> PrefillConfig:
     if device.type != "cuda":
         return INTERPRET_CONFIG
@@ -77,44 +69,6 @@ def default_config(head_dim: int, device: torch.device) -> PrefillConfig:
     if block_d <= 128:
         return CONFIGS[128]
     return LARGE_HEAD_DIM
-
-
-@triton.jit
-def _attend_step(
-    q,
-    acc,
-    m_i,
-    l_i,
-    keys,
-    key_valid,
-    visible,
-    table_row,
-    k_cache_ptr,
-    v_cache_ptr,
-    stride_cache_block,
-    stride_cache_token,
-    head_offset,
-    dims,
-    dim_valid,
-    scale_log2,
-    PAGE: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """One BLOCK_N step of the online softmax for a [BLOCK_M, D] query tile."""
-    page = tl.load(table_row + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
-    token = page * stride_cache_block + (keys % PAGE) * stride_cache_token + head_offset
-    kv_mask = key_valid[:, None] & dim_valid[None, :]
-    k = tl.load(k_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    scores = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N], log2 units
-    if MASKED:
-        scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -172,7 +126,7 @@ def _prefill_tile(
     for n0 in range(0, unmasked_end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_valid = keys < seq_len  # always true here; the loads still take a mask
-        acc, m_i, l_i = _attend_step(
+        acc, m_i, l_i = attend_step(
             q, acc, m_i, l_i, keys, key_valid, key_valid[None, :], table_row, k_cache_ptr, v_cache_ptr,
             stride_cache_block, stride_cache_token, head_offset, dims, dim_valid, scale_log2,
             PAGE=PAGE, MASKED=False,
@@ -183,7 +137,7 @@ def _prefill_tile(
         keys = n0 + tl.arange(0, BLOCK_N)
         key_valid = keys < seq_len
         visible = (keys[None, :] <= query_pos[:, None]) & key_valid[None, :]
-        acc, m_i, l_i = _attend_step(
+        acc, m_i, l_i = attend_step(
             q, acc, m_i, l_i, keys, key_valid, visible, table_row, k_cache_ptr, v_cache_ptr,
             stride_cache_block, stride_cache_token, head_offset, dims, dim_valid, scale_log2,
             PAGE=PAGE, MASKED=True,
@@ -238,20 +192,20 @@ def _prefill_kernel(
     else:
         first = tl.num_programs(0) - 1 - tl.program_id(0)  # longest-work tiles first
         mirror = first  # no second tile
-    if first < n_tiles:
-        _prefill_tile(
-            first, head, seq, q_start, q_len, seq_len, q_ptr, k_cache_ptr, v_cache_ptr,
-            block_tables_ptr, out_ptr, stride_qt, stride_qh, stride_cache_block,
-            stride_cache_token, stride_cache_head, stride_table_row, stride_ot, stride_oh,
-            scale_log2, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
-    if mirror > first:
-        _prefill_tile(
-            mirror, head, seq, q_start, q_len, seq_len, q_ptr, k_cache_ptr, v_cache_ptr,
-            block_tables_ptr, out_ptr, stride_qt, stride_qh, stride_cache_block,
-            stride_cache_token, stride_cache_head, stride_table_row, stride_ot, stride_oh,
-            scale_log2, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N,
-        )  # fmt: skip
+    for pass_ in tl.static_range(2):
+        if pass_ == 0:
+            tile = first
+            todo = first < n_tiles
+        else:
+            tile = mirror
+            todo = mirror > first
+        if todo:
+            _prefill_tile(
+                tile, head, seq, q_start, q_len, seq_len, q_ptr, k_cache_ptr, v_cache_ptr,
+                block_tables_ptr, out_ptr, stride_qt, stride_qh, stride_cache_block,
+                stride_cache_token, stride_cache_head, stride_table_row, stride_ot, stride_oh,
+                scale_log2, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
 
 
 def attention_prefill(
@@ -283,7 +237,9 @@ def attention_prefill(
     # Pairing halves the programs: worth it only while the paired grid still fills the GPU (a
     # 512-token chunk over a long prefix has 4 tiles of near-equal work: pairing them took
     # 0.177 ms against 0.108 unpaired on an H100).
-    paired = cfg.paired and triton.cdiv(tiles, 2) * n_heads * batch >= _multiprocessors(q.device)
+    # (The interpreter pairs whenever asked, to exercise the path.)
+    sms = multiprocessor_count(q.device) if q.device.type == "cuda" else 1
+    paired = cfg.paired and triton.cdiv(tiles, 2) * n_heads * batch >= sms
     grid = (triton.cdiv(tiles, 2) if paired else tiles, n_heads, batch)
     _prefill_kernel[grid](
         q,
