@@ -4,7 +4,7 @@ Prefill: each PrefillConfig at 2048/4096/8192 tokens, head dim 64, in TFLOP/s (c
 Decode: BLOCK_N x warps x stages x splits at batch 1 and 64, contexts 4k and 32k, as % of the
 bandwidth floor (K and V bytes read once). Prints a table per kernel, best first, and writes JSON.
 
-rope_kv_store: tokens per program x warps at 4096 tokens, as % of the bandwidth floor.
+rope_kv_store: warps at 4096 tokens, as % of the bandwidth floor.
 
     python bench/kernel_sweep.py [--out sweep.json] [--bandwidth 2.95e12] [--only KERNEL]
 """
@@ -174,24 +174,19 @@ def sweep_rope(results: list[dict], bandwidth: float) -> None:
     # q, k, v read and q_out, k/v cache slots written (2 x width), cos/sin rows, positions, slots
     nbytes = 2 * tokens * width * 2 + tokens * D * 4 + tokens * 16
     floor_ms = nbytes / bandwidth * 1e3
-    saved = (
-        rope_store.TOKENS_PER_PROGRAM,
-        rope_store.MIN_TOKENS_TO_BATCH,
-        rope_store.WARPS_OVERRIDE,
-    )
-    for per_program, warps in itertools.product((1, 2, 4, 8), (0, 2, 4, 8)):
-        rope_store.TOKENS_PER_PROGRAM, rope_store.MIN_TOKENS_TO_BATCH = per_program, 1
+    saved = rope_store.WARPS_OVERRIDE
+    for warps in (0, 1, 2, 4, 8):
         rope_store.WARPS_OVERRIDE = warps
         counter = itertools.count()
         run = functools.partial(_rotating_call, rope_store.rope_kv_store, sets, counter)
         try:
             ms = _graph_ms(run, len(sets))
         except Exception as exc:
-            logger.warning("rope %s: %s", (per_program, warps), exc)
+            logger.warning("rope warps %s: %s", warps, exc)
             continue
-        results.append({"kernel": "rope", "tokens_per_program": per_program, "num_warps": warps,
-                        "ms": ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
-    rope_store.TOKENS_PER_PROGRAM, rope_store.MIN_TOKENS_TO_BATCH, rope_store.WARPS_OVERRIDE = saved
+        results.append({"kernel": "rope", "num_warps": warps, "ms": ms, "floor_ms": floor_ms,
+                        "pct_floor": 100 * floor_ms / ms})  # fmt: skip
+    rope_store.WARPS_OVERRIDE = saved
 
 
 def _rotating_call(fn, sets: list, counter) -> None:
@@ -234,7 +229,7 @@ def main() -> int:
                          f"{r['pct_floor']:.0f}% of floor"
                          + (" (default)" if r in default else ""))  # fmt: skip
     for r in sorted((r for r in results if r["kernel"] == "rope"), key=lambda r: r["ms"])[:4]:
-        lines.append(f"rope T=4096 tokens/program {r['tokens_per_program']} warps "
+        lines.append(f"rope T=4096 warps "
                      f"{r['num_warps'] or 'auto'}: {r['ms'] * 1e3:.1f} us "
                      f"{r['pct_floor']:.0f}% of floor")  # fmt: skip
     print("\n".join(lines))

@@ -183,18 +183,3 @@ def test_rope_kv_store_rejects_mixed_devices() -> None:
     args["slot_mapping"] = args["slot_mapping"].cpu()
     with pytest.raises(ValueError, match="slot_mapping is on cpu"):
         rope_kv_store(**args)
-
-
-@pytest.mark.parametrize("device", BOTH_LANES)
-@pytest.mark.parametrize("tokens", [1, 6, 33])
-def test_rope_kv_store_several_tokens_per_program(
-    tokens: int, device: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The batched-token path (prefill-size launches), with a token count that leaves the last
-    # program partly empty.
-    import rustinfer_ops_cuda.kernels.rope_store as module
-
-    monkeypatch.setattr(module, "TOKENS_PER_PROGRAM", 4)
-    monkeypatch.setattr(module, "MIN_TOKENS_TO_BATCH", 1)
-    check_rope_kv_store(checked_impl(torch.int64), tokens, (8, 2), 64, torch.bfloat16, True,
-                        device=device)  # fmt: skip

@@ -27,11 +27,6 @@ MAX_TILE = 4096
 # each thread keeps several 16-byte loads in flight instead of one.
 ELEMS_PER_THREAD = 32
 MAX_WARPS = 8
-# Tokens per program for prefill-size launches: one token's q, k, v is only ~6 KB at Llama-1B
-# shapes, so a program per token spends much of its time starting up; a few tokens per program
-# amortise that. Decode-size launches keep one token per program to spread over the SMs.
-TOKENS_PER_PROGRAM = 1
-MIN_TOKENS_TO_BATCH = 1024
 WARPS_OVERRIDE = 0  # benchmarks sweep num_warps through this (0: sized from the tile)
 
 
@@ -77,7 +72,6 @@ def _rope_kv_store_kernel(
     v_cache_ptr,
     slot_ptr,
     q_out_ptr,
-    n_tokens,
     n_heads,
     n_kv_heads,
     half,
@@ -97,63 +91,57 @@ def _rope_kv_store_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-    TOKENS: tl.constexpr,
 ):
     # int64 address math: a block index times its stride passes 2^31 for caches over 2 G elements.
-    first = tl.program_id(0).to(tl.int64) * TOKENS
-    for i in tl.static_range(TOKENS):
-        t = first + i
-        if t < n_tokens:
-            pos = tl.load(pos_ptr + t).to(tl.int64)
-            slot = tl.load(slot_ptr + t).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
 
-            d = tl.arange(0, BLOCK_HALF)
-            d_ok = d < half
-            cs_row = cos_sin_ptr + pos * stride_cs
-            cos = tl.load(cs_row + d, mask=d_ok, other=0.0)  # [BLOCK_HALF] fp32
-            sin = tl.load(cs_row + half + d, mask=d_ok, other=0.0)
+    d = tl.arange(0, BLOCK_HALF)
+    d_ok = d < half
+    cs_row = cos_sin_ptr + pos * stride_cs
+    cos = tl.load(cs_row + d, mask=d_ok, other=0.0)  # [BLOCK_HALF] fp32
+    sin = tl.load(cs_row + half + d, mask=d_ok, other=0.0)
 
-            # q: always rotated, padding tokens included (their rows of q_out are still read downstream).
-            _rotate_heads(
-                q_ptr + t * stride_q_t,
-                q_out_ptr + t * stride_out_t,
-                n_heads,
-                stride_q_h,
-                stride_out_h,
-                cos,
-                sin,
-                half,
-                BLOCK_HQ,
-                BLOCK_HALF,
-            )
+    # q: always rotated, padding tokens included (their rows of q_out are still read downstream).
+    _rotate_heads(
+        q_ptr + t * stride_q_t,
+        q_out_ptr + t * stride_out_t,
+        n_heads,
+        stride_q_h,
+        stride_out_h,
+        cos,
+        sin,
+        half,
+        BLOCK_HQ,
+        BLOCK_HALF,
+    )
 
-            # k and v only for real tokens: a padding slot (< 0) skips every load and store of them.
-            if slot >= 0:
-                cache_off = (slot // block_size) * stride_cache_b + (
-                    slot % block_size
-                ) * stride_cache_s
-                _rotate_heads(
-                    k_ptr + t * stride_k_t,
-                    k_cache_ptr + cache_off,
-                    n_kv_heads,
-                    stride_k_h,
-                    stride_cache_h,
-                    cos,
-                    sin,
-                    half,
-                    BLOCK_HKV,
-                    BLOCK_HALF,
-                )
-                # v: copied as raw 16-bit values (no float round trip), so the cache holds v bit for bit.
-                d_full = tl.arange(0, 2 * BLOCK_HALF)
-                d_full_ok = d_full < 2 * half
-                for h0 in range(0, n_kv_heads, BLOCK_HKV):
-                    h = h0 + tl.arange(0, BLOCK_HKV)
-                    mask = (h < n_kv_heads)[:, None] & d_full_ok[None, :]
-                    src = v_ptr + t * stride_v_t + h[:, None] * stride_v_h + d_full[None, :]
-                    # v_cache has k_cache's shape and both are contiguous, hence the same strides.
-                    dst = v_cache_ptr + cache_off + h[:, None] * stride_cache_h + d_full[None, :]
-                    tl.store(dst, tl.load(src, mask=mask), mask=mask)
+    # k and v only for real tokens: a padding slot (< 0) skips every load and store of them.
+    if slot >= 0:
+        cache_off = (slot // block_size) * stride_cache_b + (slot % block_size) * stride_cache_s
+        _rotate_heads(
+            k_ptr + t * stride_k_t,
+            k_cache_ptr + cache_off,
+            n_kv_heads,
+            stride_k_h,
+            stride_cache_h,
+            cos,
+            sin,
+            half,
+            BLOCK_HKV,
+            BLOCK_HALF,
+        )
+        # v: copied as raw 16-bit values (no float round trip), so the cache holds v bit for bit.
+        d_full = tl.arange(0, 2 * BLOCK_HALF)
+        d_full_ok = d_full < 2 * half
+        for h0 in range(0, n_kv_heads, BLOCK_HKV):
+            h = h0 + tl.arange(0, BLOCK_HKV)
+            mask = (h < n_kv_heads)[:, None] & d_full_ok[None, :]
+            src = v_ptr + t * stride_v_t + h[:, None] * stride_v_h + d_full[None, :]
+            # v_cache has k_cache's shape and both are contiguous, hence the same strides.
+            dst = v_cache_ptr + cache_off + h[:, None] * stride_cache_h + d_full[None, :]
+            tl.store(dst, tl.load(src, mask=mask), mask=mask)
 
 
 def _heads_block(n_heads: int, block_half: int) -> int:
@@ -214,8 +202,7 @@ def rope_kv_store(
     num_warps = max(1, min(MAX_WARPS, block_hq * 2 * block_half // (32 * ELEMS_PER_THREAD)))
     if WARPS_OVERRIDE:
         num_warps = WARPS_OVERRIDE
-    tokens = TOKENS_PER_PROGRAM if n_tokens >= MIN_TOKENS_TO_BATCH else 1
-    _rope_kv_store_kernel[(triton.cdiv(n_tokens, tokens),)](
+    _rope_kv_store_kernel[(n_tokens,)](
         q,
         k,
         v,
@@ -225,7 +212,6 @@ def rope_kv_store(
         v_cache,
         slot_mapping,
         q_out,
-        n_tokens,
         n_heads,
         n_kv_heads,
         half,
@@ -245,7 +231,6 @@ def rope_kv_store(
         BLOCK_HQ=block_hq,
         BLOCK_HKV=block_hkv,
         BLOCK_HALF=block_half,
-        TOKENS=tokens,
         num_warps=num_warps,
     )
     return q_out
