@@ -45,6 +45,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from rustinfer_ops_cuda.plugin import TRITON_TARGETS  # noqa: E402
 
 OpFn = Callable[..., Any]
 
@@ -56,15 +57,8 @@ MAX_INPUT_SETS = 32
 GRAPH_TIMING_ROUNDS = 7
 GRAPH_WARMUP_S = 0.2
 GRAPH_REPLAYS_PER_ROUND = 10
-KERNELS = (
-    "rmsnorm",
-    "fused_add_rmsnorm",
-    "silu_and_mul",
-    "rope_kv_store",
-    "attention_decode",
-    "attention_prefill",
-)
-ELEMENTWISE = KERNELS[:4]
+KERNELS = tuple(TRITON_TARGETS)  # rmsnorm .. attention_prefill: every op with a Triton kernel
+ELEMENTWISE = tuple(k for k in KERNELS if not k.startswith("attention_"))
 # A decode case whose estimated peak memory (cache pool, SDPA's contiguous copy, the torch path's
 # gathered bf16 and fp32 copies) passes this is skipped: half an 80 GB card leaves room for
 # allocator slack and SDPA's own workspace.
@@ -445,8 +439,6 @@ def load_impls(bench: Bench, op: str, dtype: torch.dtype) -> Impls:
     straight from the plugins' target tables, since the registry's requirements (a CUDA device)
     refuse on the CPU.
     """
-    from rustinfer_ops_cuda.plugin import TRITON_TARGETS
-
     from rustinfer.lazy import resolve
 
     if bench.cuda:
@@ -491,12 +483,35 @@ def load_impls(bench: Bench, op: str, dtype: torch.dtype) -> Impls:
 # ---- cases ----------------------------------------------------------------------------------
 
 
-def elementwise_goal(bench: Bench, tokens: int) -> tuple[str | None, Callable[[Row], bool] | None]:
-    if tokens != bench.shapes.tokens[0]:
-        return None, None
-    return (
-        f">= {ELEMENTWISE_GOAL_PCT:.0f}% of floor",
-        lambda r: r.pct_of_floor is not None and r.pct_of_floor >= ELEMENTWISE_GOAL_PCT,
+def elementwise_case(
+    bench: Bench,
+    kernel: str,
+    t: int,
+    shape: str,
+    params: dict[str, Any],
+    sets: list[tuple[Any, ...]],
+    nbytes: float,
+    compare: Callable[[OpFn, OpFn], float] | None = None,
+) -> Case:
+    """A per-token kernel at ``t`` tokens: the first token count carries the bandwidth goal,
+    the others (decode-size launches) are latency rows without a floor."""
+    goal = check = None
+    if t == bench.shapes.tokens[0]:
+        goal = f">= {ELEMENTWISE_GOAL_PCT:.0f}% of floor"
+
+        def check(r: Row) -> bool:
+            return r.pct_of_floor is not None and r.pct_of_floor >= ELEMENTWISE_GOAL_PCT
+
+    return Case(
+        kernel,
+        shape,
+        params,
+        sets,
+        bytes=nbytes,
+        latency_only=goal is None,
+        goal=goal,
+        goal_check=check,
+        compare=compare,
     )
 
 
@@ -508,16 +523,14 @@ def rmsnorm_case(bench: Bench, t: int) -> Case:
         (torch.randn(t, s.hidden, device=dev, dtype=dt), weight, s.eps)
         for _ in range(bench.n_sets(nbytes))
     ]
-    goal, check = elementwise_goal(bench, t)
-    return Case(
+    return elementwise_case(
+        bench,
         "rmsnorm",
+        t,
         f"[{t}, {s.hidden}]",
         {"tokens": t, "hidden": s.hidden},
         sets,
-        bytes=nbytes,
-        latency_only=t != s.tokens[0],
-        goal=goal,
-        goal_check=check,
+        nbytes,
     )
 
 
@@ -543,16 +556,14 @@ def fused_add_rmsnorm_case(bench: Bench, t: int) -> Case:
         b = ref(x, res.clone(), w, eps)
         return rel_err(tuple(a), tuple(b))
 
-    goal, check = elementwise_goal(bench, t)
-    return Case(
+    return elementwise_case(
+        bench,
         "fused_add_rmsnorm",
+        t,
         f"[{t}, {s.hidden}]",
         {"tokens": t, "hidden": s.hidden},
         sets,
-        bytes=nbytes,
-        latency_only=t != s.tokens[0],
-        goal=goal,
-        goal_check=check,
+        nbytes,
         compare=compare,
     )
 
@@ -564,16 +575,14 @@ def silu_and_mul_case(bench: Bench, t: int) -> Case:
         (torch.randn(t, 2 * s.intermediate, device=dev, dtype=dt),)
         for _ in range(bench.n_sets(nbytes))
     ]
-    goal, check = elementwise_goal(bench, t)
-    return Case(
+    return elementwise_case(
+        bench,
         "silu_and_mul",
+        t,
         f"[{t}, {2 * s.intermediate}] -> [{t}, {s.intermediate}]",
         {"tokens": t, "intermediate": s.intermediate},
         sets,
-        bytes=nbytes,
-        latency_only=t != s.tokens[0],
-        goal=goal,
-        goal_check=check,
+        nbytes,
     )
 
 
@@ -627,16 +636,14 @@ def rope_kv_store_case(bench: Bench, t: int) -> Case:
 
         return rel_err((qa, written(kc_a), written(vc_a)), (qb, written(kc_b), written(vc_b)))
 
-    goal, check = elementwise_goal(bench, t)
-    return Case(
+    return elementwise_case(
+        bench,
         "rope_kv_store",
+        t,
         f"T={t} q[{t},{hq},{d}] kv[{t},{hkv},{d}]",
         {"tokens": t, "n_heads": hq, "n_kv_heads": hkv, "head_dim": d},
         sets,
-        bytes=nbytes,
-        latency_only=t != s.tokens[0],
-        goal=goal,
-        goal_check=check,
+        nbytes,
         compare=compare,
     )
 
