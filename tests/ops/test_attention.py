@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rustinfer.ops import ATTENTION_DECODE, ATTENTION_PREFILL, KV_CACHE_STORE
+from rustinfer.ops import KV_CACHE_STORE, SPECS
 
 from .helpers import FLOAT_DTYPES, assert_exact, assert_matches_spec, cpu_impl, dtype_id, randn
 from .paged import attention_scale, cu_seqlens, decode_args, paged_kv, prefill_args, token_heads
@@ -18,31 +18,9 @@ CONTEXTS = [1, 15, 16, 17, 33]  # around the 16-token block boundary
 HEAD_DIMS = [64, 128]  # the hypothesis tests add small ones (8, 16)
 
 
-def _prefill(
-    seqs: list[tuple[int, int]],
-    heads: tuple[int, int],
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    is_strided: bool = False,
-    consecutive: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the CPU prefill on sequences given as (seq_len, q_len); return (out, reference)."""
-    args = prefill_args(seqs, heads, head_dim, block_size, dtype, is_strided, consecutive)
-    return cpu_impl("attention_prefill", dtype)(*args), ATTENTION_PREFILL.reference(*args)
-
-
-def _decode(
-    seq_lens: list[int],
-    heads: tuple[int, int],
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    is_strided: bool = False,
-    consecutive: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    args = decode_args(seq_lens, heads, head_dim, block_size, dtype, is_strided, consecutive)
-    return cpu_impl("attention_decode", dtype)(*args), ATTENTION_DECODE.reference(*args)
+def _cpu_and_reference(op: str, args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the CPU kernel's output, the float64 reference) on the same arguments."""
+    return cpu_impl(op, args[0].dtype)(*args), SPECS[op].reference(*args)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
@@ -114,7 +92,9 @@ def test_attention_prefill_one_sequence(
 ) -> None:
     # cached: only the last third of the sequence is new; the rest is an already cached prefix.
     q_len = max(1, seq_len // 3) if cached else seq_len
-    out, ref = _prefill([(seq_len, q_len)], heads, head_dim, block_size, dtype)
+    out, ref = _cpu_and_reference(
+        "attention_prefill", prefill_args([(seq_len, q_len)], heads, head_dim, block_size, dtype)
+    )
     assert_matches_spec("attention_prefill", out, ref, dtype)
 
 
@@ -127,7 +107,9 @@ def test_attention_prefill_ragged_batch(
 ) -> None:
     # Fresh prefills, cached prefixes, single-token rows and block-boundary lengths in one batch.
     seqs = [(17, 17), (33, 5), (16, 1), (1, 1), (40, 23), (15, 15)]
-    out, ref = _prefill(seqs, heads, 64, block_size, dtype, is_strided)
+    out, ref = _cpu_and_reference(
+        "attention_prefill", prefill_args(seqs, heads, 64, block_size, dtype, is_strided)
+    )
     assert_matches_spec("attention_prefill", out, ref, dtype)
 
 
@@ -138,13 +120,22 @@ def test_attention_consecutive_blocks(seq_len: int, block_size: int, dtype: torc
     # Runs of adjacent block ids (a fresh pool) may be read in place instead of gathered: the
     # answer must not change, for a lone sequence and inside a batch.
     seqs = [(seq_len, max(1, seq_len // 2)), (20, 20), (9, 1)]
-    out, ref = _prefill(seqs, (9, 3), 64, block_size, dtype, consecutive=True)
+    out, ref = _cpu_and_reference(
+        "attention_prefill", prefill_args(seqs, (9, 3), 64, block_size, dtype, consecutive=True)
+    )
     assert_matches_spec("attention_prefill", out, ref, dtype)
-    out, ref = _prefill(seqs[:1], (9, 3), 64, block_size, dtype, consecutive=True)
+    out, ref = _cpu_and_reference(
+        "attention_prefill", prefill_args(seqs[:1], (9, 3), 64, block_size, dtype, consecutive=True)
+    )
     assert_matches_spec("attention_prefill", out, ref, dtype)
-    out, ref = _decode([seq_len, 20, 9], (9, 3), 64, block_size, dtype, consecutive=True)
+    out, ref = _cpu_and_reference(
+        "attention_decode",
+        decode_args([seq_len, 20, 9], (9, 3), 64, block_size, dtype, consecutive=True),
+    )
     assert_matches_spec("attention_decode", out, ref, dtype)
-    out, ref = _decode([seq_len], (9, 3), 64, block_size, dtype, consecutive=True)
+    out, ref = _cpu_and_reference(
+        "attention_decode", decode_args([seq_len], (9, 3), 64, block_size, dtype, consecutive=True)
+    )
     assert_matches_spec("attention_decode", out, ref, dtype)
 
 
@@ -217,7 +208,10 @@ def test_attention_prefill_random_batches(
     seed: int,
 ) -> None:
     torch.manual_seed(seed)
-    out, ref = _prefill(seqs, heads, head_dim, block_size, dtype, consecutive=consecutive)
+    out, ref = _cpu_and_reference(
+        "attention_prefill",
+        prefill_args(seqs, heads, head_dim, block_size, dtype, consecutive=consecutive),
+    )
     assert_matches_spec("attention_prefill", out, ref, dtype)
 
 
@@ -229,7 +223,9 @@ def test_attention_prefill_random_batches(
 def test_attention_decode_one_sequence(
     seq_len: int, block_size: int, heads: tuple[int, int], head_dim: int, dtype: torch.dtype
 ) -> None:
-    out, ref = _decode([seq_len], heads, head_dim, block_size, dtype)
+    out, ref = _cpu_and_reference(
+        "attention_decode", decode_args([seq_len], heads, head_dim, block_size, dtype)
+    )
     assert_matches_spec("attention_decode", out, ref, dtype)
 
 
@@ -240,7 +236,10 @@ def test_attention_decode_one_sequence(
 def test_attention_decode_batch(
     heads: tuple[int, int], block_size: int, dtype: torch.dtype, is_strided: bool
 ) -> None:
-    out, ref = _decode([15, 1, 33, 17, 16], heads, 64, block_size, dtype, is_strided)
+    out, ref = _cpu_and_reference(
+        "attention_decode",
+        decode_args([15, 1, 33, 17, 16], heads, 64, block_size, dtype, is_strided),
+    )
     assert_matches_spec("attention_decode", out, ref, dtype)
 
 
@@ -264,5 +263,8 @@ def test_attention_decode_random_batches(
     seed: int,
 ) -> None:
     torch.manual_seed(seed)
-    out, ref = _decode(seq_lens, heads, head_dim, block_size, dtype, consecutive=consecutive)
+    out, ref = _cpu_and_reference(
+        "attention_decode",
+        decode_args(seq_lens, heads, head_dim, block_size, dtype, consecutive=consecutive),
+    )
     assert_matches_spec("attention_decode", out, ref, dtype)
