@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rustinfer_ops_cpu.kv_cache import kv_cache_store
+
 
 def _rotate(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor, half: int) -> torch.Tensor:
     """x [T, H, D] (any strides) -> x * cos2 + cat(x2, x1) * sin2, a new contiguous tensor."""
@@ -46,8 +48,6 @@ def rope_kv_store(
 
     On the CPU fusing buys nothing (the rotated k is a small temporary), so this composes the two.
     """
-    from rustinfer_ops_cpu.kv_cache import kv_cache_store
-
     q_out, k_out = rope(q, k, positions, cos_sin_cache)
     kv_cache_store(k_out, v, k_cache, v_cache, slot_mapping)
     return q_out
