@@ -1,8 +1,9 @@
 """Launch-shape sweep for the Triton kernels on a GPU (Llama-3.2-1B shapes: 32 q heads, 8 kv, D 64).
 
 Prefill: each PrefillConfig at 2048/4096/8192 tokens, head dim 64, in TFLOP/s (causal FLOPs).
-Decode: BLOCK_N x warps x stages x splits at batch 1 and 64, contexts 4k and 32k, as % of the
-bandwidth floor (K and V bytes read once). Prints a table per kernel, best first, and writes JSON.
+Decode: BLOCK_N x warps x stages x splits x dependent launches (merge after split pass, split
+pass after the kernel before it) at batch 1 (4k-32k) and 64 (4k, 32k), as % of the bandwidth floor (K and V bytes read once); and an empty
+kernel's cost per launch, the part of a short kernel's time no kernel change removes. Prints a table per kernel, best first, and writes JSON.
 
 rope_kv_store: warps at 4096 tokens, as % of the bandwidth floor.
 
@@ -124,21 +125,31 @@ def _rotating_decode(
     dec.attention_decode(q, k, v, tables, lens, D**-0.5, num_splits=splits, block_n=block_n)
 
 
+# Decode settings per batch: block_n x warps x stages x splits x merge launched as a dependent of
+# the split pass x split pass launched as a dependent of the kernel before it. Batch 64 fills the
+# grid without splitting (no merge).
+DECODE_GRID = {
+    1: ((None, 64), (4,), (3,), (None, 32, 64, 128), (True, False), (False, True)),
+    64: ((None,), (4,), (3,), (None,), (False,), (False, True)),
+}
+DECODE_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768), (64, 4096), (64, 32768))
+
+
 def sweep_decode(results: list[dict], bandwidth: float) -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
-    defaults = (dec.NUM_WARPS, dec.NUM_STAGES)
-    for batch, ctx in ((1, 4096), (1, 32768), (64, 4096), (64, 32768)):
+    defaults = (dec.NUM_WARPS, dec.NUM_STAGES, dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT)
+    for batch, ctx in DECODE_SHAPES:
         # Rotate between cache sets when one fits in L2, so repeated runs do not hit the cache.
         sets = [_paged_cache(batch, ctx, gen) for _ in range(max(1, 2**17 // (batch * ctx)))]
         q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         kv_bytes = 2 * batch * ctx * HKV * D * 2
         floor_ms = (kv_bytes + 2 * q.numel() * 2) / bandwidth * 1e3
-        for block_n, warps, stages, splits in itertools.product(
-            (None, 32, 64, 128), (4, 8), (2, 3), (None, 1, 8, 16, 32, 64)
+        for block_n, warps, stages, splits, dep_merge, dep_split in itertools.product(
+            *DECODE_GRID[batch]
         ):
             dec.NUM_WARPS, dec.NUM_STAGES = warps, stages
+            dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT = dep_merge, dep_split
             run = functools.partial(_rotating_decode, sets, q, splits, block_n, itertools.count())
-
             try:
                 ms = _graph_ms(run, len(sets))
             except Exception as exc:
@@ -146,8 +157,25 @@ def sweep_decode(results: list[dict], bandwidth: float) -> None:
                 continue
             results.append({"kernel": "decode", "batch": batch, "ctx": ctx, "block_n": block_n,
                             "num_warps": warps, "num_stages": stages, "splits": splits,
+                            "dependent_merge": dep_merge, "dependent_split": dep_split,
                             "ms": ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
-    dec.NUM_WARPS, dec.NUM_STAGES = defaults
+    dec.NUM_WARPS, dec.NUM_STAGES, dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT = defaults
+
+
+@triton.jit
+def _empty_kernel(x_ptr):
+    pass
+
+
+def sweep_launch(results: list[dict]) -> None:
+    """What a launch costs with nothing to do, timed like the kernels (graph replays): the part
+    of a decode step's time that no kernel change removes."""
+    x = torch.zeros(1, device="cuda")
+    for programs in (1, 132, 512):
+        run = functools.partial(_empty_kernel[(programs,)], x)
+        ms = _graph_ms(run, 32)
+        results.append({"kernel": "empty", "programs": programs, "ms": ms})
+        logger.info("empty kernel, %d programs: %.2f us", programs, ms * 1e3)
 
 
 def sweep_rope(results: list[dict], bandwidth: float) -> None:
@@ -197,7 +225,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write every measurement here as JSON")
     parser.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s for the floor")
-    parser.add_argument("--only", choices=("prefill", "decode", "rope"), default=None)
+    parser.add_argument("--only", choices=("prefill", "decode", "rope", "launch"), default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     results: list[dict] = []
@@ -207,6 +235,8 @@ def main() -> int:
         sweep_decode(results, args.bandwidth)
     if args.only in (None, "rope"):
         sweep_rope(results, args.bandwidth)
+    if args.only in (None, "launch", "decode"):
+        sweep_launch(results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -219,15 +249,20 @@ def main() -> int:
                          f"w{c['num_warps']} s{c['num_stages']}"
                          f"{' paired' if c.get('paired') else ''}: {r['ms']:.3f} ms "
                          f"{r['tflops']:.0f} TFLOP/s")  # fmt: skip
-    for batch, ctx in ((1, 4096), (1, 32768), (64, 4096), (64, 32768)):
+    for batch, ctx in DECODE_SHAPES:
         rows = [r for r in results if r.get("batch") == batch and r.get("ctx") == ctx]
-        default = [r for r in rows if (r["block_n"], r["num_warps"], r["num_stages"], r["splits"])
-                   == (*defaults_of(dec), None)]  # fmt: skip
-        for r in sorted(rows, key=lambda r: r["ms"])[:2] + default:
+        default = [r for r in rows if (r["block_n"], r["num_warps"], r["num_stages"], r["splits"],
+                                       r["dependent_merge"] or batch > 1, r["dependent_split"])
+                   == (*defaults_of(dec), None, dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT)]  # fmt: skip
+        for r in sorted(rows, key=lambda r: r["ms"])[:3] + default:
             lines.append(f"decode b{batch:2d} ctx{ctx:6d} bn{r['block_n']} w{r['num_warps']} "
-                         f"s{r['num_stages']} splits={r['splits']}: {r['ms'] * 1e3:.1f} us "
+                         f"s{r['num_stages']} splits={r['splits']} "
+                         f"dep_merge={r['dependent_merge']} dep_split={r['dependent_split']}: "
+                         f"{r['ms'] * 1e3:.1f} us "
                          f"{r['pct_floor']:.0f}% of floor"
                          + (" (default)" if r in default else ""))  # fmt: skip
+    for r in (r for r in results if r["kernel"] == "empty"):
+        lines.append(f"empty kernel, {r['programs']} programs: {r['ms'] * 1e3:.2f} us per launch")
     for r in sorted((r for r in results if r["kernel"] == "rope"), key=lambda r: r["ms"])[:4]:
         lines.append(f"rope T=4096 warps "
                      f"{r['num_warps'] or 'auto'}: {r['ms'] * 1e3:.1f} us "

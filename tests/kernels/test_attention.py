@@ -10,6 +10,7 @@ import pytest
 import torch
 from ops.helpers import assert_matches_spec, dtype_id, strided
 from ops.paged import cu_seqlens, decode_args, paged_kv, prefill_args, token_heads
+from rustinfer_ops_cuda.kernels import decode_attention
 from rustinfer_ops_cuda.kernels.decode_attention import attention_decode
 from rustinfer_ops_cuda.kernels.prefill_attention import PrefillConfig, attention_prefill
 
@@ -172,6 +173,41 @@ def test_decode_cuda_block_sizes(block_size):
 def test_decode_cuda_batch_64():
     lens = torch.randint(1, 3000, (64,)).tolist()
     check_decode(lens, (32, 8), 64, torch.bfloat16)
+
+
+@cuda
+@pytest.mark.parametrize("dependent_split", [False, True], ids=["split", "dependent-split"])
+@pytest.mark.parametrize("dependent_merge", [False, True], ids=["merge", "dependent-merge"])
+def test_decode_cuda_graph_replay_new_lengths(dependent_merge, dependent_split, monkeypatch):
+    # Captured once, replayed with other lengths and queries: the split count comes from shapes
+    # and the chunk bounds from seq_lens on the device. With the kernels launched as programmatic
+    # dependents (sm_90+), each must still wait for the writes of the kernel before it: the
+    # captured kernel that writes q, and the split pass's partial results.
+    monkeypatch.setattr(decode_attention, "DEPENDENT_MERGE", dependent_merge)
+    monkeypatch.setattr(decode_attention, "DEPENDENT_SPLIT", dependent_split)
+    args = decode_args([6000, 3000], (32, 8), 64, 16, torch.bfloat16)
+    q, k_cache, v_cache, tables, lens, scale = _on_device(args, "cuda", False)
+
+    q_source = q.clone()
+
+    def run() -> torch.Tensor:
+        torch.mul(q_source, 2.0, out=q)  # a kernel right before the split pass, writing its q
+        return attention_decode(q, k_cache, v_cache, tables, lens, scale, num_splits=32)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compile before capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for new_lens in ([5999, 1], [17, 2999], [6000, 3000]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q_source.copy_(torch.randn_like(q))
+        graph.replay()
+        expected = ATTENTION_DECODE.reference(2 * q_source.cpu(), *args[1:4], lens.cpu(), scale)
+        assert_matches_spec("attention_decode", out.cpu(), expected, torch.bfloat16)
 
 
 @cuda

@@ -5,9 +5,10 @@ that share the KV head are stacked as the rows of one ``tl.dot`` (padded to the 
 tensor-core tile), so each K/V tile is read from memory once per KV head rather than once per query
 head. A sequence's context is cut into ``num_splits`` chunks handled by separate programs, which
 keeps every multiprocessor busy at batch 1 with a long context; a second kernel merges the chunks'
-partial results through their log-sum-exp. Chunk bounds are computed in the kernel from
-``seq_lens``: the host never reads sequence lengths, so one launch serves any lengths (and a CUDA
-graph can replay it).
+partial results through their log-sum-exp. From sm_90 on, the merge is launched as a programmatic
+dependent of the split pass, so its launch overlaps the split pass instead of following it. Chunk
+bounds are computed in the kernel from ``seq_lens``: the host never reads sequence lengths, so one
+launch serves any lengths (and a CUDA graph can replay it).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from rustinfer_ops_cuda.kernels.attention_common import (
     multiprocessor_count,
 )
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention
+from rustinfer_ops_cuda.kernels.dependent_launch import (
+    dependent_launch_supported,
+    gdc_launch_dependents,
+    gdc_wait,
+)
 
 # Launch settings from a sweep on an H100 (bench/kernel_sweep.py; bench/KERNEL_NOTES.md):
 # - a long context split over many programs (batch 1) streams best with 128 keys per step
@@ -40,6 +46,15 @@ PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64
 # Never cut chunks shorter than this: below it the partial results cost more than they gain.
 MIN_KEYS_PER_SPLIT = 128
+# Launch the merge as a programmatic dependent of the split pass (sm_90+; dependent_launch.py).
+# H100 sweep (bench/results/*-sweep-5-decode-pdl.json), batch 1 at 4k / 8k / 16k / 32k context:
+# 8.9 / 12.6 / 18.5 / 30.6 us -> 8.3 / 12.0 / 18.1 / 29.9 us.
+DEPENDENT_MERGE = True
+# Launch the split pass as a dependent of whatever kernel precedes it on the stream; it waits for
+# that kernel's writes before reading anything (q and the cache may be its output). It gains only
+# when that kernel lets dependents launch early, as the merge and rope_kv_store (attention's
+# predecessor in a Llama layer) do: 8.0 / 11.5 / 17.5 / 29.6 us with both in the same sweep.
+DEPENDENT_SPLIT = True
 
 
 @triton.jit
@@ -68,7 +83,13 @@ def _decode_kernel(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    WAIT_PRIOR: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
+    if WAIT_PRIOR:
+        gdc_wait()
+    if TRIGGER:
+        gdc_launch_dependents()  # the merge may launch now: it waits for this grid's writes
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -139,7 +160,13 @@ def _merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    WAIT_PRIOR: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
+    if WAIT_PRIOR:
+        gdc_wait()  # launched while the split pass runs: its partial results are not ready yet
+    if TRIGGER:
+        gdc_launch_dependents()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
@@ -202,6 +229,9 @@ def attention_decode(
     elif num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two >= 1, got {num_splits}")
     block_n = block_n or (BLOCK_N_SPLIT if num_splits > 1 else BLOCK_N_WHOLE)
+    dependents = dependent_launch_supported(q.device)
+    dependent_split = dependents and DEPENDENT_SPLIT
+    dependent_merge = dependents and DEPENDENT_MERGE and num_splits > 1
     if num_splits > 1:
         part_out = torch.empty(
             (batch, n_heads, num_splits, block_d), dtype=torch.float32, device=q.device
@@ -234,8 +264,11 @@ def attention_decode(
         PAGE=page,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        WAIT_PRIOR=dependent_split,
+        TRIGGER=dependents,
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
+        launch_pdl=dependent_split,
     )
     if num_splits > 1:
         _merge_kernel[(batch, n_heads)](
@@ -248,6 +281,9 @@ def attention_decode(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             NUM_SPLITS=num_splits,
+            WAIT_PRIOR=dependent_merge,
+            TRIGGER=dependents,
             num_warps=NUM_WARPS,
+            launch_pdl=dependent_merge,
         )
     return out

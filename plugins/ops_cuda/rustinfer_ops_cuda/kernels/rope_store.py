@@ -17,6 +17,10 @@ import triton
 import triton.language as tl
 
 from rustinfer_ops_cuda.kernels.checks import check_device, check_index_rows, check_tensor
+from rustinfer_ops_cuda.kernels.dependent_launch import (
+    dependent_launch_supported,
+    gdc_launch_dependents,
+)
 
 DTYPES = (torch.bfloat16, torch.float16)
 # Elements of a [heads, D] tile a program holds at once; more heads than fit are walked in a loop.
@@ -91,7 +95,12 @@ def _rope_kv_store_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:
+        # Attention follows in a Llama layer: its kernel, launched as a programmatic dependent,
+        # may start now (it waits for this grid's writes before reading q or the cache).
+        gdc_launch_dependents()
     # int64 address math: a block index times its stride passes 2^31 for caches over 2 G elements.
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -231,6 +240,7 @@ def rope_kv_store(
         BLOCK_HQ=block_hq,
         BLOCK_HKV=block_hkv,
         BLOCK_HALF=block_half,
+        TRIGGER=dependent_launch_supported(q.device),
         num_warps=num_warps,
     )
     return q_out
