@@ -45,6 +45,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 from rustinfer_ops_cuda.plugin import TRITON_TARGETS  # noqa: E402
 
 OpFn = Callable[..., Any]
@@ -373,6 +374,10 @@ class Bench:
         self.matmul_rate = 2.0 * m**3 / mm_ms
         del a, b
         self.free()
+        # What one launch costs with nothing to do, timed like the kernels: the part of a short
+        # kernel's time (a batch-1 decode step) that bytes over bandwidth does not count.
+        flag = torch.zeros(1, device=self.device)
+        launch_ms = self.graph_ms(functools.partial(_empty_kernel[(1,)], flag), 32)
         out = {
             "copy_bytes": float(s.copy_bytes),
             "copy_ms": copy_ms,
@@ -380,16 +385,23 @@ class Bench:
             "matmul_n": float(m),
             "matmul_ms": mm_ms,
             "matmul_TFLOPs": self.matmul_rate / 1e9,
+            "launch_us": launch_ms * 1e3,
         }
         log(
             f"ceilings: copy {out['copy_GBps']:.0f} GB/s (read + write of {s.copy_bytes >> 20} MiB), "
-            f"bf16 matmul {out['matmul_TFLOPs']:.0f} TFLOP/s ({m}^3)"
+            f"bf16 matmul {out['matmul_TFLOPs']:.0f} TFLOP/s ({m}^3), "
+            f"empty kernel {out['launch_us']:.2f} us per launch"
         )
         return out
 
     def free(self) -> None:
         if self.cuda:
             torch.cuda.empty_cache()
+
+
+@triton.jit
+def _empty_kernel(flag_ptr):
+    pass
 
 
 def log(msg: str) -> None:
@@ -1135,7 +1147,8 @@ def main() -> int:
     )
     print(
         f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s (read + write), "
-        f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s"
+        f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s, "
+        f"empty kernel {ceilings['launch_us']:.2f} us per launch (CUDA graph)"
     )
     print(table(rows))
     print(
