@@ -133,21 +133,28 @@ DECODE_GRID = {
     64: ((None,), (4,), (3,), (None,), (False,), (False, True)),
 }
 DECODE_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768), (64, 4096), (64, 32768))
+# --decode-grid wide: the step size, warps and pipeline depth at batch 1 only, with the launch
+# settings as they are (both dependent launches), for the split pass's own streaming rate.
+DECODE_WIDE_GRID = {1: ((32, 64, 128), (2, 4, 8), (2, 3, 4, 5), (None, 128), (True,), (True,))}
+DECODE_WIDE_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768))
 
 
-def sweep_decode(results: list[dict], bandwidth: float) -> None:
+def sweep_decode(
+    results: list[dict], bandwidth: float, grid: dict | None = None, shapes=None
+) -> None:
+    grid, shapes = grid or DECODE_GRID, shapes or DECODE_SHAPES
     gen = torch.Generator(device="cuda").manual_seed(1)
-    defaults = (dec.NUM_WARPS, dec.NUM_STAGES, dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT)
-    for batch, ctx in DECODE_SHAPES:
+    defaults = (dec.NUM_WARPS_SPLIT, dec.NUM_WARPS_WHOLE, dec.NUM_STAGES, dec.DEPENDENT_MERGE,
+                dec.DEPENDENT_SPLIT)  # fmt: skip
+    for batch, ctx in shapes:
         # Rotate between cache sets when one fits in L2, so repeated runs do not hit the cache.
         sets = [_paged_cache(batch, ctx, gen) for _ in range(max(1, 2**17 // (batch * ctx)))]
         q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         kv_bytes = 2 * batch * ctx * HKV * D * 2
         floor_ms = (kv_bytes + 2 * q.numel() * 2) / bandwidth * 1e3
-        for block_n, warps, stages, splits, dep_merge, dep_split in itertools.product(
-            *DECODE_GRID[batch]
-        ):
-            dec.NUM_WARPS, dec.NUM_STAGES = warps, stages
+        for block_n, warps, stages, splits, dep_merge, dep_split in itertools.product(*grid[batch]):
+            dec.NUM_WARPS_SPLIT = dec.NUM_WARPS_WHOLE = warps
+            dec.NUM_STAGES = stages
             dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT = dep_merge, dep_split
             run = functools.partial(_rotating_decode, sets, q, splits, block_n, itertools.count())
             try:
@@ -159,7 +166,8 @@ def sweep_decode(results: list[dict], bandwidth: float) -> None:
                             "num_warps": warps, "num_stages": stages, "splits": splits,
                             "dependent_merge": dep_merge, "dependent_split": dep_split,
                             "ms": ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
-    dec.NUM_WARPS, dec.NUM_STAGES, dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT = defaults
+    (dec.NUM_WARPS_SPLIT, dec.NUM_WARPS_WHOLE, dec.NUM_STAGES, dec.DEPENDENT_MERGE,
+     dec.DEPENDENT_SPLIT) = defaults  # fmt: skip
 
 
 @triton.jit
@@ -226,13 +234,18 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write every measurement here as JSON")
     parser.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s for the floor")
     parser.add_argument("--only", choices=("prefill", "decode", "rope", "launch"), default=None)
+    parser.add_argument("--decode-grid", choices=("default", "wide"), default="default",
+                        help="wide: block_n x warps x stages at batch 1, 4k-32k")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     results: list[dict] = []
     if args.only in (None, "prefill"):
         sweep_prefill(results)
     if args.only in (None, "decode"):
-        sweep_decode(results, args.bandwidth)
+        if args.decode_grid == "wide":
+            sweep_decode(results, args.bandwidth, DECODE_WIDE_GRID, DECODE_WIDE_SHAPES)
+        else:
+            sweep_decode(results, args.bandwidth)
     if args.only in (None, "rope"):
         sweep_rope(results, args.bandwidth)
     if args.only in (None, "launch", "decode"):
@@ -253,8 +266,9 @@ def main() -> int:
         rows = [r for r in results if r.get("batch") == batch and r.get("ctx") == ctx]
         default = [r for r in rows if (r["block_n"], r["num_warps"], r["num_stages"], r["splits"],
                                        r["dependent_merge"] or batch > 1, r["dependent_split"])
-                   == (*defaults_of(dec), None, dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT)]  # fmt: skip
-        for r in sorted(rows, key=lambda r: r["ms"])[:3] + default:
+                   == (*defaults_of(dec, batch), None, dec.DEPENDENT_MERGE,
+                       dec.DEPENDENT_SPLIT)]  # fmt: skip
+        for r in sorted(rows, key=lambda r: r["ms"])[:5] + default:
             lines.append(f"decode b{batch:2d} ctx{ctx:6d} bn{r['block_n']} w{r['num_warps']} "
                          f"s{r['num_stages']} splits={r['splits']} "
                          f"dep_merge={r['dependent_merge']} dep_split={r['dependent_split']}: "
@@ -271,8 +285,11 @@ def main() -> int:
     return 0
 
 
-def defaults_of(module) -> tuple[None, int, int]:
-    return None, module.NUM_WARPS, module.NUM_STAGES
+def defaults_of(module, batch: int) -> tuple[None, int, int]:
+    """The decode sweep's (block_n, warps, stages) that mean "the launcher's own choice"; the
+    warps are the split ones at batch 1 (the sweep's split shapes), the unsplit ones above."""
+    warps = module.NUM_WARPS_SPLIT if batch == 1 else module.NUM_WARPS_WHOLE
+    return None, warps, module.NUM_STAGES
 
 
 if __name__ == "__main__":

@@ -30,15 +30,17 @@ from rustinfer_ops_cuda.kernels.dependent_launch import (
     gdc_wait,
 )
 
-# Launch settings from a sweep on an H100 (bench/kernel_sweep.py; bench/KERNEL_NOTES.md):
-# - a long context split over many programs (batch 1) streams best with 128 keys per step
-#   (16 KB of K and of V per step, D=64 bf16): fewer, larger steps per short chunk;
-# - a grid already full without splitting (batch 64) streams best with 64-key steps, no split
-#   (95-99% of the bandwidth floor at 4k-32k, against 89-91% with 128 keys and 2 splits).
-BLOCK_N_SPLIT = 128
-BLOCK_N_WHOLE = 64
-NUM_WARPS = 4
+# Launch settings from sweeps on an H100 (bench/kernel_sweep.py; bench/KERNEL_NOTES.md):
+# - 64 keys per step (8 KB of K and of V, D=64 bf16), 3 stages: a grid already full without
+#   splitting (batch 64) reads at 95-99% of the bandwidth floor at 4k-32k;
+# - a split grid (batch 1) streams best with 2 warps per program (more programs resident per
+#   multiprocessor): 10.6 / 16.4 / 28.7 us at 8k / 16k / 32k context against 11.6 / 17.7 / 29.8
+#   with 4 warps and 128-key steps (sweep 6); 4 warps stay best unsplit.
+BLOCK_N = 64
+NUM_WARPS_SPLIT = 2
+NUM_WARPS_WHOLE = 4
 NUM_STAGES = 3
+MERGE_WARPS = 4
 # Split a sequence's context only while the grid has fewer than this many programs per
 # multiprocessor: below it, too few loads are in flight to reach bandwidth.
 PROGRAMS_PER_SM = 2
@@ -228,7 +230,7 @@ def attention_decode(
         num_splits = choose_num_splits(batch, n_kv_heads, block_tables.shape[1] * page, q.device)
     elif num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits must be a power of two >= 1, got {num_splits}")
-    block_n = block_n or (BLOCK_N_SPLIT if num_splits > 1 else BLOCK_N_WHOLE)
+    block_n = block_n or BLOCK_N
     dependents = dependent_launch_supported(q.device)
     dependent_split = dependents and DEPENDENT_SPLIT
     dependent_merge = dependents and DEPENDENT_MERGE and num_splits > 1
@@ -266,7 +268,7 @@ def attention_decode(
         NUM_SPLITS=num_splits,
         WAIT_PRIOR=dependent_split,
         TRIGGER=dependents,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS_SPLIT if num_splits > 1 else NUM_WARPS_WHOLE,
         num_stages=NUM_STAGES,
         launch_pdl=dependent_split,
     )
@@ -283,7 +285,7 @@ def attention_decode(
             NUM_SPLITS=num_splits,
             WAIT_PRIOR=dependent_merge,
             TRIGGER=dependents,
-            num_warps=NUM_WARPS,
+            num_warps=MERGE_WARPS,
             launch_pdl=dependent_merge,
         )
     return out
