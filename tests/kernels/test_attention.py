@@ -13,9 +13,10 @@ from ops.paged import cu_seqlens, decode_args, paged_kv, prefill_args, token_hea
 from rustinfer_ops_cuda.kernels import decode_attention
 from rustinfer_ops_cuda.kernels.decode_attention import attention_decode
 from rustinfer_ops_cuda.kernels.prefill_attention import PrefillConfig, attention_prefill
+from rustinfer_ops_cuda.kernels.rope_store import rope_kv_store
 
 from kernels.lanes import LANE_DEVICE
-from rustinfer.ops import ATTENTION_DECODE, ATTENTION_PREFILL
+from rustinfer.ops import ATTENTION_DECODE, ATTENTION_PREFILL, ROPE_KV_STORE, build_cos_sin_cache
 
 interpret = pytest.mark.interpret
 cuda = pytest.mark.cuda
@@ -208,6 +209,53 @@ def test_decode_cuda_graph_replay_new_lengths(dependent_merge, dependent_split, 
         graph.replay()
         expected = ATTENTION_DECODE.reference(2 * q_source.cpu(), *args[1:4], lens.cpu(), scale)
         assert_matches_spec("attention_decode", out.cpu(), expected, torch.bfloat16)
+
+
+@cuda
+def test_decode_cuda_graph_after_rope_kv_store():
+    # A Llama layer's decode step: rope_kv_store rotates the new token's q and k and writes k and
+    # v into the cache, then decode attention reads them. From sm_90 on, rope_kv_store lets its
+    # dependents launch early and the decode's split pass is one: it must still see every write.
+    # Captured once as the engine will, replayed with new tokens.
+    dtype, bs = torch.bfloat16, 16
+    _, k_cache, v_cache, tables, lens, scale = _on_device(
+        decode_args([3000, 700, 17], (32, 8), 64, bs, dtype), "cuda", False
+    )
+    positions = (lens - 1).long()  # the new token is each sequence's last
+    rows = torch.arange(len(lens), device="cuda")
+    slots = tables[rows, positions // bs].long() * bs + positions % bs
+    cos_sin = build_cos_sin_cache(64, 4096, 500000.0, None).cuda()
+    q_new, k_new, v_new = (torch.empty(len(lens), h, 64, dtype=dtype, device="cuda")
+                           for h in (32, 8, 8))  # fmt: skip
+
+    def layer() -> torch.Tensor:
+        q = rope_kv_store(q_new, k_new, v_new, positions, cos_sin, k_cache, v_cache, slots)
+        return attention_decode(q, k_cache, v_cache, tables, lens, scale)
+
+    for t in (q_new, k_new, v_new):
+        t.copy_(torch.randn_like(t))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer()  # compile before capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer()
+    for _ in range(3):
+        for t in (q_new, k_new, v_new):
+            t.copy_(torch.randn_like(t))
+        k_before, v_before = k_cache.cpu(), v_cache.cpu()
+        graph.replay()
+        ref_q, ref_k, ref_v = ROPE_KV_STORE.reference(
+            q_new.cpu(), k_new.cpu(), v_new.cpu(), positions.cpu(), cos_sin.cpu(), k_before,
+            v_before, slots.cpu(),
+        )  # fmt: skip
+        # The kernels hand each other bf16 q and cache entries: the reference starts from those.
+        expected = ATTENTION_DECODE.reference(
+            ref_q.to(dtype), ref_k.to(dtype), ref_v.to(dtype), tables.cpu(), lens.cpu(), scale
+        )
+        assert_matches_spec("attention_decode", out.cpu(), expected, dtype)
 
 
 @cuda
