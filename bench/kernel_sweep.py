@@ -2,8 +2,9 @@
 
 Prefill: each PrefillConfig at 2048/4096/8192 tokens, head dim 64, in TFLOP/s (causal FLOPs).
 Decode: BLOCK_N x warps x stages x splits x dependent launches (merge after split pass, split
-pass after the kernel before it) at batch 1 (4k-32k) and 64 (4k, 32k), as % of the bandwidth floor (K and V bytes read once); and an empty
-kernel's cost per launch, the part of a short kernel's time no kernel change removes. Prints a table per kernel, best first, and writes JSON.
+pass after the kernel before it) at batch 1 (4k-32k) and 64 (4k, 32k), as % of the bandwidth
+floor (K and V bytes read once); ``--decode-grid wide``: BLOCK_N x warps x stages at batch 1.
+Prints the best settings per shape and writes every measurement as JSON.
 
 rope_kv_store: warps at 4096 tokens, as % of the bandwidth floor.
 
@@ -18,11 +19,11 @@ import itertools
 import json
 import logging
 import sys
-import time
 
 import torch
 import triton
 import triton.testing
+from graph_timing import graph_replay_ms
 from rustinfer_ops_cuda.kernels import decode_attention as dec
 from rustinfer_ops_cuda.kernels.prefill_attention import PrefillConfig, attention_prefill
 
@@ -88,36 +89,6 @@ def sweep_prefill(results: list[dict]) -> None:
             logger.info("prefill %5d %s %.3f ms %.0f TFLOP/s", tokens, cfg, ms, tflops)
 
 
-def _graph_ms(fn, calls: int) -> float:
-    """Median ms per call from replays of a CUDA graph of ``calls`` calls (no host launch cost)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2 * calls):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    # Back-to-back replays, not do_bench: its L2 flush leaves dirty lines whose write-back
-    # slows the next short kernel. Input sets rotate instead (see sweep_decode).
-    end_warm = time.perf_counter() + 0.2  # let the clocks ramp up (see bench/kernels.py)
-    while time.perf_counter() < end_warm:
-        graph.replay()
-        torch.cuda.synchronize()
-    rounds = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        rounds.append(start.elapsed_time(end) / 10)
-    return sorted(rounds)[len(rounds) // 2] / calls
-
-
 def _rotating_decode(
     sets: list, q: torch.Tensor, splits: int | None, block_n: int | None, counter
 ) -> None:
@@ -158,7 +129,7 @@ def sweep_decode(
             dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT = dep_merge, dep_split
             run = functools.partial(_rotating_decode, sets, q, splits, block_n, itertools.count())
             try:
-                ms = _graph_ms(run, len(sets))
+                ms = graph_replay_ms(run, len(sets))
             except Exception as exc:
                 logger.warning("decode b%d ctx%d %s: %s", batch, ctx, (block_n, warps), exc)
                 continue
@@ -168,22 +139,6 @@ def sweep_decode(
                             "ms": ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
     (dec.NUM_WARPS_SPLIT, dec.NUM_WARPS_WHOLE, dec.NUM_STAGES, dec.DEPENDENT_MERGE,
      dec.DEPENDENT_SPLIT) = defaults  # fmt: skip
-
-
-@triton.jit
-def _empty_kernel(x_ptr):
-    pass
-
-
-def sweep_launch(results: list[dict]) -> None:
-    """What a launch costs with nothing to do, timed like the kernels (graph replays): the part
-    of a decode step's time that no kernel change removes."""
-    x = torch.zeros(1, device="cuda")
-    for programs in (1, 132, 512):
-        run = functools.partial(_empty_kernel[(programs,)], x)
-        ms = _graph_ms(run, 32)
-        results.append({"kernel": "empty", "programs": programs, "ms": ms})
-        logger.info("empty kernel, %d programs: %.2f us", programs, ms * 1e3)
 
 
 def sweep_rope(results: list[dict], bandwidth: float) -> None:
@@ -216,7 +171,7 @@ def sweep_rope(results: list[dict], bandwidth: float) -> None:
         counter = itertools.count()
         run = functools.partial(_rotating_call, rope_store.rope_kv_store, sets, counter)
         try:
-            ms = _graph_ms(run, len(sets))
+            ms = graph_replay_ms(run, len(sets))
         except Exception as exc:
             logger.warning("rope warps %s: %s", warps, exc)
             continue
@@ -233,7 +188,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write every measurement here as JSON")
     parser.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s for the floor")
-    parser.add_argument("--only", choices=("prefill", "decode", "rope", "launch"), default=None)
+    parser.add_argument("--only", choices=("prefill", "decode", "rope"), default=None)
     parser.add_argument("--decode-grid", choices=("default", "wide"), default="default",
                         help="wide: block_n x warps x stages at batch 1, 4k-32k")  # fmt: skip
     args = parser.parse_args()
@@ -248,8 +203,6 @@ def main() -> int:
             sweep_decode(results, args.bandwidth)
     if args.only in (None, "rope"):
         sweep_rope(results, args.bandwidth)
-    if args.only in (None, "launch", "decode"):
-        sweep_launch(results)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
@@ -275,8 +228,6 @@ def main() -> int:
                          f"{r['ms'] * 1e3:.1f} us "
                          f"{r['pct_floor']:.0f}% of floor"
                          + (" (default)" if r in default else ""))  # fmt: skip
-    for r in (r for r in results if r["kernel"] == "empty"):
-        lines.append(f"empty kernel, {r['programs']} programs: {r['ms'] * 1e3:.2f} us per launch")
     for r in sorted((r for r in results if r["kernel"] == "rope"), key=lambda r: r["ms"])[:4]:
         lines.append(f"rope T=4096 warps "
                      f"{r['num_warps'] or 'auto'}: {r['ms'] * 1e3:.1f} us "

@@ -46,6 +46,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+from graph_timing import graph_replay_ms  # noqa: E402
 from rustinfer_ops_cuda.plugin import TRITON_TARGETS  # noqa: E402
 
 OpFn = Callable[..., Any]
@@ -55,9 +56,6 @@ REL_ERR_LIMIT = 2e-2
 # 2 MB) still stream 4x the L2 size per replay; each set costs memory and, for torch.compile'd
 # attention, one compiled variant (use --compile elementwise for quick runs).
 MAX_INPUT_SETS = 32
-GRAPH_TIMING_ROUNDS = 7
-GRAPH_WARMUP_S = 0.2
-GRAPH_REPLAYS_PER_ROUND = 10
 KERNELS = tuple(TRITON_TARGETS)  # rmsnorm .. attention_prefill: every op with a Triton kernel
 ELEMENTWISE = tuple(k for k in KERNELS if not k.startswith("attention_"))
 # A decode case whose estimated peak memory (cache pool, SDPA's contiguous copy, the torch path's
@@ -264,49 +262,18 @@ class Bench:
     def graph_ms(self, fn: Callable[[], Any], calls: int) -> float:
         """Median milliseconds of one call, from replays of a CUDA graph of ``calls`` calls.
 
-        A kernel's own time, without the host's launch cost: Triton's Python launcher spends
-        tens of microseconds per launch, more than a decode-size kernel runs, so plain do_bench
-        of such a call measures the host. The engine replays captured graphs for the same reason.
-        ``fn`` rotates over ``calls`` input sets, so one replay reads each set once, cold after
-        do_bench's L2 flush. Falls back to plain time_ms when ``fn`` cannot be captured.
+        A kernel's own time, without the host's launch cost (bench/graph_timing.py). ``fn``
+        rotates over ``calls`` input sets, so one replay reads each set once, from memory rather
+        than L2. Falls back to plain time_ms when ``fn`` cannot be captured, and on the CPU.
         """
         if not self.cuda:
             return self.time_ms(fn)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2 * calls):
-                fn()  # compile, autotune and allocate before capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                for _ in range(calls):
-                    fn()
+            return graph_replay_ms(fn, calls)
         except Exception as exc:
             log(f"  graph capture failed ({short(exc, 80)}); timing launches instead")
             torch.cuda.synchronize()
             return self.time_ms(fn)
-        # Back-to-back replays timed with events, NOT do_bench: its L2 flush leaves ~50 MB of
-        # dirty lines that get written back while the next kernel runs, which adds ~15 us to a
-        # kernel that reads 60 MB. The rotation over input sets (n_sets) keeps reads cold instead.
-        # Replay for a while before timing: after the eager torch paths (host-bound, the GPU
-        # mostly idle) the clocks have dropped, and a few replays are over before they ramp up.
-        end_warm = time.perf_counter() + GRAPH_WARMUP_S
-        while time.perf_counter() < end_warm:
-            graph.replay()
-            torch.cuda.synchronize()
-        per_replay = []
-        for _ in range(GRAPH_TIMING_ROUNDS):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(GRAPH_REPLAYS_PER_ROUND):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            per_replay.append(start.elapsed_time(end) / GRAPH_REPLAYS_PER_ROUND)
-        return statistics.median(per_replay) / calls
 
     def warm_up_clocks(self, seconds: float = 2.0) -> None:
         """Run matmuls until the card has left its idle clocks (345 MHz seen at the start of a

@@ -6,6 +6,8 @@ interpret lane: CPU tensors through Triton's interpreter, fp16 and fp32 (the int
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from ops.helpers import assert_matches_spec, dtype_id, strided
@@ -176,6 +178,20 @@ def test_decode_cuda_batch_64():
     check_decode(lens, (32, 8), 64, torch.bfloat16)
 
 
+def _captured(step: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``step`` run once on a side stream (compiling its kernels), then captured in a CUDA graph;
+    returns the graph and the output tensor its replays write."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 @cuda
 @pytest.mark.parametrize("dependent_split", [False, True], ids=["split", "dependent-split"])
 @pytest.mark.parametrize("dependent_merge", [False, True], ids=["merge", "dependent-merge"])
@@ -195,14 +211,7 @@ def test_decode_cuda_graph_replay_new_lengths(dependent_merge, dependent_split, 
         torch.mul(q_source, 2.0, out=q)  # a kernel right before the split pass, writing its q
         return attention_decode(q, k_cache, v_cache, tables, lens, scale, num_splits=32)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()  # compile before capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
+    graph, out = _captured(run)
     for new_lens in ([5999, 1], [17, 2999], [6000, 3000]):
         lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
         q_source.copy_(torch.randn_like(q))
@@ -234,14 +243,7 @@ def test_decode_cuda_graph_after_rope_kv_store():
 
     for t in (q_new, k_new, v_new):
         t.copy_(torch.randn_like(t))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        layer()  # compile before capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = layer()
+    graph, out = _captured(layer)
     for _ in range(3):
         for t in (q_new, k_new, v_new):
             t.copy_(torch.randn_like(t))

@@ -1,11 +1,12 @@
 """Programmatic dependent launch (Hopper and later): a kernel launched as a dependent of the one
 before it on the stream starts while that one still runs, and waits inside (``gdc_wait``) until
 the earlier kernel's memory writes are visible. What it saves is the launch latency between two
-short kernels: an empty Triton kernel costs ~1.1 us per launch in a CUDA graph on an H100
-(bench/kernel_sweep.py --only launch), as much as a batch-1 decode merge does work.
+short kernels: an empty Triton kernel costs 1.0 us per launch in a CUDA graph on an H100
+(bench/kernels.py measures it with the card's ceilings).
 
-A kernel taking part gets two constexprs: ``WAIT_PRIOR`` (it was launched as a dependent, so it
-waits before reading anything) and ``TRIGGER`` (it lets its own dependent launch early). Both
+A kernel taking part gets one or both of two constexprs: ``WAIT_PRIOR`` (it was launched as a
+dependent, so it waits before reading anything) and ``TRIGGER`` (it lets its own dependent launch
+early). Both
 instructions are harmless when the launch was not a dependent one, but only exist from sm_90 on
 and not at all in Triton's interpreter, hence the flags.
 """
