@@ -1,9 +1,10 @@
 """Launch-shape sweep for the Triton kernels on a GPU (Llama-3.2-1B shapes: 32 q heads, 8 kv, D 64).
 
 Prefill: each PrefillConfig at 2048/4096/8192 tokens, head dim 64, in TFLOP/s (causal FLOPs).
-Decode: BLOCK_N x warps x stages x splits x dependent launches (merge after split pass, split
-pass after the kernel before it) at batch 1 (4k-32k) and 64 (4k, 32k), as % of the bandwidth
-floor (K and V bytes read once); ``--decode-grid wide``: BLOCK_N x warps x stages at batch 1.
+Decode: BLOCK_N x warps x splits x dependent launches (merge after split pass, split pass after
+the kernel before it) at batch 1 (4k-32k) and 64 (4k, 32k), as % of the bandwidth floor (K and V
+bytes read once); ``--decode-grid wide``: BLOCK_N x warps x stages at batch 1; ``--decode-grid
+variants``: step order x metadata read before the wait x graph length x rope_kv_store first.
 Prints the best settings per shape and writes every measurement as JSON.
 
 rope_kv_store: warps at 4096 tokens, as % of the bandwidth floor.
@@ -89,56 +90,124 @@ def sweep_prefill(results: list[dict]) -> None:
             logger.info("prefill %5d %s %.3f ms %.0f TFLOP/s", tokens, cfg, ms, tflops)
 
 
-def _rotating_decode(
-    sets: list, q: torch.Tensor, splits: int | None, block_n: int | None, counter
-) -> None:
-    k, v, tables, lens = sets[next(counter) % len(sets)]
-    dec.attention_decode(q, k, v, tables, lens, D**-0.5, num_splits=splits, block_n=block_n)
-
-
-# Decode settings per batch: block_n x warps x stages x splits x merge launched as a dependent of
-# the split pass x split pass launched as a dependent of the kernel before it. Batch 64 fills the
-# grid without splitting (no merge).
-DECODE_GRID = {
-    1: ((None, 64), (4,), (3,), (None, 32, 64, 128), (True, False), (False, True)),
-    64: ((None,), (4,), (3,), (None,), (False,), (False, True)),
+# Decode options: the launcher's module settings they stand for. Options not in this map are
+# the call's own (block_n, splits), the graph's (repeat: the rotation replayed that many times in
+# one graph, so the graph's own start and end weigh less) or the step's (chain).
+DECODE_SETTINGS = {
+    "warps": ("NUM_WARPS_SPLIT", "NUM_WARPS_WHOLE"),
+    "stages": ("NUM_STAGES",),
+    "dependent_merge": ("DEPENDENT_MERGE",),
+    "dependent_split": ("DEPENDENT_SPLIT",),
+    "interleaved": ("INTERLEAVED_STEPS",),
+    "early_metadata": ("EARLY_METADATA",),
 }
+
+
+def decode_defaults(batch: int) -> dict:
+    """Every option at what the launcher does by itself."""
+    return {
+        "block_n": None,
+        "splits": None,
+        "warps": dec.NUM_WARPS_SPLIT if batch == 1 else dec.NUM_WARPS_WHOLE,
+        "stages": dec.NUM_STAGES,
+        "dependent_merge": dec.DEPENDENT_MERGE,
+        "dependent_split": dec.DEPENDENT_SPLIT,
+        "interleaved": dec.INTERLEAVED_STEPS,
+        "early_metadata": dec.EARLY_METADATA,
+        "repeat": 1,
+        "chain": "none",
+    }
+
+
+# Options swept per batch (the rest at their defaults). Batch 64 fills the grid without
+# splitting (no merge).
+DECODE_GRID = {
+    1: {"block_n": (None, 64), "warps": (2, 4), "splits": (None, 32, 64, 128),
+        "dependent_merge": (True, False), "dependent_split": (False, True)},
+    64: {"dependent_split": (False, True)},
+}  # fmt: skip
 DECODE_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768), (64, 4096), (64, 32768))
-# --decode-grid wide: the step size, warps and pipeline depth at batch 1 only, with the launch
-# settings as they are (both dependent launches), for the split pass's own streaming rate.
-DECODE_WIDE_GRID = {1: ((32, 64, 128), (2, 4, 8), (2, 3, 4, 5), (None, 128), (True,), (True,))}
-DECODE_WIDE_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768))
+# --decode-grid wide: the step size, warps and pipeline depth at batch 1 only, for the split
+# pass's own streaming rate.
+DECODE_WIDE_GRID = {
+    1: {"block_n": (32, 64, 128), "warps": (2, 4, 8), "stages": (2, 3, 4, 5), "splits": (None, 128)}
+}
+BATCH1_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768))
+# --decode-grid variants: how steps are dealt to the split programs, where the metadata is read,
+# the graph's length, and the decode alone against rope_kv_store -> decode as a layer runs them.
+DECODE_VARIANT_GRID = {
+    1: {"interleaved": (False, True), "early_metadata": (False, True), "repeat": (1, 4),
+        "chain": ("none", "rope")},
+    64: {"interleaved": (False, True), "repeat": (1, 4)},
+}  # fmt: skip
+DECODE_VARIANT_SHAPES = (*BATCH1_SHAPES, (64, 4096))
 
 
-def sweep_decode(
-    results: list[dict], bandwidth: float, grid: dict | None = None, shapes=None
-) -> None:
-    grid, shapes = grid or DECODE_GRID, shapes or DECODE_SHAPES
+class _DecodeStep:
+    """One decode call per invocation, rotating over cache sets; with ``chain="rope"`` each call
+    first runs rope_kv_store for the sequences' newest token (as a Llama layer does), and the
+    decode reads the q it returns."""
+
+    def __init__(self, sets: list, q: torch.Tensor, block_n, splits, chain: str) -> None:
+        self.sets, self.q, self.block_n, self.splits = sets, q, block_n, splits
+        self.counter = itertools.count()
+        self.rope = None
+        if chain == "rope":
+            from rustinfer_ops_cuda.kernels.rope_store import rope_kv_store
+
+            from rustinfer.ops import build_cos_sin_cache
+
+            batch = q.shape[0]
+            lens = sets[0][3]
+            positions = (lens - 1).long()
+            cos_sin = build_cos_sin_cache(D, int(lens.max()) + 1, 500000.0, None, device="cuda")
+            k_new = torch.randn(batch, HKV, D, device="cuda", dtype=torch.bfloat16)
+            slots = [
+                tables[torch.arange(batch, device="cuda"), positions // PAGE].long() * PAGE
+                + positions % PAGE
+                for _, _, tables, _ in sets
+            ]
+            self.rope = (rope_kv_store, positions, cos_sin, k_new, slots)
+
+    def __call__(self) -> None:
+        i = next(self.counter) % len(self.sets)
+        k, v, tables, lens = self.sets[i]
+        q = self.q
+        if self.rope is not None:
+            rope_kv_store, positions, cos_sin, k_new, slots = self.rope
+            q = rope_kv_store(q, k_new, k_new, positions, cos_sin, k, v, slots[i])
+        dec.attention_decode(
+            q, k, v, tables, lens, D**-0.5, num_splits=self.splits, block_n=self.block_n
+        )
+
+
+def sweep_decode(results: list[dict], bandwidth: float, grid: dict, shapes) -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
-    defaults = (dec.NUM_WARPS_SPLIT, dec.NUM_WARPS_WHOLE, dec.NUM_STAGES, dec.DEPENDENT_MERGE,
-                dec.DEPENDENT_SPLIT)  # fmt: skip
+    saved = {attr: getattr(dec, attr) for attrs in DECODE_SETTINGS.values() for attr in attrs}
     for batch, ctx in shapes:
         # Rotate between cache sets when one fits in L2, so repeated runs do not hit the cache.
         sets = [_paged_cache(batch, ctx, gen) for _ in range(max(1, 2**17 // (batch * ctx)))]
         q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         kv_bytes = 2 * batch * ctx * HKV * D * 2
         floor_ms = (kv_bytes + 2 * q.numel() * 2) / bandwidth * 1e3
-        for block_n, warps, stages, splits, dep_merge, dep_split in itertools.product(*grid[batch]):
-            dec.NUM_WARPS_SPLIT = dec.NUM_WARPS_WHOLE = warps
-            dec.NUM_STAGES = stages
-            dec.DEPENDENT_MERGE, dec.DEPENDENT_SPLIT = dep_merge, dep_split
-            run = functools.partial(_rotating_decode, sets, q, splits, block_n, itertools.count())
+        names = list(grid[batch])
+        for values in itertools.product(*grid[batch].values()):
+            opts = {**decode_defaults(batch), **dict(zip(names, values, strict=True))}
+            for name, attrs in DECODE_SETTINGS.items():
+                for attr in attrs:
+                    setattr(dec, attr, opts[name])
+            step = _DecodeStep(sets, q, opts["block_n"], opts["splits"], opts["chain"])
             try:
-                ms = graph_replay_ms(run, len(sets))
+                ms = graph_replay_ms(step, len(sets) * opts["repeat"])
             except Exception as exc:
-                logger.warning("decode b%d ctx%d %s: %s", batch, ctx, (block_n, warps), exc)
+                logger.warning("decode b%d ctx%d %s: %s", batch, ctx, opts, exc)
                 continue
-            results.append({"kernel": "decode", "batch": batch, "ctx": ctx, "block_n": block_n,
-                            "num_warps": warps, "num_stages": stages, "splits": splits,
-                            "dependent_merge": dep_merge, "dependent_split": dep_split,
-                            "ms": ms, "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
-    (dec.NUM_WARPS_SPLIT, dec.NUM_WARPS_WHOLE, dec.NUM_STAGES, dec.DEPENDENT_MERGE,
-     dec.DEPENDENT_SPLIT) = defaults  # fmt: skip
+            results.append({"kernel": "decode", "batch": batch, "ctx": ctx, **opts, "ms": ms,
+                            "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
+            for attr, value in saved.items():
+                setattr(dec, attr, value)
+    for attr, value in saved.items():
+        setattr(dec, attr, value)
 
 
 def sweep_rope(results: list[dict], bandwidth: float) -> None:
@@ -189,18 +258,16 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write every measurement here as JSON")
     parser.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s for the floor")
     parser.add_argument("--only", choices=("prefill", "decode", "rope"), default=None)
-    parser.add_argument("--decode-grid", choices=("default", "wide"), default="default",
-                        help="wide: block_n x warps x stages at batch 1, 4k-32k")  # fmt: skip
+    parser.add_argument("--decode-grid", choices=tuple(DECODE_GRIDS), default="default",
+                        help="wide: block_n x warps x stages at batch 1, 4k-32k; variants: step "
+                             "order x early metadata x graph length x rope chain")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     results: list[dict] = []
     if args.only in (None, "prefill"):
         sweep_prefill(results)
     if args.only in (None, "decode"):
-        if args.decode_grid == "wide":
-            sweep_decode(results, args.bandwidth, DECODE_WIDE_GRID, DECODE_WIDE_SHAPES)
-        else:
-            sweep_decode(results, args.bandwidth)
+        sweep_decode(results, args.bandwidth, *DECODE_GRIDS[args.decode_grid])
     if args.only in (None, "rope"):
         sweep_rope(results, args.bandwidth)
     if args.out:
@@ -215,19 +282,14 @@ def main() -> int:
                          f"w{c['num_warps']} s{c['num_stages']}"
                          f"{' paired' if c.get('paired') else ''}: {r['ms']:.3f} ms "
                          f"{r['tflops']:.0f} TFLOP/s")  # fmt: skip
-    for batch, ctx in DECODE_SHAPES:
+    for batch, ctx in sorted({(r["batch"], r["ctx"]) for r in results if "batch" in r}):
         rows = [r for r in results if r.get("batch") == batch and r.get("ctx") == ctx]
-        default = [r for r in rows if (r["block_n"], r["num_warps"], r["num_stages"], r["splits"],
-                                       r["dependent_merge"] or batch > 1, r["dependent_split"])
-                   == (*defaults_of(dec, batch), None, dec.DEPENDENT_MERGE,
-                       dec.DEPENDENT_SPLIT)]  # fmt: skip
+        defaults = decode_defaults(batch)
+        default = [r for r in rows if all(r[k] == v for k, v in defaults.items())]
         for r in sorted(rows, key=lambda r: r["ms"])[:5] + default:
-            lines.append(f"decode b{batch:2d} ctx{ctx:6d} bn{r['block_n']} w{r['num_warps']} "
-                         f"s{r['num_stages']} splits={r['splits']} "
-                         f"dep_merge={r['dependent_merge']} dep_split={r['dependent_split']}: "
-                         f"{r['ms'] * 1e3:.1f} us "
-                         f"{r['pct_floor']:.0f}% of floor"
-                         + (" (default)" if r in default else ""))  # fmt: skip
+            changed = " ".join(f"{k}={r[k]}" for k, v in defaults.items() if r[k] != v)
+            lines.append(f"decode b{batch:2d} ctx{ctx:6d} {changed or 'defaults'}: "
+                         f"{r['ms'] * 1e3:.1f} us {r['pct_floor']:.0f}% of floor")  # fmt: skip
     for r in sorted((r for r in results if r["kernel"] == "rope"), key=lambda r: r["ms"])[:4]:
         lines.append(f"rope T=4096 warps "
                      f"{r['num_warps'] or 'auto'}: {r['ms'] * 1e3:.1f} us "
@@ -236,11 +298,11 @@ def main() -> int:
     return 0
 
 
-def defaults_of(module, batch: int) -> tuple[None, int, int]:
-    """The decode sweep's (block_n, warps, stages) that mean "the launcher's own choice"; the
-    warps are the split ones at batch 1 (the sweep's split shapes), the unsplit ones above."""
-    warps = module.NUM_WARPS_SPLIT if batch == 1 else module.NUM_WARPS_WHOLE
-    return None, warps, module.NUM_STAGES
+DECODE_GRIDS = {
+    "default": (DECODE_GRID, DECODE_SHAPES),
+    "wide": (DECODE_WIDE_GRID, BATCH1_SHAPES),
+    "variants": (DECODE_VARIANT_GRID, DECODE_VARIANT_SHAPES),
+}
 
 
 if __name__ == "__main__":
