@@ -19,16 +19,21 @@ import torch
 WARMUP_S = 0.2
 ROUNDS = 7
 REPLAYS_PER_ROUND = 10
+# Calls per graph at least: a replay's own start and end (between graphs, not between kernels)
+# are spread over this many calls. With only the 4 input sets of a 32k-context decode in the
+# graph they added 0.3-0.4 us per call (H100 sweep 7, repeat=1 against 4).
+MIN_CALLS = 16
 
 
 def graph_replay_ms(fn: Callable[[], Any], calls: int) -> float:
     """Median milliseconds of one call of ``fn``, from replays of a CUDA graph of ``calls`` calls.
 
-    ``fn`` should rotate over ``calls`` input sets so that one replay reads each set once, from
-    memory rather than L2. Raises whatever graph capture raises when ``fn`` cannot be captured.
-    Timed with CUDA events, NOT do_bench: its L2 flush leaves ~50 MB of dirty lines that get
+    ``fn`` should rotate over ``calls`` input sets so that each set is read from memory rather
+    than L2; the graph cycles through them as often as MIN_CALLS needs. Raises whatever graph
+    capture raises when ``fn`` cannot be captured. Timed with CUDA events, NOT do_bench: its L2 flush leaves ~50 MB of dirty lines that get
     written back while the next kernel runs, which adds ~15 us to a kernel that reads 60 MB.
     """
+    calls *= -(-MIN_CALLS // calls)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

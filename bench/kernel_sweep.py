@@ -4,7 +4,7 @@ Prefill: each PrefillConfig at 2048/4096/8192 tokens, head dim 64, in TFLOP/s (c
 Decode: BLOCK_N x warps x splits x dependent launches (merge after split pass, split pass after
 the kernel before it) at batch 1 (4k-32k) and 64 (4k, 32k), as % of the bandwidth floor (K and V
 bytes read once); ``--decode-grid wide``: BLOCK_N x warps x stages at batch 1; ``--decode-grid
-variants``: step order x metadata read before the wait x graph length x rope_kv_store first.
+variants``: the decode alone and after rope_kv_store.
 Prints the best settings per shape and writes every measurement as JSON.
 
 rope_kv_store: warps at 4096 tokens, as % of the bandwidth floor.
@@ -91,15 +91,12 @@ def sweep_prefill(results: list[dict]) -> None:
 
 
 # Decode options: the launcher's module settings they stand for. Options not in this map are
-# the call's own (block_n, splits), the graph's (repeat: the rotation replayed that many times in
-# one graph, so the graph's own start and end weigh less) or the step's (chain).
+# the call's own (block_n, splits) or the step's (chain).
 DECODE_SETTINGS = {
     "warps": ("NUM_WARPS_SPLIT", "NUM_WARPS_WHOLE"),
     "stages": ("NUM_STAGES",),
     "dependent_merge": ("DEPENDENT_MERGE",),
     "dependent_split": ("DEPENDENT_SPLIT",),
-    "interleaved": ("INTERLEAVED_STEPS",),
-    "early_metadata": ("EARLY_METADATA",),
 }
 
 
@@ -112,9 +109,6 @@ def decode_defaults(batch: int) -> dict:
         "stages": dec.NUM_STAGES,
         "dependent_merge": dec.DEPENDENT_MERGE,
         "dependent_split": dec.DEPENDENT_SPLIT,
-        "interleaved": dec.INTERLEAVED_STEPS,
-        "early_metadata": dec.EARLY_METADATA,
-        "repeat": 1,
         "chain": "none",
     }
 
@@ -133,14 +127,10 @@ DECODE_WIDE_GRID = {
     1: {"block_n": (32, 64, 128), "warps": (2, 4, 8), "stages": (2, 3, 4, 5), "splits": (None, 128)}
 }
 BATCH1_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768))
-# --decode-grid variants: how steps are dealt to the split programs, where the metadata is read,
-# the graph's length, and the decode alone against rope_kv_store -> decode as a layer runs them.
-DECODE_VARIANT_GRID = {
-    1: {"interleaved": (False, True), "early_metadata": (False, True), "repeat": (1, 4),
-        "chain": ("none", "rope")},
-    64: {"interleaved": (False, True), "repeat": (1, 4)},
-}  # fmt: skip
-DECODE_VARIANT_SHAPES = (*BATCH1_SHAPES, (64, 4096))
+# --decode-grid variants: the decode alone against rope_kv_store -> decode, as a Llama layer
+# runs them (rope_kv_store lets its dependents launch early).
+DECODE_VARIANT_GRID = {1: {"chain": ("none", "rope")}}
+DECODE_VARIANT_SHAPES = BATCH1_SHAPES
 
 
 class _DecodeStep:
@@ -198,7 +188,7 @@ def sweep_decode(results: list[dict], bandwidth: float, grid: dict, shapes) -> N
                     setattr(dec, attr, opts[name])
             step = _DecodeStep(sets, q, opts["block_n"], opts["splits"], opts["chain"])
             try:
-                ms = graph_replay_ms(step, len(sets) * opts["repeat"])
+                ms = graph_replay_ms(step, len(sets))
             except Exception as exc:
                 logger.warning("decode b%d ctx%d %s: %s", batch, ctx, opts, exc)
                 continue
@@ -259,8 +249,8 @@ def main() -> int:
     parser.add_argument("--bandwidth", type=float, default=2.95e12, help="bytes/s for the floor")
     parser.add_argument("--only", choices=("prefill", "decode", "rope"), default=None)
     parser.add_argument("--decode-grid", choices=tuple(DECODE_GRIDS), default="default",
-                        help="wide: block_n x warps x stages at batch 1, 4k-32k; variants: step "
-                             "order x early metadata x graph length x rope chain")  # fmt: skip
+                        help="wide: block_n x warps x stages at batch 1, 4k-32k; variants: alone "
+                             "and after rope_kv_store")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     results: list[dict] = []

@@ -193,22 +193,15 @@ def _captured(step: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, t
 
 
 @cuda
-@pytest.mark.parametrize(
-    "dependent_split, early_metadata",
-    [(False, False), (True, False), (True, True)],
-    ids=["split", "dependent-split", "dependent-split-early-metadata"],
-)
+@pytest.mark.parametrize("dependent_split", [False, True], ids=["split", "dependent-split"])
 @pytest.mark.parametrize("dependent_merge", [False, True], ids=["merge", "dependent-merge"])
-def test_decode_cuda_graph_replay_new_lengths(
-    dependent_merge, dependent_split, early_metadata, monkeypatch
-):
+def test_decode_cuda_graph_replay_new_lengths(dependent_merge, dependent_split, monkeypatch):
     # Captured once, replayed with other lengths and queries: the split count comes from shapes
     # and the chunk bounds from seq_lens on the device. With the kernels launched as programmatic
     # dependents (sm_90+), each must still wait for the writes of the kernel before it: the
     # captured kernel that writes q, and the split pass's partial results.
     monkeypatch.setattr(decode_attention, "DEPENDENT_MERGE", dependent_merge)
     monkeypatch.setattr(decode_attention, "DEPENDENT_SPLIT", dependent_split)
-    monkeypatch.setattr(decode_attention, "EARLY_METADATA", early_metadata)
     args = decode_args([6000, 3000], (32, 8), 64, 16, torch.bfloat16)
     q, k_cache, v_cache, tables, lens, scale = _on_device(args, "cuda", False)
 

@@ -50,44 +50,8 @@ def attend_step(
     """One step of the online softmax: the query rows ``q`` [M, D] against the keys ``keys``
     [N] of one sequence, gathered from the paged cache through ``table_row``. ``visible`` [M, N]
     masks scores when MASKED; ``key_valid`` [N] masks the loads. Returns (acc, m_i, l_i)."""
-    pages = load_pages(table_row, keys, key_valid, PAGE)
-    return attend_pages(
-        q, acc, m_i, l_i, pages, keys, key_valid, visible, k_cache_ptr, v_cache_ptr,
-        stride_cache_block, stride_cache_token, head_offset, dims, dim_valid, scale_log2,
-        PAGE=PAGE, MASKED=MASKED,
-    )  # fmt: skip
-
-
-@triton.jit
-def load_pages(table_row, keys, key_valid, PAGE: tl.constexpr):
-    """The cache block holding each of ``keys`` (int64, 0 where ``key_valid`` is false)."""
-    return tl.load(table_row + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
-
-
-@triton.jit
-def attend_pages(
-    q,
-    acc,
-    m_i,
-    l_i,
-    pages,
-    keys,
-    key_valid,
-    visible,
-    k_cache_ptr,
-    v_cache_ptr,
-    stride_cache_block,
-    stride_cache_token,
-    head_offset,
-    dims,
-    dim_valid,
-    scale_log2,
-    PAGE: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """attend_step with the keys' cache blocks already looked up (``load_pages``), for a kernel
-    that issues that lookup early."""
-    token = pages * stride_cache_block + (keys % PAGE) * stride_cache_token + head_offset
+    page = tl.load(table_row + keys // PAGE, mask=key_valid, other=0).to(tl.int64)
+    token = page * stride_cache_block + (keys % PAGE) * stride_cache_token + head_offset
     kv_mask = key_valid[:, None] & dim_valid[None, :]
     k = tl.load(k_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
     scores = tl.dot(q, tl.trans(k)) * scale_log2  # [M, N], log2 units

@@ -20,9 +20,7 @@ import triton.language as tl
 from rustinfer_ops_cuda.kernels.attention_common import (
     LOG2E,
     MIN_DOT,
-    attend_pages,
     attend_step,
-    load_pages,
     multiprocessor_count,
 )
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention
@@ -59,10 +57,6 @@ DEPENDENT_MERGE = True
 # when that kernel lets dependents launch early, as the merge and rope_kv_store (attention's
 # predecessor in a Llama layer) do: 8.0 / 11.5 / 17.5 / 29.6 us with both in the same sweep.
 DEPENDENT_SPLIT = True
-# Under evaluation (bench/kernel_sweep.py --decode-grid variants): interleaved steps, and the
-# sequence length and first block-table entries read before waiting for the prior kernel.
-INTERLEAVED_STEPS = True
-EARLY_METADATA = False
 
 
 @triton.jit
@@ -84,7 +78,6 @@ def _decode_kernel(
     stride_ob,
     stride_oh,
     scale_log2,
-    table_keys,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -92,30 +85,22 @@ def _decode_kernel(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
-    EARLY_METADATA: tl.constexpr,
     WAIT_PRIOR: tl.constexpr,
     TRIGGER: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_row
-    # The first step's keys: with interleaved steps they do not depend on the sequence length,
-    # so its block-table lookup goes out together with the length's load instead of after it.
-    first_keys = split * BLOCK_N + tl.arange(0, BLOCK_N)
-    if EARLY_METADATA:
-        seq_len = tl.load(seq_lens_ptr + seq)
-        if INTERLEAVED:
-            first_pages = load_pages(table_row, first_keys, first_keys < table_keys, PAGE)
     if WAIT_PRIOR:
         gdc_wait()
     if TRIGGER:
         gdc_launch_dependents()  # the merge may launch now: it waits for this grid's writes
-    if not EARLY_METADATA:
-        seq_len = tl.load(seq_lens_ptr + seq)
-        if INTERLEAVED:
-            first_pages = load_pages(table_row, first_keys, first_keys < table_keys, PAGE)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Chunk length: a whole number of BLOCK_N steps, so only the context's last step is ragged.
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
 
     rows = tl.arange(0, GROUP_PAD)
     row_valid = rows < GROUP
@@ -131,38 +116,16 @@ def _decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_row
     head_offset = kv_head * stride_cache_head
-    if INTERLEAVED:
-        # Steps split, split + NUM_SPLITS, ... of BLOCK_N keys: programs differ by one step at
-        # most, whatever the length, and the first step's pages are already on their way.
-        if split * BLOCK_N < seq_len:
-            key_valid = first_keys < seq_len
-            acc, m_i, l_i = attend_pages(
-                q, acc, m_i, l_i, first_pages, first_keys, key_valid, key_valid[None, :],
-                k_cache_ptr, v_cache_ptr, stride_cache_block, stride_cache_token, head_offset,
-                dims, dim_valid, scale_log2, PAGE=PAGE, MASKED=True,
-            )  # fmt: skip
-        for step in range(split + NUM_SPLITS, tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS):
-            keys = step * BLOCK_N + tl.arange(0, BLOCK_N)
-            key_valid = keys < seq_len
-            acc, m_i, l_i = attend_step(
-                q, acc, m_i, l_i, keys, key_valid, key_valid[None, :], table_row, k_cache_ptr,
-                v_cache_ptr, stride_cache_block, stride_cache_token, head_offset, dims, dim_valid,
-                scale_log2, PAGE=PAGE, MASKED=True,
-            )  # fmt: skip
-    else:
-        # Chunk length: a whole number of BLOCK_N steps, so only the context's last step is ragged.
-        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * chunk
-        end = tl.minimum(start + chunk, seq_len)
-        for n0 in range(start, end, BLOCK_N):
-            keys = n0 + tl.arange(0, BLOCK_N)
-            key_valid = keys < end
-            acc, m_i, l_i = attend_step(
-                q, acc, m_i, l_i, keys, key_valid, key_valid[None, :], table_row, k_cache_ptr,
-                v_cache_ptr, stride_cache_block, stride_cache_token, head_offset, dims, dim_valid,
-                scale_log2, PAGE=PAGE, MASKED=True,
-            )  # fmt: skip
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_valid = keys < end
+        acc, m_i, l_i = attend_step(
+            q, acc, m_i, l_i, keys, key_valid, key_valid[None, :], table_row, k_cache_ptr,
+            v_cache_ptr, stride_cache_block, stride_cache_token, head_offset, dims, dim_valid,
+            scale_log2, PAGE=PAGE, MASKED=True,
+        )  # fmt: skip
 
     out_mask = row_valid[:, None] & dim_valid[None, :]
     if NUM_SPLITS == 1:
@@ -296,7 +259,6 @@ def attention_decode(
         out.stride(0),
         out.stride(1),
         scale * LOG2E,
-        block_tables.shape[1] * page,
         GROUP=group,
         GROUP_PAD=max(MIN_DOT, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -304,8 +266,6 @@ def attention_decode(
         PAGE=page,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        INTERLEAVED=INTERLEAVED_STEPS,
-        EARLY_METADATA=dependent_split and EARLY_METADATA,
         WAIT_PRIOR=dependent_split,
         TRIGGER=dependents,
         num_warps=NUM_WARPS_SPLIT if num_splits > 1 else NUM_WARPS_WHOLE,
