@@ -4,7 +4,7 @@ Prefill: each PrefillConfig at 2048/4096/8192 tokens, head dim 64, in TFLOP/s (c
 Decode: BLOCK_N x warps x splits x dependent launches (merge after split pass, split pass after
 the kernel before it) at batch 1 (4k-32k) and 64 (4k, 32k), as % of the bandwidth floor (K and V
 bytes read once); ``--decode-grid wide``: BLOCK_N x warps x stages at batch 1; ``--decode-grid
-variants``: the decode alone and after rope_kv_store.
+variants``: the decode alone and after rope_kv_store, as a dependent launch or not.
 Prints the best settings per shape and writes every measurement as JSON.
 
 rope_kv_store: warps at 4096 tokens, as % of the bandwidth floor.
@@ -127,10 +127,13 @@ DECODE_WIDE_GRID = {
     1: {"block_n": (32, 64, 128), "warps": (2, 4, 8), "stages": (2, 3, 4, 5), "splits": (None, 128)}
 }
 BATCH1_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768))
-# --decode-grid variants: the decode alone against rope_kv_store -> decode, as a Llama layer
-# runs them (rope_kv_store lets its dependents launch early).
-DECODE_VARIANT_GRID = {1: {"chain": ("none", "rope")}}
-DECODE_VARIANT_SHAPES = BATCH1_SHAPES
+# --decode-grid variants: the decode alone (after the previous decode) against rope_kv_store ->
+# decode, as a Llama layer runs them, each with the split pass launched as a programmatic
+# dependent of the kernel before it or not.
+DECODE_VARIANT_GRID = {
+    batch: {"dependent_split": (False, True), "chain": ("none", "rope")} for batch in (1, 64)
+}
+DECODE_VARIANT_SHAPES = (*BATCH1_SHAPES, (64, 4096), (64, 32768))
 
 
 class _DecodeStep:
@@ -250,7 +253,7 @@ def main() -> int:
     parser.add_argument("--only", choices=("prefill", "decode", "rope"), default=None)
     parser.add_argument("--decode-grid", choices=tuple(DECODE_GRIDS), default="default",
                         help="wide: block_n x warps x stages at batch 1, 4k-32k; variants: alone "
-                             "and after rope_kv_store")  # fmt: skip
+                             "and after rope_kv_store, dependent launch or not")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     results: list[dict] = []
