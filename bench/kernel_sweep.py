@@ -128,11 +128,13 @@ DECODE_WIDE_GRID = {
 }
 BATCH1_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768))
 # --decode-grid variants: the decode alone (after the previous decode) against rope_kv_store ->
-# decode, as a Llama layer runs them, each with the split pass launched as a programmatic
-# dependent of the kernel before it or not.
+# decode, as a Llama layer runs them, with the split pass launched as a programmatic dependent of
+# the kernel before it or not, and (split grids) the merge as one of the split pass or not.
 DECODE_VARIANT_GRID = {
-    batch: {"dependent_split": (False, True), "chain": ("none", "rope")} for batch in (1, 64)
-}
+    1: {"dependent_merge": (False, True), "dependent_split": (False, True),
+        "chain": ("none", "rope")},
+    64: {"dependent_split": (False, True), "chain": ("none", "rope")},
+}  # fmt: skip
 DECODE_VARIANT_SHAPES = (*BATCH1_SHAPES, (64, 4096), (64, 32768))
 
 
