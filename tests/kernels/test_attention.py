@@ -221,11 +221,13 @@ def test_decode_cuda_graph_replay_new_lengths(dependent_merge, dependent_split, 
 
 
 @cuda
-def test_decode_cuda_graph_after_rope_kv_store():
+@pytest.mark.parametrize("dependent_split", [False, True], ids=["split", "dependent-split"])
+def test_decode_cuda_graph_after_rope_kv_store(dependent_split, monkeypatch):
     # A Llama layer's decode step: rope_kv_store rotates the new token's q and k and writes k and
     # v into the cache, then decode attention reads them. From sm_90 on, rope_kv_store lets its
-    # dependents launch early and the decode's split pass is one: it must still see every write.
-    # Captured once as the engine will, replayed with new tokens.
+    # dependents launch early, and the decode's split pass can be one: it must still see every
+    # write. Captured once as the engine will, replayed with new tokens.
+    monkeypatch.setattr(decode_attention, "DEPENDENT_SPLIT", dependent_split)
     dtype, bs = torch.bfloat16, 16
     _, k_cache, v_cache, tables, lens, scale = _on_device(
         decode_args([3000, 700, 17], (32, 8), 64, bs, dtype), "cuda", False

@@ -98,8 +98,9 @@ def _rope_kv_store_kernel(
     TRIGGER: tl.constexpr,
 ):
     if TRIGGER:
-        # Attention follows in a Llama layer: its kernel, launched as a programmatic dependent,
-        # may start now (it waits for this grid's writes before reading q or the cache).
+        # Attention follows in a Llama layer: a kernel launched as a programmatic dependent (the
+        # decode's split pass can be: DEPENDENT_SPLIT) may start now; it waits for this grid's
+        # writes before reading q or the cache.
         gdc_launch_dependents()
     # int64 address math: a block index times its stride passes 2^31 for caches over 2 G elements.
     t = tl.program_id(0).to(tl.int64)
