@@ -21,7 +21,7 @@ ROUNDS = 7
 REPLAYS_PER_ROUND = 10
 # Calls per graph at least: a replay's own start and end (between graphs, not between kernels)
 # are spread over this many calls. With only the 4 input sets of a 32k-context decode in the
-# graph they added 0.3-0.4 us per call (H100 sweep 7, repeat=1 against 4).
+# graph they added 0.3-0.4 us per call (H100 run 17 in bench/KERNEL_NOTES.md).
 MIN_CALLS = 16
 
 

@@ -49,13 +49,12 @@ MAX_SPLITS = 64
 # Never cut chunks shorter than this: below it the partial results cost more than they gain.
 MIN_KEYS_PER_SPLIT = 128
 # Launch the merge as a programmatic dependent of the split pass (sm_90+; dependent_launch.py).
-# H100 sweep 8, batch 1 at 4k / 8k / 16k / 32k context, after rope_kv_store as in a layer:
-# 11.8 / 14.6 / 20.8 / 33.0 us -> 11.2 / 14.0 / 20.1 / 32.3 us.
+# H100 sweep (bench/results/*-sweep-8-decode-chain.json), batch 1 at 4k / 8k / 16k / 32k context
+# after rope_kv_store, as in a layer: 11.8 / 14.6 / 20.8 / 33.0 us -> 11.2 / 14.0 / 20.1 / 32.3 us.
 DEPENDENT_MERGE = True
 # Launch the split pass as a dependent of whatever kernel precedes it on the stream (it then waits
-# for that kernel's writes before reading anything: q and the cache may be its output). Off: with
-# graphs of 16+ calls (H100 sweep 8, bench/results/*-sweep-8-decode-chain.json) it lost wherever a
-# layer would feel it. After rope_kv_store, which lets dependents launch at its start, batch 1 at
+# for that kernel's writes before reading anything: q and the cache may be its output). Off: in
+# the same sweep (graphs of 16+ calls) it lost wherever a layer would feel it. After rope_kv_store, which lets dependents launch at its start, batch 1 at
 # 4k / 8k / 16k / 32k took 11.3 / 14.6 / 20.8 / 32.6 us with it and 11.2 / 14.0 / 20.1 / 32.3
 # without; batch 64 read 91-97% of the floor with it and 94-100% without. Alone (after the
 # previous decode) batch 1 moved by under 0.3 us either way.
