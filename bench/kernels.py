@@ -4,7 +4,8 @@ Measures the card's ceilings first (device-to-device copy bandwidth, bf16 matmul
 every kernel the Triton implementation (looked up through the op registry), the plain-torch
 implementation registered for cuda (rustinfer-ops-cpu) eager and under torch.compile, and for the
 attention ops torch's scaled_dot_product_attention on contiguous K/V (its best case). Each row gets
-a floor (bytes over the copy bandwidth, or FLOPs over the matmul rate) and the share of it reached.
+a floor (bytes over the copy bandwidth, or FLOPs over the matmul rate) and the share of it reached;
+decode rows also get the time of the plainest kernel that reads the same bytes once ("read").
 Progress goes to stderr; the table is printed last on stdout and every number goes to ``--out``.
 
     python bench/kernels.py --out kernels.json            # the full run (an H100: a few minutes)
@@ -46,6 +47,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from graph_timing import graph_replay_ms  # noqa: E402
 from rustinfer_ops_cuda.plugin import TRITON_TARGETS  # noqa: E402
 
@@ -164,6 +166,8 @@ class Row:
     sdpa_ms: float | str | None = None
     # SDPA on the paged cache as it is: each call first gathers the K/V blocks, then attends
     sdpa_paged_ms: float | str | None = None
+    # the fastest one-pass read of the same bytes by a plain streaming kernel (decode rows)
+    read_ms: float | str | None = None
     floor_ms: float | None = None
     pct_of_floor: float | None = None
     bytes: float | None = None
@@ -195,6 +199,8 @@ class Case:
     sdpa: Callable[[], tuple[Callable[[], Any], str]] | None = None
     # builds "gather the paged K/V, then SDPA" -> timed callable
     sdpa_paged: Callable[[], Callable[[], Any]] | None = None
+    # times the plain-read peer -> ms
+    read_peer: Callable[[], float] | None = None
 
 
 class Bench:
@@ -709,6 +715,9 @@ def decode_case(bench: Bench, batch: int, ctx: int) -> Case:
 
         return rotating([functools.partial(gather_and_attend, *a) for a in sets])
 
+    def read_peer() -> float:
+        return plain_read_ms(bench, kv_bytes)
+
     goal = f">= {DECODE_GOAL_PCT:.0f}% of floor, <= SDPA" if ctx >= s.decode_goal_ctx else None
     return Case(
         "attention_decode",
@@ -721,6 +730,7 @@ def decode_case(bench: Bench, batch: int, ctx: int) -> Case:
         goal_check=decode_goal_met if goal else None,
         sdpa=sdpa,
         sdpa_paged=sdpa_paged,
+        read_peer=read_peer if kv_bytes <= READ_PEER_MAX_BYTES else None,
     )
 
 
@@ -734,6 +744,47 @@ def decode_goal_met(r: Row) -> bool:
         and r.triton_ms is not None
         and r.triton_ms <= r.sdpa_paged_ms
     )
+
+
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """Each program sums one contiguous slice of x (fp32) and stores one number: the least a
+    kernel can do that reads every byte once."""
+    pid = tl.program_id(0)
+    per_program = tl.cdiv(tl.cdiv(n, tl.num_programs(0)), BLOCK) * BLOCK
+    start = pid * per_program
+    acc = tl.zeros([BLOCK], tl.float32)
+    for offset in range(start, tl.minimum(start + per_program, n), BLOCK):
+        idx = offset + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc, 0))
+
+
+# The plain-read peer's launch shapes: programs per multiprocessor x elements per step; the
+# fastest counts.
+READ_PROGRAMS_PER_SM = (1, 2, 4, 8)
+READ_BLOCKS = (1024, 4096)
+# Decode rows above this many K/V bytes skip the peer (batch 64 at long contexts: minutes of
+# replays for a figure the copy bandwidth already gives).
+READ_PEER_MAX_BYTES = 1e9
+
+
+def plain_read_ms(bench: Bench, nbytes: float) -> float:
+    """The fastest one-pass read of ``nbytes`` of bf16 by _read_kernel over its launch shapes,
+    timed like the kernels (graph replays, input sets rotated past L2). What a batch-1 decode
+    could at best take if it did nothing but read its K and V once, launch included."""
+    n = int(nbytes) // 2
+    sms = torch.cuda.get_device_properties(bench.device).multi_processor_count if bench.cuda else 4
+    sets = [torch.randn(n, device=bench.device, dtype=torch.bfloat16)
+            for _ in range(bench.n_sets(nbytes))]  # fmt: skip
+    best = math.inf
+    shapes = itertools.product(READ_PROGRAMS_PER_SM, READ_BLOCKS)
+    for per_sm, block in itertools.islice(shapes, None if bench.cuda else 1):
+        programs = per_sm * sms
+        out = torch.empty(programs, device=bench.device, dtype=torch.float32)
+        calls = [functools.partial(_read_kernel[(programs,)], x, out, n, BLOCK=block) for x in sets]
+        best = min(best, bench.graph_ms(rotating(calls), len(sets)))
+    return best
 
 
 def prefill_case(bench: Bench, q_len: int, prefix: int, goal: bool) -> Case:
@@ -892,6 +943,13 @@ def run_case(bench: Bench, case: Case, impls: Impls) -> Row:
             row.sdpa_paged_ms = f"failed: {short(exc)}"
         bench.free()
 
+    if case.read_peer is not None:
+        try:
+            row.read_ms = case.read_peer()
+        except Exception as exc:
+            row.read_ms = f"failed: {short(exc)}"
+        bench.free()
+
     if row.triton_ms is not None and row.floor_ms is not None:
         row.pct_of_floor = 100.0 * row.floor_ms / row.triton_ms
     if row.triton_ms is not None and case.flops is not None:
@@ -977,6 +1035,7 @@ def table(rows: list[Row]) -> str:
         "compile ms",
         "sdpa ms",
         "sdpa+gather ms",
+        "read ms",
         "floor ms",
         "achieved",
         "goal",
@@ -998,6 +1057,7 @@ def table(rows: list[Row]) -> str:
             fmt_ms(r.compile_ms),
             fmt_ms(r.sdpa_ms),
             fmt_ms(r.sdpa_paged_ms),
+            fmt_ms(r.read_ms),
             fmt_ms(r.floor_ms),
             achieved(r),
             r.goal or "-",
