@@ -4,7 +4,8 @@ Prefill: each PrefillConfig at 2048/4096/8192 tokens, head dim 64, in TFLOP/s (c
 Decode: BLOCK_N x warps x splits x dependent launches (merge after split pass, split pass after
 the kernel before it) at batch 1 (4k-32k) and 64 (4k, 32k), as % of the bandwidth floor (K and V
 bytes read once); ``--decode-grid wide``: BLOCK_N x warps x stages at batch 1; ``--decode-grid
-variants``: the decode alone and after rope_kv_store, as a dependent launch or not.
+variants``: the decode alone and after rope_kv_store, as a dependent launch or not; ``parts``:
+pages in order and the merge skipped, where batch 1's time goes.
 Prints the best settings per shape and writes every measurement as JSON.
 
 rope_kv_store: warps at 4096 tokens, as % of the bandwidth floor.
@@ -32,14 +33,19 @@ logger = logging.getLogger("kernel_sweep")
 HQ, HKV, D, PAGE = 32, 8, 64, 16
 
 
-def _paged_cache(batch: int, ctx: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Random bf16 caches with each sequence's blocks shuffled over the pool."""
+def _paged_cache(
+    batch: int, ctx: int, generator: torch.Generator, shuffled: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """Random bf16 caches with each sequence's blocks shuffled over the pool (or in order)."""
     blocks_per_seq = triton.cdiv(ctx, PAGE)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, PAGE, HKV, D)
     k = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator)
     v = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator)
-    perm = torch.randperm(num_blocks, device="cuda", generator=generator).to(torch.int32)
+    if shuffled:
+        perm = torch.randperm(num_blocks, device="cuda", generator=generator).to(torch.int32)
+    else:
+        perm = torch.arange(num_blocks, device="cuda", dtype=torch.int32)
     tables = perm.view(batch, blocks_per_seq).contiguous()
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     return k, v, tables, lens
@@ -110,6 +116,8 @@ def decode_defaults(batch: int) -> dict:
         "dependent_merge": dec.DEPENDENT_MERGE,
         "dependent_split": dec.DEPENDENT_SPLIT,
         "chain": "none",
+        "pages": "shuffled",
+        "merge": "run",
     }
 
 
@@ -136,6 +144,17 @@ DECODE_VARIANT_GRID = {
     64: {"dependent_split": (False, True), "chain": ("none", "rope")},
 }  # fmt: skip
 DECODE_VARIANT_SHAPES = (*BATCH1_SHAPES, (64, 4096), (64, 32768))
+# --decode-grid parts: where batch 1's time goes. Each sequence's blocks in order in the pool
+# rather than shuffled (what scattered pages cost), and the merge skipped (a diagnostic: the
+# output is then wrong; what is left is the split pass's own time).
+DECODE_PARTS_GRID = {1: {"pages": ("shuffled", "in order"), "merge": ("run", "skipped")}}
+
+
+class _NoLaunch:
+    """Stands in for a kernel whose launches the parts sweep skips."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
 
 
 class _DecodeStep:
@@ -181,7 +200,11 @@ def sweep_decode(results: list[dict], bandwidth: float, grid: dict, shapes) -> N
     saved = {attr: getattr(dec, attr) for attrs in DECODE_SETTINGS.values() for attr in attrs}
     for batch, ctx in shapes:
         # Rotate between cache sets when one fits in L2, so repeated runs do not hit the cache.
-        sets = [_paged_cache(batch, ctx, gen) for _ in range(max(1, 2**17 // (batch * ctx)))]
+        n_sets = max(1, 2**17 // (batch * ctx))
+        sets_by_pages = {
+            pages: [_paged_cache(batch, ctx, gen, pages == "shuffled") for _ in range(n_sets)]
+            for pages in grid[batch].get("pages", ("shuffled",))
+        }
         q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         kv_bytes = 2 * batch * ctx * HKV * D * 2
         floor_ms = (kv_bytes + 2 * q.numel() * 2) / bandwidth * 1e3
@@ -191,12 +214,18 @@ def sweep_decode(results: list[dict], bandwidth: float, grid: dict, shapes) -> N
             for name, attrs in DECODE_SETTINGS.items():
                 for attr in attrs:
                     setattr(dec, attr, opts[name])
+            sets = sets_by_pages[opts["pages"]]
             step = _DecodeStep(sets, q, opts["block_n"], opts["splits"], opts["chain"])
+            merge_kernel = dec._merge_kernel
+            if opts["merge"] == "skipped":
+                dec._merge_kernel = _NoLaunch()
             try:
                 ms = graph_replay_ms(step, len(sets))
             except Exception as exc:
                 logger.warning("decode b%d ctx%d %s: %s", batch, ctx, opts, exc)
                 continue
+            finally:
+                dec._merge_kernel = merge_kernel
             results.append({"kernel": "decode", "batch": batch, "ctx": ctx, **opts, "ms": ms,
                             "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
             for attr, value in saved.items():
@@ -255,7 +284,8 @@ def main() -> int:
     parser.add_argument("--only", choices=("prefill", "decode", "rope"), default=None)
     parser.add_argument("--decode-grid", choices=tuple(DECODE_GRIDS), default="default",
                         help="wide: block_n x warps x stages at batch 1, 4k-32k; variants: alone "
-                             "and after rope_kv_store, dependent launch or not")  # fmt: skip
+                             "and after rope_kv_store, dependent launch or not; parts: pages in "
+                             "order, merge skipped")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     results: list[dict] = []
@@ -297,6 +327,7 @@ DECODE_GRIDS = {
     "default": (DECODE_GRID, DECODE_SHAPES),
     "wide": (DECODE_WIDE_GRID, BATCH1_SHAPES),
     "variants": (DECODE_VARIANT_GRID, DECODE_VARIANT_SHAPES),
+    "parts": (DECODE_PARTS_GRID, BATCH1_SHAPES),
 }
 
 
