@@ -5,7 +5,7 @@ Decode: BLOCK_N x warps x splits x dependent launches (merge after split pass, s
 the kernel before it) at batch 1 (4k-32k) and 64 (4k, 32k), as % of the bandwidth floor (K and V
 bytes read once); ``--decode-grid wide``: BLOCK_N x warps x stages at batch 1; ``--decode-grid
 variants``: the decode alone and after rope_kv_store, as a dependent launch or not; ``parts``:
-pages in order and the merge skipped, where batch 1's time goes.
+pages in order and the merge skipped, where batch 1's time goes; ``merge``: splits x merge warps.
 Prints the best settings per shape and writes every measurement as JSON.
 
 rope_kv_store: warps at 4096 tokens, as % of the bandwidth floor.
@@ -103,6 +103,7 @@ DECODE_SETTINGS = {
     "stages": ("NUM_STAGES",),
     "dependent_merge": ("DEPENDENT_MERGE",),
     "dependent_split": ("DEPENDENT_SPLIT",),
+    "merge_warps": ("MERGE_WARPS",),
 }
 
 
@@ -115,6 +116,7 @@ def decode_defaults(batch: int) -> dict:
         "stages": dec.NUM_STAGES,
         "dependent_merge": dec.DEPENDENT_MERGE,
         "dependent_split": dec.DEPENDENT_SPLIT,
+        "merge_warps": dec.MERGE_WARPS,
         "chain": "none",
         "pages": "shuffled",
         "merge": "run",
@@ -148,6 +150,8 @@ DECODE_VARIANT_SHAPES = (*BATCH1_SHAPES, (64, 4096), (64, 32768))
 # rather than shuffled (what scattered pages cost), and the merge skipped (a diagnostic: the
 # output is then wrong; what is left is the split pass's own time).
 DECODE_PARTS_GRID = {1: {"pages": ("shuffled", "in order"), "merge": ("run", "skipped")}}
+# --decode-grid merge: fewer chunks (less for the merge to read) x the merge's warps.
+DECODE_MERGE_GRID = {1: {"splits": (None, 16, 32), "merge_warps": (1, 2, 4, 8)}}
 
 
 class _NoLaunch:
@@ -285,7 +289,7 @@ def main() -> int:
     parser.add_argument("--decode-grid", choices=tuple(DECODE_GRIDS), default="default",
                         help="wide: block_n x warps x stages at batch 1, 4k-32k; variants: alone "
                              "and after rope_kv_store, dependent launch or not; parts: pages in "
-                             "order, merge skipped")  # fmt: skip
+                             "order, merge skipped; merge: splits x merge warps")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     results: list[dict] = []
@@ -328,6 +332,7 @@ DECODE_GRIDS = {
     "wide": (DECODE_WIDE_GRID, BATCH1_SHAPES),
     "variants": (DECODE_VARIANT_GRID, DECODE_VARIANT_SHAPES),
     "parts": (DECODE_PARTS_GRID, BATCH1_SHAPES),
+    "merge": (DECODE_MERGE_GRID, BATCH1_SHAPES),
 }
 
 
