@@ -40,7 +40,10 @@ BLOCK_N = 64
 NUM_WARPS_SPLIT = 2
 NUM_WARPS_WHOLE = 4
 NUM_STAGES = 3
-MERGE_WARPS = 4
+# One warp per merge program: its reductions over the chunks stay within the warp (no shared
+# memory, no barrier). H100 sweep (bench/results/*-sweep-10-decode-merge-warps.json), batch 1 at
+# 4k / 8k / 16k / 32k: 8.8 / 11.5 / 17.1 / 29.1 us with 4 warps, 8.1 / 10.8 / 16.5 / 28.3 with 1.
+MERGE_WARPS = 1
 # Split a sequence's context only while the grid has fewer than this many programs per
 # multiprocessor: below it, too few loads are in flight to reach bandwidth.
 PROGRAMS_PER_SM = 2
