@@ -134,7 +134,12 @@ DECODE_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768), (64, 4096), (64, 
 # --decode-grid wide: the step size, warps and pipeline depth at batch 1 only, for the split
 # pass's own streaming rate.
 DECODE_WIDE_GRID = {
-    1: {"block_n": (32, 64, 128), "warps": (1, 2, 4, 8), "stages": (2, 3, 4, 5), "splits": (None, 128)}
+    1: {
+        "block_n": (32, 64, 128),
+        "warps": (1, 2, 4, 8),
+        "stages": (2, 3, 4, 5),
+        "splits": (None, 128),
+    }
 }
 BATCH1_SHAPES = ((1, 4096), (1, 8192), (1, 16384), (1, 32768))
 # --decode-grid variants: the decode alone (after the previous decode) against rope_kv_store ->
