@@ -218,8 +218,9 @@ def sweep_decode(results: list[dict], bandwidth: float, grid: dict, shapes) -> N
         kv_bytes = 2 * batch * ctx * HKV * D * 2
         floor_ms = (kv_bytes + 2 * q.numel() * 2) / bandwidth * 1e3
         names = list(grid[batch])
+        defaults = decode_defaults(batch)  # taken while the module settings are its own
         for values in itertools.product(*grid[batch].values()):
-            opts = {**decode_defaults(batch), **dict(zip(names, values, strict=True))}
+            opts = {**defaults, **dict(zip(names, values, strict=True))}
             for name, attrs in DECODE_SETTINGS.items():
                 for attr in attrs:
                     setattr(dec, attr, opts[name])
@@ -237,8 +238,6 @@ def sweep_decode(results: list[dict], bandwidth: float, grid: dict, shapes) -> N
                 dec._merge_kernel = merge_kernel
             results.append({"kernel": "decode", "batch": batch, "ctx": ctx, **opts, "ms": ms,
                             "floor_ms": floor_ms, "pct_floor": 100 * floor_ms / ms})  # fmt: skip
-            for attr, value in saved.items():
-                setattr(dec, attr, value)
     for attr, value in saved.items():
         setattr(dec, attr, value)
 

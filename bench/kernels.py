@@ -49,6 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from graph_timing import graph_replay_ms  # noqa: E402
+from rustinfer_ops_cuda.kernels.attention_common import multiprocessor_count  # noqa: E402
 from rustinfer_ops_cuda.plugin import TRITON_TARGETS  # noqa: E402
 
 OpFn = Callable[..., Any]
@@ -774,7 +775,7 @@ def plain_read_ms(bench: Bench, nbytes: float) -> float:
     timed like the kernels (graph replays, input sets rotated past L2). What a batch-1 decode
     could at best take if it did nothing but read its K and V once, launch included."""
     n = int(nbytes) // 2
-    sms = torch.cuda.get_device_properties(bench.device).multi_processor_count if bench.cuda else 4
+    sms = multiprocessor_count(bench.device) if bench.cuda else 4
     sets = [torch.randn(n, device=bench.device, dtype=torch.bfloat16)
             for _ in range(bench.n_sets(nbytes))]  # fmt: skip
     best = math.inf

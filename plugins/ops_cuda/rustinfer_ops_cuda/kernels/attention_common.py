@@ -15,6 +15,12 @@ LOG2E = 1.4426950408889634
 MIN_DOT = 16
 
 
+def dot_width(n: int) -> int:
+    """A tile dimension of ``n`` (head dim, GQA group) as tl.dot takes it: a power of two, at
+    least MIN_DOT."""
+    return max(MIN_DOT, triton.next_power_of_2(n))
+
+
 def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached: launchers ask on every call)."""
     index = device.index if device.index is not None else torch.cuda.current_device()

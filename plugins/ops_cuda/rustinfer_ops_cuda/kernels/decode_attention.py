@@ -19,8 +19,8 @@ import triton.language as tl
 
 from rustinfer_ops_cuda.kernels.attention_common import (
     LOG2E,
-    MIN_DOT,
     attend_step,
+    dot_width,
     multiprocessor_count,
 )
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention
@@ -230,7 +230,7 @@ def attention_decode(
     if batch == 0:
         return out
     group = n_heads // n_kv_heads
-    block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    block_d = dot_width(head_dim)
     if num_splits is None:
         num_splits = choose_num_splits(batch, n_kv_heads, block_tables.shape[1] * page, q.device)
     elif num_splits < 1 or num_splits & (num_splits - 1):
@@ -265,7 +265,7 @@ def attention_decode(
         out.stride(1),
         scale * LOG2E,
         GROUP=group,
-        GROUP_PAD=max(MIN_DOT, triton.next_power_of_2(group)),
+        GROUP_PAD=dot_width(group),
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         PAGE=page,

@@ -22,8 +22,8 @@ import triton.language as tl
 
 from rustinfer_ops_cuda.kernels.attention_common import (
     LOG2E,
-    MIN_DOT,
     attend_step,
+    dot_width,
     multiprocessor_count,
 )
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention, check_tensor
@@ -63,7 +63,7 @@ INTERPRET_CONFIG = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages
 def default_config(head_dim: int, device: torch.device) -> PrefillConfig:
     if device.type != "cuda":
         return INTERPRET_CONFIG
-    block_d = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    block_d = dot_width(head_dim)
     if block_d <= 64:
         return CONFIGS[64]
     if block_d <= 128:
@@ -260,7 +260,7 @@ def attention_prefill(
         scale * LOG2E,
         GROUP=n_heads // n_kv_heads,
         HEAD_DIM=head_dim,
-        BLOCK_D=max(MIN_DOT, triton.next_power_of_2(head_dim)),
+        BLOCK_D=dot_width(head_dim),
         PAGE=page,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
