@@ -8,12 +8,20 @@ from __future__ import annotations
 
 __all__ = [
     "ChatTemplateError",
+    "ContextLengthExceededError",
     "DefaultModelMissingError",
+    "DuplicateRequestError",
     "InvalidRequestError",
     "ModelLoadError",
+    "NotFoundError",
+    "NotReadyError",
+    "OverloadedError",
     "PluginLoadError",
     "RegistryError",
+    "RequestError",
     "RustinferError",
+    "ShuttingDownError",
+    "UnavailableError",
     "UnsupportedArchitectureError",
 ]
 
@@ -46,10 +54,66 @@ class PluginLoadError(RustinferError):
     """An installed plugin failed to import or to run its registration hooks."""
 
 
-class InvalidRequestError(RustinferError, ValueError):
-    """A request cannot be served as given (empty prompt, too long for the context); ``field`` names
-    the part to fix."""
+class RequestError(RustinferError):
+    """One request was refused; everything else keeps being served.
+
+    The servers map each subclass to a wire status (HTTP 4xx, a gRPC code) by its type, and put
+    ``code`` (stable, machine-readable) and ``field`` (the part of the request to fix, or None) in
+    the error body. Nothing here knows HTTP or gRPC.
+    """
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidRequestError(RequestError, ValueError):
+    """A request cannot be served as given (empty prompt, bad parameter); ``field`` names the part
+    to fix."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"invalid request field {field!r}: {message}")
-        self.field = field
+        super().__init__(f"invalid request field {field!r}: {message}", field)
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """The prompt plus the tokens asked for do not fit the context (model or KV cache)."""
+
+    code = "context_length_exceeded"
+
+
+class DuplicateRequestError(InvalidRequestError):
+    """A request id is already in flight; the live request of that id is left untouched."""
+
+    code = "duplicate_request_id"
+
+
+class NotFoundError(RequestError):
+    """The request names something this server does not have (a model)."""
+
+    code = "not_found"
+
+
+class OverloadedError(RequestError):
+    """The waiting queue is full: the caller should retry later."""
+
+    code = "overloaded"
+
+
+class UnavailableError(RequestError):
+    """The server cannot take requests right now (loading, shutting down): retry later."""
+
+    code = "unavailable"
+
+
+class ShuttingDownError(UnavailableError):
+    """The engine is shutting down: requests in flight end with this, new ones are refused."""
+
+    code = "shutting_down"
+
+
+class NotReadyError(UnavailableError):
+    """The model is still loading."""
+
+    code = "model_loading"

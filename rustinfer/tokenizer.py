@@ -18,6 +18,7 @@ import tokenizers
 
 from rustinfer.chat_template import LLAMA3_CHAT_TEMPLATE, render_chat_template
 from rustinfer.errors import ModelLoadError
+from rustinfer.token_bytes import TokenBytes
 
 if TYPE_CHECKING:
     import gguf
@@ -138,6 +139,7 @@ class Tokenizer:
         # When the declared add_bos disagrees with the post-processor, encode() fixes it up.
         self._bos_fix = 0 if self.add_bos == pp_adds_bos else (1 if self.add_bos else -1)
         self.chat_template: str | None = chat_template
+        self._token_bytes: TokenBytes | None = None  # built on first use (logprobs only)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -264,6 +266,12 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return int(token_id) in self._special_ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes of one token (part of a character, for some byte-level tokens)."""
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.hf_tokenizer)
+        return self._token_bytes.of(token_id)
 
     # ---- chat -----------------------------------------------------------------------------------
 

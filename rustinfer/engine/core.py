@@ -1,6 +1,7 @@
-"""The engine core: admit requests, run scheduled steps, sample, detokenize, finish.
+"""The engine core: admit requests, then step: schedule -> run -> sample -> process outputs.
 
-Synchronous and single-threaded by design: the asyncio face runs it in its own thread.
+Synchronous and single-threaded by design: the asyncio face runs it in its own thread. Output work
+(detokenizing, stop conditions, logprobs, timings) lives in :mod:`rustinfer.engine.output_processor`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from rustinfer.detokenizer import IncrementalDetokenizer
 from rustinfer.engine.block_manager import BlockManager
 from rustinfer.engine.model_runner import (
     DEFAULT_BLOCK_SIZE,
@@ -20,13 +20,14 @@ from rustinfer.engine.model_runner import (
     ScheduledSequence,
     num_blocks_for_budget,
 )
-from rustinfer.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
+from rustinfer.engine.output_processor import Finished, OutputProcessor
+from rustinfer.engine.outputs import RequestOutput
+from rustinfer.engine.rate import RecentRate
 from rustinfer.engine.request import Request, RequestStatus
 from rustinfer.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig
-from rustinfer.engine.stop import StopStringMatcher
-from rustinfer.errors import InvalidRequestError
+from rustinfer.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError
 from rustinfer.runtime.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    max_waiting: int = 1024
+    max_waiting: int = 1024  # sequences waiting beyond this are refused (OverloadedError)
     max_model_len: int | None = None  # None: the model's own limit
     kv_cache_bytes: int | None = None  # CPU budget for the KV cache (default 2 GiB)
     gpu_memory_utilization: float = 0.9  # on CUDA: this fraction of free memory holds the cache
@@ -45,20 +46,6 @@ class EngineConfig:
 
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
-
-
-class _SequenceState:
-    """Per-sequence text state: detokenizer, stop-string matcher, the ids that end it."""
-
-    def __init__(self, engine: EngineCore, request: Request, parent_id: str, index: int) -> None:
-        p = request.params
-        self.parent_id = parent_id
-        self.index = index
-        tok = engine.tokenizer
-        self.detok = IncrementalDetokenizer(tok, p.skip_special_tokens) if tok else None
-        self.stop = StopStringMatcher(p.stop, p.include_stop_str_in_output) if p.stop else None
-        self.stop_ids = set(p.stop_token_ids)
-        self.eos_ids = set() if p.ignore_eos else set(engine.eos_token_ids)
 
 
 class EngineCore:
@@ -86,12 +73,12 @@ class EngineCore:
             self.blocks,
         )
         self.sampler = Sampler()
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self.requests: dict[str, Request] = {}  # live sequences by sequence id
         self.children: dict[str, list[str]] = {}  # request id -> its sequence ids
-        self._state: dict[str, _SequenceState] = {}
         self._pending: list[RequestOutput] = []  # finals of aborted sequences, reported next step
         self._tokens_generated = 0
-        self._started = time.monotonic()
+        self._generation_rate = RecentRate()
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, cfg.block_size)
 
     def _kv_budget(self) -> int:
@@ -104,14 +91,29 @@ class EngineCore:
     def kv_capacity_tokens(self) -> int:
         return self.blocks.num_blocks * self.blocks.block_size
 
+    @property
+    def context_limit(self) -> int:
+        """The most tokens (prompt plus output) one sequence can hold."""
+        return min(self.max_model_len, self.kv_capacity_tokens)
+
     # -- admission ------------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
     ) -> None:
-        """Queue a request (``n`` sequences); raises before any work if it cannot be served."""
+        """Queue a request (``n`` sequences); raises before any work if it cannot be served.
+
+        ``arrival_time`` (``time.monotonic()``) is when the request reached the caller, so queue
+        time and TTFT include what happened before this call (tokenization, queueing).
+        """
         if request_id in self.children:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise DuplicateRequestError(
+                "request_id", f"request id {request_id!r} is already in use: pick a unique id"
+            )
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
             raise InvalidRequestError("prompt", "the prompt is empty: give at least one token")
@@ -121,28 +123,35 @@ class EngineCore:
                 "prompt", f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
             )
         params.check_vocab(self.vocab_size)
-        limit = min(self.max_model_len, self.kv_capacity_tokens)
+        limit = self.context_limit
         room = limit - len(prompt)
         if room < 1 or (params.max_tokens is not None and params.max_tokens > room):
             asked = params.max_tokens if params.max_tokens is not None else 1
-            raise InvalidRequestError(
-                "max_tokens",
+            raise ContextLengthExceededError(
+                "max_tokens" if room >= 1 else "prompt",
                 f"the prompt has {len(prompt)} tokens and max_tokens is {asked}: "
                 f"{len(prompt) + asked} exceeds the context limit of {limit} tokens "
-                f"(model {self.max_model_len}, KV cache {self.kv_capacity_tokens})",
+                f"(model {self.max_model_len}, KV cache {self.kv_capacity_tokens}); "
+                "shorten the prompt or lower max_tokens",
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else room
+        arrival = time.monotonic() if arrival_time is None else arrival_time
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{k}" for k in range(params.n)]
+        reqs = []
         for k, seq_id in enumerate(seq_ids):
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed + k)
-            req = Request(seq_id, list(prompt), params, max_tokens, generator=gen)
+            req = Request(
+                seq_id, list(prompt), params, max_tokens, arrival, request_id, k, generator=gen
+            )
             if k > 0 and self.config.enable_prefix_caching:
-                req.prefix_parent = self.requests[seq_ids[0]]
-            self.scheduler.add(req)  # may raise OverloadedError: nothing was registered yet
-            self.requests[seq_id] = req
-            self._state[seq_id] = _SequenceState(self, req, request_id, k)
+                req.prefix_parent = reqs[0]
+            reqs.append(req)
+        self.scheduler.add(reqs)  # all or none; may raise OverloadedError before any bookkeeping
+        for req in reqs:
+            self.requests[req.request_id] = req
+            self.outputs.add(req)
         self.children[request_id] = seq_ids
 
     def abort(self, request_id: str) -> bool:
@@ -153,9 +162,8 @@ class EngineCore:
         for seq_id in seq_ids:
             req = self.requests.get(seq_id)
             if req is not None and not req.is_finished:
-                self._pending.append(
-                    self._finish(req, RequestStatus.FINISHED_ABORTED, [], "", None)
-                )
+                self._pending.append(self.outputs.abort(req))
+                self._release(Finished(req, RequestStatus.FINISHED_ABORTED))
         return True
 
     # -- stepping -------------------------------------------------------------------------------
@@ -168,9 +176,23 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return outputs
+        logits = self.runner.execute(self._sequences(plan.scheduled))
+        sampling = [w for w in plan.scheduled if w.completes_sequence]
+        sampled = self._sample(logits, sampling) if sampling else None
+        self.scheduler.advance(plan)
+        if sampled is not None:
+            new, finished = self.outputs.process([w.request for w in sampling], sampled)
+            self._tokens_generated += len(new)
+            self._generation_rate.add(len(new))
+            for done in finished:
+                self._release(done)
+            outputs.extend(new)
+        return outputs
+
+    def _sequences(self, scheduled: list[ScheduledWork]) -> list[ScheduledSequence]:
         now = time.monotonic()
         seqs = []
-        for work in plan.scheduled:
+        for work in scheduled:
             req = work.request
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
@@ -183,16 +205,7 @@ class EngineCore:
                     needs_logits=work.completes_sequence,
                 )
             )
-        logits = self.runner.execute(seqs)
-        sampling = [w for w in plan.scheduled if w.completes_sequence]
-        sampled = self._sample(logits, sampling) if sampling else None
-        for work in plan.scheduled:
-            req = work.request
-            req.num_computed_tokens += work.num_tokens
-            self.blocks.commit_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
-        if sampled is not None:
-            outputs.extend(self._append_tokens(sampling, sampled))
-        return outputs
+        return seqs
 
     def _sample(self, logits: torch.Tensor, works: list[ScheduledWork]) -> SamplerOutput:
         reqs = [w.request for w in works]
@@ -207,106 +220,23 @@ class EngineCore:
         )
         return self.sampler(logits, batch)
 
-    def _append_tokens(self, works: list[ScheduledWork], out: SamplerOutput) -> list[RequestOutput]:
-        now = time.monotonic()
-        token_ids = out.token_ids.tolist()  # the one device -> host copy of the step
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        results = []
-        for row, work in enumerate(works):
-            req = work.request
-            token = token_ids[row]
-            req.output_token_ids.append(token)
-            self._tokens_generated += 1
-            if req.first_token_time is None:
-                req.first_token_time = now
-            lp = None
-            if logprobs is not None and req.params.logprobs is not None:
-                k = req.params.logprobs
-                top = dict(zip(top_ids[row][:k], top_lps[row][:k], strict=True)) if top_ids else {}
-                lp = [TokenLogprob(token, logprobs[row], top)]
-            results.append(self._process_token(req, token, lp))
-        return results
-
-    def _process_token(
-        self, req: Request, token: int, lp: list[TokenLogprob] | None
-    ) -> RequestOutput:
-        st = self._state[req.request_id]
-        n_out = len(req.output_token_ids)
-        may_stop = n_out >= req.params.min_tokens
-        if may_stop and token in st.stop_ids:
-            return self._finish(req, RequestStatus.FINISHED_STOPPED, [token], "", token, lp)
-        if may_stop and token in st.eos_ids:
-            return self._finish(req, RequestStatus.FINISHED_STOPPED, [token], "", None, lp)
-        delta = st.detok.add(token) if st.detok else ""
-        if st.stop is not None and may_stop:
-            delta, matched = st.stop.feed(delta)
-            if matched:
-                return self._finish(
-                    req, RequestStatus.FINISHED_STOPPED, [token], delta, st.stop.matched_stop, lp
-                )
-        if n_out >= req.max_tokens:
-            return self._finish(req, RequestStatus.FINISHED_LENGTH, [token], delta, None, lp)
-        return self._output(req, [token], delta, lp)
-
-    def _finish(
-        self,
-        req: Request,
-        status: RequestStatus,
-        tokens: list[int],
-        delta: str,
-        stop_reason: str | int | None,
-        lp: list[TokenLogprob] | None = None,
-    ) -> RequestOutput:
-        st = self._state[req.request_id]
-        if not isinstance(stop_reason, str):  # a matched stop string has already cut the text
-            # Text held back (a partial character, a possible stop-string start) is released.
-            tail = st.detok.flush() if st.detok else ""
-            if st.stop is not None:
-                more, matched = st.stop.feed(tail)
-                delta += more if matched else more + st.stop.flush()
-            else:
-                delta += tail
-        self.scheduler.finish(req, status)
-        out = self._output(req, tokens, delta, lp)
-        out.finished, out.finish_reason, out.stop_reason = True, status.value, stop_reason
-        self._forget(req)
-        return out
-
-    def _forget(self, req: Request) -> None:
-        st = self._state.pop(req.request_id)
+    def _release(self, done: Finished) -> None:
+        """Free a finished sequence's blocks and forget it; its request goes with its last one."""
+        req = done.request
+        self.scheduler.finish(req, done.status)
         self.requests.pop(req.request_id, None)
-        seq_ids = self.children.get(st.parent_id, [])
+        seq_ids = self.children.get(req.parent_id, [])
         if all(s not in self.requests for s in seq_ids):
-            self.children.pop(st.parent_id, None)
+            self.children.pop(req.parent_id, None)
 
-    def _output(
-        self, req: Request, tokens: list[int], delta: str, lp: list[TokenLogprob] | None
-    ) -> RequestOutput:
-        st = self._state[req.request_id]
-        now = time.monotonic()
-        t = RequestTimings()
-        if req.first_scheduled_time is not None:
-            t.queue_s = req.first_scheduled_time - req.arrival_time
-        if req.first_token_time is not None:
-            t.ttft_s = req.first_token_time - req.arrival_time
-            t.prefill_s = req.first_token_time - (req.first_scheduled_time or req.arrival_time)
-            t.decode_s = now - req.first_token_time
-        return RequestOutput(
-            request_id=st.parent_id,
-            index=st.index,
-            new_token_ids=tokens,
-            text_delta=delta,
-            logprobs=lp,
-            prompt_tokens=len(req.prompt_token_ids),
-            cached_tokens=req.num_cached_tokens,
-            timings=t,
-        )
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second over the last few seconds (safe from any thread)."""
+        return self._generation_rate.per_second()
 
     def stats(self) -> dict[str, float | int]:
+        """Counters and gauges as of now; ``tokens_per_second`` is the rate over the last few
+        seconds, so it falls back to zero when the engine goes idle."""
         b = self.blocks.stats()
-        elapsed = max(time.monotonic() - self._started, 1e-9)
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
@@ -316,5 +246,5 @@ class EngineCore:
             "prefix_cache_hits": b["prefix_cache_hits"],
             "preemptions": self.scheduler.num_preemptions,
             "tokens_generated": self._tokens_generated,
-            "tokens_per_second": self._tokens_generated / elapsed,
+            "tokens_per_second": self.tokens_per_second(),
         }

@@ -37,6 +37,8 @@ class Request:
     params: SamplingParams
     max_tokens: int  # params.max_tokens, or what the context limit leaves
     arrival_time: float = field(default_factory=time.monotonic)
+    parent_id: str = ""  # the client's request id ("" : this sequence's own id)
+    index: int = 0  # this sequence's place among the request's n
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_cached_tokens: int = 0  # of the prompt, served by the prefix cache at admission
@@ -48,6 +50,9 @@ class Request:
     prefix_parent: Request | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.parent_id = self.parent_id or self.request_id
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from rustinfer.errors import RustinferError
+from rustinfer.errors import InvalidRequestError, RequestError
 
 __all__ = ["MAX_LOGPROBS", "SamplingParams", "SamplingParamsError", "SamplingType"]
 
@@ -25,12 +25,11 @@ GREEDY_EPS = 1e-5
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 
-class SamplingParamsError(RustinferError, ValueError):
+class SamplingParamsError(InvalidRequestError):
     """A sampling parameter is out of range or of the wrong type; ``field`` names it."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"invalid sampling parameter {field!r}: {message}")
-        self.field = field
+        RequestError.__init__(self, f"invalid sampling parameter {field!r}: {message}", field)
 
 
 class SamplingType(enum.Enum):

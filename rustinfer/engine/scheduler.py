@@ -18,13 +18,11 @@ from dataclasses import dataclass, field
 
 from rustinfer.engine.block_manager import BlockManager
 from rustinfer.engine.request import Request, RequestStatus
-from rustinfer.errors import RustinferError
+from rustinfer.errors import OverloadedError
+
+__all__ = ["OverloadedError", "ScheduledWork", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
 logger = logging.getLogger(__name__)
-
-
-class OverloadedError(RustinferError):
-    """The waiting queue is full: the caller should retry later."""
 
 
 @dataclass
@@ -70,14 +68,17 @@ class Scheduler:
 
     # -- queue ----------------------------------------------------------------------------------
 
-    def add(self, request: Request) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
+    def add(self, requests: list[Request]) -> None:
+        """Queue the sequences of one request, all or none (an ``n > 1`` request is never left
+        half queued)."""
+        if len(self.waiting) + len(requests) > self.config.max_waiting:
             raise OverloadedError(
                 f"the server is overloaded: {len(self.waiting)} requests are already waiting "
                 f"(max_waiting={self.config.max_waiting}); retry later"
             )
-        request.status = RequestStatus.WAITING
-        self.waiting.append(request)
+        for request in requests:
+            request.status = RequestStatus.WAITING
+            self.waiting.append(request)
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """Remove a request (finished or aborted) wherever it is, freeing its blocks."""
@@ -91,6 +92,18 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    def advance(self, plan: SchedulerOutput) -> None:
+        """Record that ``plan`` ran: each request's KV now covers its scheduled tokens.
+
+        Call it before the step's sampled tokens are appended. The scheduler is the one writer of
+        ``num_computed_tokens`` (admission sets the cached prefix, preemption resets it, this
+        advances it), so a sequence's progress cannot be updated from two places that disagree.
+        """
+        for work in plan.scheduled:
+            req = work.request
+            req.num_computed_tokens += work.num_tokens
+            self.blocks.commit_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
 
     # -- one step -------------------------------------------------------------------------------
 

@@ -6,12 +6,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from rustinfer.config import ModelConfig
+from rustinfer.default_model import DEFAULT_MODEL_NAME, default_model_path
 from rustinfer.device import Device, resolve_device
-from rustinfer.errors import UnsupportedArchitectureError
+from rustinfer.errors import DefaultModelMissingError, UnsupportedArchitectureError
 from rustinfer.loaders import ModelSource, dummy_weights, load_model_source, parse_dtype
 from rustinfer.models.base import Model
 from rustinfer.models.op_table import OpTable
@@ -31,6 +33,25 @@ class LoadedModel:
     dtype: torch.dtype
     source: ModelSource
     load_seconds: float
+
+    @property
+    def name(self) -> str:
+        """A readable model name: the embedded model's own, else the file or folder name."""
+        path = self.source.path
+        if path is None:
+            return self.config.architecture
+        if path == _default_path_or_none():
+            return DEFAULT_MODEL_NAME
+        if path.name == "config.json":  # a dummy built from a config file
+            return path.parent.name
+        return path.stem if path.suffix == ".gguf" else path.name
+
+
+def _default_path_or_none() -> Path | None:
+    try:
+        return default_model_path()
+    except DefaultModelMissingError:
+        return None
 
 
 def model_class_for(config: ModelConfig, registries: Registries) -> type[Model]:
