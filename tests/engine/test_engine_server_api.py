@@ -7,8 +7,8 @@ import time
 
 import pytest
 from model_helpers import random_weights, tiny_config, write_checkpoint
-from engine.test_async_engine import GREEDY, LONG, PROMPTS, collect, make_core, wait_idle
 
+from engine.test_async_engine import GREEDY, LONG, PROMPTS, collect, make_core, wait_idle
 from rustinfer.engine.async_engine import AsyncEngine
 from rustinfer.engine.rate import RecentRate
 from rustinfer.engine.sampling_params import SamplingParams

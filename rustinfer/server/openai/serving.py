@@ -1,0 +1,288 @@
+"""What both OpenAI endpoints share: parameters, submission, disconnects, usage, SSE framing.
+
+A request's life: checked (model, refused fields), tokenized off the event loop, turned into
+``SamplingParams`` (which validate), submitted (the engine refuses before any work: too long,
+queue full), then either collected or streamed. A client that goes away, at any point after
+submission, aborts its request in the engine at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from rustinfer.engine.async_engine import AsyncEngine, RequestStream
+from rustinfer.engine.outputs import RequestOutput, RequestTimings
+from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.errors import NotFoundError
+from rustinfer.server.openai.errors import ApiError, error_body, error_for
+from rustinfer.server.openai.protocol import _SamplingFields
+
+__all__ = ["Choice", "Serving", "sse", "usage_dict"]
+
+logger = logging.getLogger(__name__)
+
+# Upper bound on choices per request, so one request cannot queue the whole waiting room.
+MAX_CHOICES = 128
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    """One server-sent event line (``data: ...`` and a blank line)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def finite(value: float) -> float:
+    """JSON has no -inf: a token the model rules out entirely reports a very low logprob."""
+    return value if math.isfinite(value) else -9999.0
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; the request has been aborted."""
+
+
+@dataclass
+class Choice:
+    """One sequence's accumulated result (for non-streaming answers and the usage chunk)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+    timings: RequestTimings = field(default_factory=RequestTimings)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text_delta
+        self.token_ids.extend(out.new_token_ids)
+        if out.logprobs:
+            self.logprobs.extend(out.logprobs)
+        if out.finished:
+            self.finish_reason = openai_finish_reason(out.finish_reason)
+        self.timings = out.timings
+        self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    # "abort" reaches a client only when the server stops the request itself (shutdown).
+    return reason
+
+
+def usage_dict(choices: Sequence[Choice], prompts: Sequence[int]) -> dict[str, Any]:
+    """OpenAI usage for a request (prompts counted once, outputs summed) plus the original's
+    ``performance`` extension."""
+    prompt_tokens = sum(prompts)
+    completion = sum(len(c.token_ids) for c in choices)
+    ttft = [c.timings.ttft_s for c in choices if c.timings.ttft_s is not None]
+    prefill = [c.timings.prefill_s for c in choices if c.timings.prefill_s is not None]
+    decode = [c.timings.decode_s for c in choices if c.timings.decode_s is not None]
+    iterations = max((len(c.token_ids) - 1 for c in choices), default=0)
+    decode_s = max(decode, default=0.0)
+    decode_tokens = sum(max(len(c.token_ids) - 1, 0) for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in choices[:1])},
+        "performance": {
+            "prefill_ms": round(min(prefill, default=0.0) * 1000, 3),
+            "decode_ms": round(decode_s * 1000, 3),
+            "decode_iterations": max(iterations, 0),
+            "tokens_per_second": round(decode_tokens / decode_s, 3) if decode_s > 0 else 0.0,
+            "time_to_first_token_ms": round(min(ttft, default=0.0) * 1000, 3),
+        },
+    }
+
+
+class Serving:
+    """The engine as the OpenAI endpoints see it."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    # -- checks ------------------------------------------------------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise NotFoundError(
+                f"the model {model!r} does not exist here; this server serves {self.model_name!r} "
+                "(see GET /v1/models)",
+                "model",
+            )
+
+    @staticmethod
+    def refuse(field_name: str, what: str) -> ApiError:
+        return ApiError(
+            400,
+            f"{what} is not supported by this server yet: remove {field_name!r} from the request",
+            param=field_name,
+            code="unsupported_parameter",
+        )
+
+    def sampling_params(
+        self, req: _SamplingFields, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        """The request's sampling fields as engine parameters (validated by SamplingParams)."""
+        if not 1 <= req.n <= MAX_CHOICES:
+            raise ApiError(400, f"n must be in [1, {MAX_CHOICES}], got {req.n}", param="n")
+        values: dict[str, Any] = {
+            "n": req.n,
+            "max_tokens": max_tokens,
+            "logprobs": logprobs,
+            "ignore_eos": req.ignore_eos,
+            "skip_special_tokens": req.skip_special_tokens,
+            "include_stop_str_in_output": req.include_stop_str_in_output,
+        }
+        optional = {
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "top_k": req.top_k,
+            "min_p": req.min_p,
+            "presence_penalty": req.presence_penalty,
+            "frequency_penalty": req.frequency_penalty,
+            "repetition_penalty": req.repetition_penalty,
+            "logit_bias": req.logit_bias,
+            "seed": req.seed,
+            "stop": req.stop,
+            "stop_token_ids": req.stop_token_ids,
+            "min_tokens": req.min_tokens,
+        }
+        values.update({k: v for k, v in optional.items() if v is not None})
+        return SamplingParams(**values)
+
+    # -- running --------------------------------------------------------------------------------
+
+    async def submit_all(
+        self,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        arrival: float,
+        prefix: str,
+    ) -> list[RequestStream]:
+        """Submit every prompt; if one is refused, the ones already in are aborted."""
+        streams: list[RequestStream] = []
+        try:
+            for ids in prompts:
+                rid = f"{prefix}-{uuid.uuid4().hex}"
+                streams.append(await self.engine.submit(ids, params, rid, arrival))
+        except BaseException:
+            for stream in streams:
+                await stream.abort()
+            raise
+        return streams
+
+    async def collect(self, streams: list[RequestStream], n: int, raw: Request) -> list[Choice]:
+        """Run every stream to its end, or abort them all when the client disconnects."""
+        choices = [Choice(k) for k in range(len(streams) * n)]
+
+        async def run() -> None:
+            for p, stream in enumerate(streams):
+                async for out in stream:
+                    choices[p * n + out.index].add(out)
+
+        await self._unless_disconnected(run(), streams, raw)
+        return choices
+
+    async def _unless_disconnected(
+        self, work: Any, streams: list[RequestStream], raw: Request
+    ) -> None:
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(wait_for_disconnect(raw))
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the handler itself was cancelled (server shutdown)
+            task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+                for stream in streams:
+                    await stream.abort()
+        if task not in done:
+            raise ClientDisconnected()
+        task.result()
+
+    async def merged(
+        self, streams: list[RequestStream], raw: Request
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) from every stream as they come; the streams are aborted when
+        the consumer stops early or the client disconnects."""
+        queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue(
+            maxsize=2 * len(streams)  # a slow reader makes the streams merge outputs instead
+        )
+
+        async def pump(p: int, stream: RequestStream) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((p, out))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises
+                await queue.put(exc)
+                return
+            await queue.put(None)
+
+        async def watch() -> None:
+            await wait_for_disconnect(raw)
+            for stream in streams:
+                await stream.abort()
+            await queue.put(ClientDisconnected())
+
+        pumps = [asyncio.ensure_future(pump(p, s)) for p, s in enumerate(streams)]
+        watcher = asyncio.ensure_future(watch())
+        try:
+            remaining = len(streams)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            watcher.cancel()
+            for task in pumps:
+                task.cancel()
+            for stream in streams:
+                await stream.abort()
+
+    async def stream_events(self, events: AsyncIterator[str], what: str) -> AsyncIterator[str]:
+        """SSE framing around ``events``: an error after the stream began becomes an error event,
+        and the stream always ends with ``data: [DONE]``."""
+        try:
+            async for event in events:
+                yield event
+        except ClientDisconnected:
+            return
+        except Exception as exc:
+            err = error_for(exc)
+            logger.info("%s stream ended with an error: %s", what, err.message)
+            yield sse(error_body(err.message, err.type, err.param, err.code))
+        yield sse("[DONE]")
+
+
+async def wait_for_disconnect(raw: Request) -> None:
+    """Return once the client has closed the connection (the body has been read already)."""
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def now_s() -> int:
+    return int(time.time())

@@ -1,0 +1,96 @@
+"""The server's lifecycle: loading (in the background), ready, shutting down.
+
+The HTTP server answers from its first second: ``/health`` says it is alive, ``/ready`` says 503
+until the model is loaded (and again once shutdown has begun), the UI loads, and API routes say
+503 with a message instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from rustinfer.engine.async_engine import AsyncEngine
+from rustinfer.errors import NotReadyError, ShuttingDownError
+from rustinfer.server.metrics import EngineMetrics
+from rustinfer.server.openai.chat import ChatCompletions
+from rustinfer.server.openai.completions import Completions
+from rustinfer.server.openai.serving import Serving
+from rustinfer.server.system_metrics import SystemSampler
+
+__all__ = ["EngineFactory", "ServerState"]
+
+logger = logging.getLogger(__name__)
+
+# Builds the engine (loading the model): runs in a worker thread, may take minutes.
+EngineFactory = Callable[[], AsyncEngine]
+
+
+class ServerState:
+    def __init__(self, factory: EngineFactory, served_model_name: str | None = None) -> None:
+        self._factory = factory
+        self._served_name = served_model_name
+        self.engine: AsyncEngine | None = None
+        self.serving: Serving | None = None
+        self.chat: ChatCompletions | None = None
+        self.completions: Completions | None = None
+        self.metrics: EngineMetrics | None = None
+        self.system = SystemSampler()
+        self.load_error: BaseException | None = None
+        self.ready = threading.Event()
+        self.failed = threading.Event()
+        self.shutting_down = False
+        self.on_ready: list[Callable[[], None]] = []
+        self.on_failure: list[Callable[[BaseException], None]] = []
+
+    @property
+    def model_name(self) -> str | None:
+        return self.serving.model_name if self.serving is not None else self._served_name
+
+    def load(self) -> None:
+        """Build the engine (worker thread); listeners hear of success or failure."""
+        try:
+            engine = self._factory()
+            name = self._served_name or engine.model_name
+            engine.model_name = name
+            self.metrics = EngineMetrics(name)
+            self.metrics.attach(engine)
+            engine.start()
+            device = engine.core.device
+            if device.type == "cuda":
+                self.system.set_gpu(device.index or 0)
+            self.engine = engine
+            self.serving = Serving(engine, name)
+            self.chat = ChatCompletions(self.serving)
+            self.completions = Completions(self.serving)
+        except BaseException as exc:
+            logger.exception("loading the model failed")
+            self.load_error = exc
+            self.failed.set()
+            for callback in self.on_failure:
+                callback(exc)
+            return
+        self.ready.set()
+        for ready_callback in self.on_ready:
+            ready_callback()
+
+    def require_serving(self) -> Serving:
+        """The serving object, or a 503-mapped error while loading or shutting down."""
+        if self.shutting_down:
+            raise ShuttingDownError("the server is shutting down: no new requests")
+        if self.serving is None:
+            raise NotReadyError("the model is still loading: retry in a few seconds (GET /ready)")
+        return self.serving
+
+    async def start(self) -> None:
+        self.system.start()
+        threading.Thread(target=self.load, name="rustinfer-loader", daemon=True).start()
+
+    async def stop(self) -> None:
+        self.shutting_down = True
+        self.system.stop()
+        if self.engine is not None:
+            await self.engine.shutdown()
+        await asyncio.sleep(0)
