@@ -41,6 +41,13 @@ def add_serve_parser(bench_sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--url", default=None, help="drive this running server instead of starting one")
     p.add_argument("--skip-offline", action="store_true", help="do not run the offline peer")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="alternate offline and served runs this many times; medians are reported (a shared "
+        "CPU drifts by 10-20%% over minutes, which a single pair cannot tell from a real gap)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line with the result last")
     p.set_defaults(func=run_serve_bench)
 
@@ -196,12 +203,16 @@ async def _drive(url: str, prompts: list[list[int]], args: argparse.Namespace) -
     }
 
 
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
+
+
 def run_serve_bench(args: argparse.Namespace) -> int:
     from rustinfer.cli.bench import emit, machine_fields
 
     apply_threads(args.threads)
-    if args.concurrency < 1 or args.num_prompts < 1:
-        raise ValueError("--concurrency and --num-prompts must be >= 1")
+    if args.concurrency < 1 or args.num_prompts < 1 or args.repeat < 1:
+        raise ValueError("--concurrency, --num-prompts and --repeat must be >= 1")
     args.max_num_seqs = args.max_num_seqs or args.concurrency
     prompts, loaded = _prompts(args)
     result: dict[str, Any] = {
@@ -210,19 +221,38 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         "input_len": args.input_len,
         "output_len": args.output_len,
         "max_num_seqs": args.max_num_seqs,
+        "repeat": args.repeat,
         **machine_fields(loaded),
     }
-    if not args.skip_offline:
-        result.update(_offline(loaded, prompts, args))
-    del loaded  # the server process loads its own copy; this one must not hold the memory
+    offline_runs: list[dict[str, Any]] = []
+    served_runs: list[dict[str, Any]] = []
+    for _ in range(args.repeat):
+        if not args.skip_offline:
+            offline_runs.append(_offline(loaded, prompts, args))
+        served_runs.append(_served(prompts, args))
+    if offline_runs:
+        result.update(_median_of(offline_runs))
+    result.update(_median_of(served_runs))
+    if offline_runs:
+        ratios = [
+            s["serve_output_tok_s"] / o["offline_output_tok_s"]
+            for o, s in zip(offline_runs, served_runs, strict=True)
+        ]
+        result["serve_vs_offline"] = round(statistics.median(ratios), 3)
+        result["serve_vs_offline_each"] = [round(r, 3) for r in ratios]
+    return emit(result, args.json)
 
+
+def _served(prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+    """One served run: a fresh server (unless --url), the clients, then the server stopped, so
+    it never runs beside the offline engine."""
     proc = None
     url = args.url
     if url is None:
         proc, url = _start_server(args)
     try:
         asyncio.run(_wait_ready(url, proc))
-        result.update(asyncio.run(_drive(url.rstrip("/"), prompts, args)))
+        return asyncio.run(_drive(url.rstrip("/"), prompts, args))
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -230,8 +260,3 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    if "offline_output_tok_s" in result:
-        result["serve_vs_offline"] = round(
-            result["serve_output_tok_s"] / result["offline_output_tok_s"], 3
-        )
-    return emit(result, args.json)

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from rustinfer.engine.async_engine import RequestStream
 from rustinfer.engine.outputs import TokenLogprob
 from rustinfer.server.openai.errors import ApiError
 from rustinfer.server.openai.protocol import ChatCompletionRequest, ChatMessage
@@ -137,7 +138,7 @@ class ChatCompletions:
     async def _stream(
         self,
         rid: str,
-        streams: list,
+        streams: list[RequestStream],
         n: int,
         prompt_tokens: int,
         include_usage: bool,

@@ -70,14 +70,10 @@ class Choice:
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
         if out.finished:
-            self.finish_reason = openai_finish_reason(out.finish_reason)
+            # "abort" reaches a client only when the server stops the request itself (shutdown).
+            self.finish_reason = out.finish_reason
         self.timings = out.timings
         self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
-
-
-def openai_finish_reason(reason: str | None) -> str | None:
-    # "abort" reaches a client only when the server stops the request itself (shutdown).
-    return reason
 
 
 def usage_dict(choices: Sequence[Choice], prompts: Sequence[int]) -> dict[str, Any]:
