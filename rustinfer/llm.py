@@ -70,7 +70,9 @@ class LLM:
         self._counter = 0
 
     @classmethod
-    def for_single_request(cls, loaded: LoadedModel, max_tokens_total: int) -> LLM:
+    def for_single_request(
+        cls, loaded: LoadedModel, max_tokens_total: int, enforce_eager: bool = False
+    ) -> LLM:
         """An LLM over an already loaded model whose KV pool holds exactly one request of
         ``max_tokens_total`` tokens: ``rustinfer generate`` and ``bench latency`` allocate no more
         than they use. No prefix cache: one request has nothing to share, and repeated benchmark
@@ -82,6 +84,7 @@ class LLM:
             max_num_seqs=1,
             kv_cache_bytes=blocks * kv_bytes_per_block(loaded.model, block),
             enable_prefix_caching=False,
+            enforce_eager=enforce_eager,
         )
         llm = cls.__new__(cls)
         llm._attach(loaded, EngineCore(loaded, config))

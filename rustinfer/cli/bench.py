@@ -28,6 +28,9 @@ def add_parser(sub: Any) -> None:
     lat.add_argument("--iters", type=int, default=3, help="timed runs; the median is reported")
     lat.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
     lat.add_argument("--json", action="store_true", help="print one JSON line with the result last")
+    lat.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs: every decode step eager"
+    )
     lat.set_defaults(func=run_latency)
 
     thr = bench_sub.add_parser("throughput", help="offline throughput of many requests at once")
@@ -87,7 +90,7 @@ def run_latency(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     loaded = load_model(args.model, args.device, args.dtype, args.load_format)
     prompt = random_prompt(loaded, args.input_len, args.seed)
-    llm = LLM.for_single_request(loaded, args.input_len + args.output_len)
+    llm = LLM.for_single_request(loaded, args.input_len + args.output_len, args.enforce_eager)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
     def one_run() -> tuple[float, float]:
@@ -109,6 +112,7 @@ def run_latency(args: argparse.Namespace) -> int:
         "decode_ms_per_token": round(decode_ms_tok, 4),
         "decode_tok_s": round(1000 / decode_ms_tok, 2) if decode_ms_tok else 0.0,
         "output_tokens": args.output_len,
+        "cuda_graphs": llm.engine.runner.graphs is not None,
         **machine_fields(loaded),
     }
     return emit(result, args.json)

@@ -43,6 +43,9 @@ def add_parser(sub: Any) -> None:
         if name in _REPEATABLE:
             p.add_argument(flag, action="append", default=None, help=help_text + " (repeatable)")
             continue
+        if field.annotation is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help_text)
+            continue
         # Values stay strings here: pydantic converts and validates them, with one message style.
         choices = typing.get_args(field.annotation)
         literal = typing.get_origin(field.annotation) is typing.Literal

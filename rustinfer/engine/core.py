@@ -24,7 +24,7 @@ from rustinfer.engine.output_processor import Finished, OutputProcessor
 from rustinfer.engine.outputs import RequestOutput
 from rustinfer.engine.rate import RecentRate
 from rustinfer.engine.request import Request, RequestStatus
-from rustinfer.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from rustinfer.engine.sampler import Sampler, SamplerOutput, SamplingBatch, is_plain_greedy
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig
 from rustinfer.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError
@@ -43,9 +43,15 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # CPU budget for the KV cache (default 2 GiB)
     gpu_memory_utilization: float = 0.9  # on CUDA: this fraction of free memory holds the cache
     enable_prefix_caching: bool = True
+    # CUDA: decode batches up to this size replay captured graphs (None: max_num_seqs, at most
+    # 256); enforce_eager turns graphs off (for debugging, or ops that cannot be captured).
+    cuda_graph_max_batch: int | None = None
+    enforce_eager: bool = False
 
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
+# Larger decode batches are compute-bound: launches no longer dominate and graphs gain little.
+_MAX_GRAPH_BATCH = 256
 
 
 class EngineCore:
@@ -66,7 +72,14 @@ class EngineCore:
             loaded.config.max_position_embeddings,
         )
         num_blocks = num_blocks_for_budget(self.model, cfg.block_size, self._kv_budget())
-        self.runner = ModelRunner(self.model, self.device, num_blocks, cfg.block_size)
+        graph_batch = 0
+        if not cfg.enforce_eager:
+            graph_batch = cfg.cuda_graph_max_batch or min(cfg.max_num_seqs, _MAX_GRAPH_BATCH)
+        self.runner = ModelRunner(
+            self.model, self.device, num_blocks, cfg.block_size, self.max_model_len, graph_batch
+        )
+        if self.device.type == "cuda":
+            self.runner.warm_up(self.max_model_len)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting),
@@ -209,6 +222,8 @@ class EngineCore:
 
     def _sample(self, logits: torch.Tensor, works: list[ScheduledWork]) -> SamplerOutput:
         reqs = [w.request for w in works]
+        if all(is_plain_greedy(r.params, len(r.output_token_ids)) for r in reqs):
+            return self.sampler.greedy(logits)
         batch = SamplingBatch.build(
             [r.params for r in reqs],
             [r.prompt_token_ids for r in reqs],

@@ -8,12 +8,15 @@ model, and returns logits only for sequences that sample this step.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = (
     16  # tokens per KV block: small enough to waste little, large enough for kernels
@@ -73,14 +76,81 @@ def num_blocks_for_budget(model: Model, block_size: int, budget_bytes: int) -> i
 
 
 class ModelRunner:
+    """Builds each step's batch tensors and runs the model; on CUDA, decode steps of up to
+    ``graph_max_batch`` sequences replay captured graphs (``graph_max_batch=0``: always eager)."""
+
     def __init__(
-        self, model: Model, device: torch.device, num_blocks: int, block_size: int
+        self,
+        model: Model,
+        device: torch.device,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int | None = None,
+        graph_max_batch: int = 0,
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, device)
+        # On CUDA, decode block tables are as wide as the model's context, eager or graphed: the
+        # decode kernel picks its split-KV count from the table's width, so a graphed step and an
+        # eager step of the same batch run the same splits and give the same bits.
+        self.decode_table_width: int | None = None
+        if device.type == "cuda" and max_model_len is not None:
+            self.decode_table_width = -(-max_model_len // block_size)
+        use_graphs = graph_max_batch > 0 and device.type == "cuda" and max_model_len is not None
+        # Graphs pad batches with rows that write to a block no sequence owns: one more block.
+        self.kv_caches = allocate_kv_caches(model, num_blocks + use_graphs, block_size, device)
+        self.graphs = None
+        if use_graphs:
+            from rustinfer.engine.cuda_graphs import DecodeGraphs
+
+            assert self.decode_table_width is not None
+            graphs = DecodeGraphs(
+                model,
+                self.kv_caches,
+                device,
+                graph_max_batch,
+                self.decode_table_width,
+                block_size,
+                scratch_block=num_blocks,
+            )
+            try:
+                graphs.capture()
+                self.graphs = graphs
+            except Exception:  # an op that syncs or allocates on the host cannot be captured
+                logger.warning("CUDA-graph capture failed: decode runs eagerly", exc_info=True)
+
+    def warm_up(self, max_model_len: int) -> None:
+        """Run the step shapes serving meets first, so Triton compiles their kernel variants
+        (specialized on shapes and on integer arguments) at load rather than on a first request.
+
+        Called before any request exists: every KV block is free to scribble on.
+        """
+        bs = self.block_size
+        # The decode after each prefill needs one more position and one more slot.
+        longest = max(1, min(2048, max_model_len - 1, self.num_blocks * bs - 1))
+        many = max(1, min(64, self.num_blocks // 2))
+        vocab = self.model.config.vocab_size
+        # Tokens per sequence, per step: a short prompt, a long one, and many short ones at once.
+        shapes = [[min(8, longest)], [longest], [min(2 * bs, longest)] * many]
+        for lengths in shapes:
+            seqs, next_block = [], 0
+            for n in lengths:
+                blocks = -(-(n + 1) // bs)
+                if next_block + blocks > self.num_blocks:
+                    break
+                table = list(range(next_block, next_block + blocks))
+                seqs.append(ScheduledSequence([i % vocab for i in range(n)], 0, table))
+                next_block += blocks
+            if seqs:
+                self.execute(seqs)
+                # One decode token per sequence: the eager decode path when graphs are off.
+                self.execute(
+                    [ScheduledSequence([5], len(s.token_ids), s.block_table) for s in seqs]
+                )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def prepare(self, seqs: Sequence[ScheduledSequence]) -> StepInputs:
         bs = self.block_size
@@ -90,6 +160,8 @@ class ModelRunner:
         seq_lens: list[int] = []
         cu_q = [0]
         width = max(len(s.block_table) for s in seqs)
+        if self.decode_table_width is not None and all(len(s.token_ids) == 1 for s in seqs):
+            width = max(width, self.decode_table_width)
         tables: list[list[int]] = []
         for s in seqs:
             n = len(s.token_ids)
@@ -127,6 +199,17 @@ class ModelRunner:
         """Run one step; logits [number of sequences with needs_logits, vocab], in order."""
         if not seqs:
             raise ValueError("an engine step schedules at least one sequence")
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and graphs.can_run(len(seqs))
+            and all(len(s.token_ids) == 1 and s.needs_logits for s in seqs)
+        ):
+            return graphs.run(
+                [s.token_ids[0] for s in seqs],
+                [s.start_pos for s in seqs],
+                [s.block_table for s in seqs],
+            )
         step = self.prepare(seqs)
         hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.attn)  # [T, H]
         # The last new token of each sequence that samples: row cu_q[i + 1] - 1 (host-side list,

@@ -25,7 +25,7 @@ import torch
 
 from rustinfer.engine.sampling_params import SamplingParams
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingBatch"]
+__all__ = ["Sampler", "SamplerOutput", "SamplingBatch", "is_plain_greedy"]
 
 
 def _token_counts(
@@ -240,8 +240,28 @@ def _exponential_noise(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
+def is_plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether a row's next token is the argmax of its raw logits: greedy, with no stage that
+    changes the logits and no logprobs asked. A batch of such rows needs no SamplingBatch at all
+    (no host-to-device copies of per-row parameters)."""
+    return (
+        params.is_greedy
+        and params.logprobs is None
+        and params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and not params.logit_bias
+        and num_output_tokens >= params.min_tokens
+    )
+
+
 class Sampler:
     """Stateless; per-request state (generators, token counts) arrives in the SamplingBatch."""
+
+    @staticmethod
+    def greedy(logits: torch.Tensor) -> SamplerOutput:
+        """The sampler's answer for a batch of plain-greedy rows (see ``is_plain_greedy``)."""
+        return SamplerOutput(logits.argmax(dim=-1), None, None, None)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:

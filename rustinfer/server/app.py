@@ -37,6 +37,7 @@ def engine_factory(settings: ServeSettings) -> EngineFactory:
             max_waiting=settings.max_queue,
             max_model_len=settings.max_model_len,
             kv_cache_bytes=int(settings.kv_cache_gb * _GIB) if settings.kv_cache_gb else None,
+            enforce_eager=settings.enforce_eager,
         )
         return AsyncEngine.from_loaded(loaded, config)
 

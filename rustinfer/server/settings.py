@@ -52,6 +52,7 @@ class ServeSettings(BaseSettings):
         None, gt=0, description="KV cache size in GiB on CPU (default 2)"
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch")
+    enforce_eager: bool = Field(False, description="no CUDA graphs: every decode step eager")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="server log level"
     )

@@ -103,3 +103,16 @@ def test_kv_budget(model):
     assert num_blocks_for_budget(model, BLOCK, 10 * per_block + 1) == 10
     with pytest.raises(ValueError, match="holds no block"):
         num_blocks_for_budget(model, BLOCK, per_block - 1)
+
+
+@pytest.mark.parametrize("num_blocks", [1, 3, 16, 200])
+def test_warm_up_fits_any_pool_and_leaves_results_unchanged(model, num_blocks):
+    """Warm-up runs before any request, in whatever pool there is; what it writes is never read
+    by a later request (each prefill writes its own slots before attending to them)."""
+    runner = ModelRunner(model, torch.device("cpu"), num_blocks=num_blocks, block_size=BLOCK)
+    runner.warm_up(model.config.max_position_embeddings)
+    if num_blocks < 4:
+        return
+    fresh = ModelRunner(model, torch.device("cpu"), num_blocks=num_blocks, block_size=BLOCK)
+    seq = [ScheduledSequence(PROMPTS[1], 0, [0])]
+    torch.testing.assert_close(runner.execute(seq), fresh.execute(seq), rtol=0, atol=0)

@@ -14,6 +14,7 @@ from rustinfer.engine.sampler import (
     SamplingBatch,
     apply_penalties,
     apply_truncation,
+    is_plain_greedy,
 )
 from rustinfer.engine.sampling_params import SamplingParams, SamplingParamsError
 
@@ -289,3 +290,29 @@ def test_sampled_token_is_always_allowed(
         assert float(probs[probs > probs[token]].sum()) < p.top_p + 1e-5
         # The top token survives top_k and top_p, and renormalizing keeps ratios: compare with it.
         assert float(probs[token]) >= p.min_p * float(probs.max()) * (1 - 1e-5) - 1e-12
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "outputs", "plain"),
+    [
+        ({"temperature": 0}, 0, True),
+        ({"temperature": 0, "min_tokens": 2}, 2, True),  # min_tokens already reached
+        ({"temperature": 0, "min_tokens": 2}, 1, False),  # EOS still masked
+        ({"temperature": 0.5}, 0, False),
+        ({"temperature": 0, "repetition_penalty": 1.1}, 0, False),
+        ({"temperature": 0, "presence_penalty": 0.5}, 0, False),
+        ({"temperature": 0, "frequency_penalty": -0.5}, 0, False),
+        ({"temperature": 0, "logit_bias": {3: 5.0}}, 0, False),
+        ({"temperature": 0, "logprobs": 0}, 0, False),
+    ],
+)
+def test_plain_greedy_rows_skip_the_sampling_batch(kwargs, outputs, plain) -> None:
+    params = SamplingParams(**kwargs)
+    assert is_plain_greedy(params, outputs) is plain
+    if plain:  # the shortcut gives what the full sampler gives
+        logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 4
+        batch = SamplingBatch.build(
+            [params] * 3, [[1, 2]] * 3, [[5] * outputs] * 3, [None] * 3, [0], 50, logits.device
+        )
+        full = Sampler()(logits, batch).token_ids
+        assert torch.equal(Sampler.greedy(logits).token_ids, full)

@@ -1,0 +1,177 @@
+"""Decode steps replayed from CUDA graphs: one launch per step instead of hundreds.
+
+A decode step of a small model is launch-bound on a GPU: every op of every layer is a kernel whose
+Python dispatch costs more than the kernel itself. The graphs are captured once, at load, for a
+ladder of batch sizes; a step pads its batch to the next captured size and replays that graph.
+
+Everything a graph reads lives in static buffers sized for the largest captured batch: token ids,
+positions, cache slots, sequence lengths, and block tables as wide as ``max_model_len /
+block_size`` (so a table never outgrows them, and the attention launcher's split count, which
+depends on shapes alone, is fixed per graph). A step fills pinned host mirrors and copies them with
+non-blocking copies. Padding rows write their K/V to a scratch block no sequence owns and attend to
+that one slot, so they cost a row of compute and are never read.
+
+The forward and the logits of every row are captured on a side stream with one shared memory
+pool (graphs of different sizes never run at once, so they can share it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rustinfer.models.base import AttentionMetadata, KVCaches, Model
+
+__all__ = ["DecodeGraphs", "graph_batch_sizes"]
+
+logger = logging.getLogger(__name__)
+
+# Captured batch sizes: powers of two up to 8 (batch 1-8 is where launches dominate and padding
+# would waste the most), then steps of 8, then of 16 past 64; a step pads to the next one.
+_SMALL = (1, 2, 4, 8)
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes = [s for s in _SMALL if s <= max_batch]
+    size = 16
+    while size <= max_batch:
+        sizes.append(size)
+        size += 8 if size < 64 else 16
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [size, vocab] float32, written by every replay
+
+
+class DecodeGraphs:
+    """Captured decode graphs over one model and its KV cache."""
+
+    def __init__(
+        self,
+        model: Model,
+        kv_caches: KVCaches,
+        device: torch.device,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        scratch_block: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = device
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_batch = self.sizes[-1]
+        b, w = self.max_batch, max_blocks_per_seq
+        self.width = w
+
+        def dev(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
+        # Device buffers the graphs read, and pinned host mirrors filled each step.
+        self.ids, self.h_ids = dev(b, dtype=torch.int64), host(b, dtype=torch.int64)
+        self.pos, self.h_pos = dev(b, dtype=torch.int64), host(b, dtype=torch.int64)
+        self.slots, self.h_slots = dev(b, dtype=torch.int64), host(b, dtype=torch.int64)
+        self.lens, self.h_lens = dev(b, dtype=torch.int32), host(b, dtype=torch.int32)
+        self.tables, self.h_tables = dev(b, w, dtype=torch.int32), host(b, w, dtype=torch.int32)
+        self.cu_q = torch.arange(b + 1, dtype=torch.int32, device=device)  # one token per row
+        self._graphs: dict[int, _Graph] = {}
+        self._pool: tuple[int, int] | None = None
+        self.replays = 0  # steps served from a graph (tests and stats read it)
+
+    # -- capture -------------------------------------------------------------------------------
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:size],
+            block_tables=self.tables[:size],
+            seq_lens=self.lens[:size],
+            cu_seqlens_q=self.cu_q[: size + 1],
+            max_query_len=1,
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        hidden = self.model(self.ids[:size], self.pos[:size], self.kv_caches, self._metadata(size))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size, largest first (its pool then fits the smaller ones)."""
+        self._pad_rows(0, self.max_batch)
+        self._upload(self.max_batch)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):
+                # One eager run first: Triton compiles (and autotunes) outside the capture.
+                self._forward(size)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                    logits = self._forward(size)
+                if self._pool is None:
+                    self._pool = graph.pool()
+                self._graphs[size] = _Graph(graph, logits)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        logger.info("captured decode graphs for batch sizes %s", self.sizes)
+
+    # -- replay --------------------------------------------------------------------------------
+
+    def can_run(self, num_seqs: int) -> bool:
+        return 0 < num_seqs <= self.max_batch and bool(self._graphs)
+
+    def run(
+        self,
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """Logits [n, vocab] of one decode step of n sequences (a view into the graph's output,
+        valid until the next replay)."""
+        n = len(token_ids)
+        size = next(s for s in self.sizes if s >= n)
+        bs = self.block_size
+        ids, pos = self.h_ids.numpy(), self.h_pos.numpy()
+        slots, lens, tables = self.h_slots.numpy(), self.h_lens.numpy(), self.h_tables.numpy()
+        ids[:n] = token_ids
+        pos[:n] = positions
+        for i, (p, table) in enumerate(zip(positions, block_tables, strict=True)):
+            slots[i] = table[p // bs] * bs + p % bs
+            lens[i] = p + 1
+            tables[i, : len(table)] = table
+        self._pad_rows(n, size)
+        self._upload(size)
+        entry = self._graphs[size]
+        entry.graph.replay()
+        self.replays += 1
+        return entry.logits[:n]
+
+    def _pad_rows(self, start: int, end: int) -> None:
+        """Rows [start, end) write one K/V entry to the scratch block and attend to it alone."""
+        if start >= end:
+            return
+        self.h_ids.numpy()[start:end] = 0
+        self.h_pos.numpy()[start:end] = 0
+        self.h_slots.numpy()[start:end] = self.scratch_block * self.block_size
+        self.h_lens.numpy()[start:end] = 1
+        self.h_tables.numpy()[start:end, 0] = self.scratch_block
+
+    def _upload(self, size: int) -> None:
+        # Pinned sources: the copies are asynchronous and ordered before the replay on the stream.
+        self.ids[:size].copy_(self.h_ids[:size], non_blocking=True)
+        self.pos[:size].copy_(self.h_pos[:size], non_blocking=True)
+        self.slots[:size].copy_(self.h_slots[:size], non_blocking=True)
+        self.lens[:size].copy_(self.h_lens[:size], non_blocking=True)
+        self.tables[:size].copy_(self.h_tables[:size], non_blocking=True)
