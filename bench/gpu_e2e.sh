@@ -48,6 +48,10 @@ for b in 1 64; do
   python3 bench/step_profile.py --model "$MODEL" --batch $b >"$RAW/profile_b$b.json" \
     2>"$RAW/profile_b$b.err" || tail -n 20 "$RAW/profile_b$b.err"
 done
+python3 bench/load_ready.py --config "$MODEL" >"$RAW/load_ready.json" 2>"$RAW/load_ready.err" \
+  || tail -n 20 "$RAW/load_ready.err"
+python3 bench/step_profile.py --model bench/configs/llama-3.1-8b/config.json --batch 1 \
+  >"$RAW/profile_8b_b1.json" 2>"$RAW/profile_8b_b1.err" || tail -n 20 "$RAW/profile_8b_b1.err"
 run throughput_64x128 bench throughput "${common[@]}" --num-prompts 64 --input-len 128 \
   --output-len 128 --max-num-seqs 64
 
@@ -68,6 +72,12 @@ for b in (1, 64):
     r = load(f"profile_b{b}")
     if r:
         print(f"batch {b}: step {r['step_ms']} ms = graph replay {r['replay_ms']} ms + host {r['host_ms']} ms")
+r = load("profile_8b_b1")
+if r:
+    print(f"8B batch 1: step {r['step_ms']} ms = replay {r['replay_ms']} ms + host {r['host_ms']} ms; {r['tok_s']} tok/s")
+r = load("load_ready")
+if r:
+    print(f"1B safetensors: load {r['load_s']} s, ready {r['load_to_ready_s']} s; TTFT first {r['first_ttft_ms']} ms, tenth {r['tenth_ttft_ms']} ms; decode first {r['first_decode_ms']} ms, tenth {r['tenth_decode_ms']} ms")
 t = load("throughput_64x128")
 if t:
     print(f"throughput 64 x (128 -> 128): {t['output_tok_s']} output tok/s, {t['elapsed_s']} s")

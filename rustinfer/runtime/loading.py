@@ -93,7 +93,10 @@ def load_model(
     logger.debug("ops for %s/%s: %s", dev.type, torch_dtype, ops.chosen)
     net = cls(config, ops, torch_dtype)
     if source.format == "dummy":
-        net.load_weights(dummy_weights(cls.weight_shapes(config), torch_dtype, seed=seed))
+        # Drawn on a GPU when there is one: 8B random numbers take a minute on a CPU.
+        where = dev.torch_device if dev.type == "cuda" else "cpu"
+        shapes = cls.weight_shapes(config)
+        net.load_weights(dummy_weights(shapes, torch_dtype, seed=seed, device=where))
     else:
         net.load_weights(source.weights(torch_dtype))
     net = net.to(dev.torch_device).eval()

@@ -1,0 +1,80 @@
+"""Load to ready on a GPU, from a safetensors directory, and the first request against the tenth.
+
+    python bench/load_ready.py --config bench/configs/llama-3.2-1b/config.json [--max-num-seqs 64]
+
+Writes random bf16 weights at the config's shapes as a safetensors directory (the format users
+load), then times ``load_model`` plus ``EngineCore`` (CUDA graphs captured, kernels warmed: what
+``rustinfer serve`` does before it reports ready), and the TTFT and decode time of the first
+request after ready against the tenth. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rustinfer.config import config_from_hf
+from rustinfer.engine.core import EngineConfig, EngineCore
+from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.loaders.dummy import dummy_weights
+from rustinfer.plugins import get_registries
+from rustinfer.runtime.loading import load_model
+
+
+def write_checkpoint(config_path: Path, folder: Path) -> None:
+    hf = json.loads(config_path.read_text())
+    cfg = config_from_hf(hf)
+    cls = get_registries().models.get(cfg.architecture)
+    shapes = cls.weight_shapes(cfg)
+    weights = dummy_weights(shapes, torch.bfloat16, seed=0, device=torch.device("cuda"))
+    save_file({k: v.cpu().contiguous() for k, v in weights}, folder / "model.safetensors")
+    shutil.copy(config_path, folder / "config.json")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    args = ap.parse_args()
+    folder = Path(tempfile.mkdtemp())
+    write_checkpoint(Path(args.config), folder)
+    torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    loaded = load_model(str(folder), "cuda", "bfloat16")
+    loaded_s = time.perf_counter() - start
+    core = EngineCore(loaded, EngineConfig(max_num_seqs=args.max_num_seqs))
+    ready_s = time.perf_counter() - start
+
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    timings = []
+    for i in range(10):
+        core.add_request(f"r{i}", [(13 * i + j) % 5000 + 3 for j in range(60)], params)
+        final = None
+        while core.has_unfinished():
+            for out in core.step():
+                final = out
+        timings.append(final.timings)
+    print(
+        json.dumps(
+            {
+                "load_s": round(loaded_s, 3),
+                "load_to_ready_s": round(ready_s, 3),
+                "first_ttft_ms": round(timings[0].ttft_s * 1000, 2),
+                "tenth_ttft_ms": round(timings[9].ttft_s * 1000, 2),
+                "first_decode_ms": round(timings[0].decode_s * 1000, 2),
+                "tenth_decode_ms": round(timings[9].decode_s * 1000, 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
