@@ -50,6 +50,7 @@ class EngineConfig:
 
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
+_WARM_UP_PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 # Larger decode batches are compute-bound: launches no longer dominate and graphs gain little.
 _MAX_GRAPH_BATCH = 256
 
@@ -78,8 +79,6 @@ class EngineCore:
         self.runner = ModelRunner(
             self.model, self.device, num_blocks, cfg.block_size, self.max_model_len, graph_batch
         )
-        if self.device.type == "cuda":
-            self.runner.warm_up(self.max_model_len)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting),
@@ -93,6 +92,23 @@ class EngineCore:
         self._tokens_generated = 0
         self._generation_rate = RecentRate()
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, cfg.block_size)
+        if self.device.type == "cuda":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile kernels and touch every first-use path before the first request: the runner's
+        step shapes, then one short request through the whole engine (scheduler, sampler,
+        output processing), leaving no trace in the prefix cache or the counters."""
+        self.runner.warm_up(self.max_model_len)
+        prompt = [i % self.vocab_size for i in range(min(64, self.context_limit - 8))]
+        if len(prompt) < 1:
+            return
+        self.add_request("rustinfer-warm-up", prompt, _WARM_UP_PARAMS)
+        while self.has_unfinished():
+            self.step()
+        self.blocks.reset_prefix_cache()
+        self._tokens_generated = 0
+        self._generation_rate = RecentRate()
 
     def _kv_budget(self) -> int:
         if self.device.type == "cpu":

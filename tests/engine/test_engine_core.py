@@ -224,3 +224,23 @@ def test_engine_state_machine(tiny):
     runner = EngineMachine.TestCase()
     runner.settings = settings(max_examples=25, stateful_step_count=25, deadline=None)
     runner.runTest()
+
+
+def test_warm_up_leaves_no_trace(tmp_path):
+    """What a GPU engine runs at load (compiling kernels) must not show in what users see."""
+    from rustinfer.runtime.loading import load_model
+
+    cfg = tiny_config()
+    path = write_checkpoint(tmp_path / "m", cfg, random_weights(cfg, seed=2))
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    core = EngineCore(loaded, EngineConfig(kv_cache_bytes=1 << 20))
+    core._warm_up()
+    stats = core.stats()
+    assert stats["tokens_generated"] == 0 and stats["tokens_per_second"] == 0
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
+    assert not core.requests and not core.children
+    # Nothing it computed is served from the prefix cache to a real request.
+    core.add_request("a", list(range(64)), SamplingParams(temperature=0, max_tokens=2))
+    while core.has_unfinished():
+        core.step()
+    assert core.stats()["prefix_cache_hits"] == 0
