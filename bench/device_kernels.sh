@@ -13,15 +13,7 @@ OUT="${OUT:-$PWD/bench_out}"
 export OUT
 mkdir -p "$OUT"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || { echo "installing .whl/ failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site
-fi
-# Nothing below works without the packages: stop here if they do not install.
-python3 -m pip install -q --no-deps --no-build-isolation \
-  . ./plugins/ops_cpu ./plugins/models_llama3 ./plugins/ops_cuda \
-  || { echo "installing rustinfer and its plugins failed" >&2; exit 1; }
+source bench/device_install.sh
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv
 

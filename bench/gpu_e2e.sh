@@ -12,14 +12,7 @@ RAW=$(mktemp -d)
 export OUT RAW
 mkdir -p "$OUT"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || { echo "installing .whl/ failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation \
-  . ./plugins/ops_cpu ./plugins/models_llama3 ./plugins/ops_cuda \
-  || { echo "installing rustinfer and its plugins failed" >&2; exit 1; }
+source bench/device_install.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv,noheader
 
 echo "== cuda tests: graphs and the engine"

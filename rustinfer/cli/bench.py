@@ -118,9 +118,26 @@ def run_latency(args: argparse.Namespace) -> int:
     return emit(result, args.json)
 
 
-def run_throughput(args: argparse.Namespace) -> int:
+def timed_offline_run(engine: Any, prompts: list[list[int]], output_len: int) -> tuple[int, float]:
+    """Submit every prompt at once to ``engine`` (an EngineCore) and step it dry, after an untimed
+    short request (one-time costs: allocator, kernels); returns (tokens generated, seconds)."""
     import time
 
+    engine.add_request("warmup", prompts[0], SamplingParams(temperature=0, max_tokens=2))
+    while engine.has_unfinished():
+        engine.step()
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params)
+    generated = 0
+    while engine.has_unfinished():
+        generated += sum(len(o.new_token_ids) for o in engine.step())
+    engine.loaded.device.synchronize()
+    return generated, time.perf_counter() - start
+
+
+def run_throughput(args: argparse.Namespace) -> int:
     from rustinfer.engine.core import EngineConfig, EngineCore
 
     apply_threads(args.threads)
@@ -140,19 +157,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     prompts = [
         random_prompt(loaded, args.input_len, args.seed + i) for i in range(args.num_prompts)
     ]
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    # Warm-up: one short request, so one-time costs (allocator, kernels) stay out of the timing.
-    engine.add_request("warmup", prompts[0], SamplingParams(temperature=0, max_tokens=2))
-    while engine.has_unfinished():
-        engine.step()
-    start = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add_request(f"b{i}", p, params)
-    generated = 0
-    while engine.has_unfinished():
-        generated += sum(len(o.new_token_ids) for o in engine.step())
-    loaded.device.synchronize()
-    elapsed = time.perf_counter() - start
+    generated, elapsed = timed_offline_run(engine, prompts, args.output_len)
     result = {
         "num_prompts": args.num_prompts,
         "max_num_seqs": args.max_num_seqs,

@@ -86,22 +86,11 @@ def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
 
 
 def _offline(loaded: Any, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+    from rustinfer.cli.bench import timed_offline_run
     from rustinfer.engine.core import EngineConfig, EngineCore
-    from rustinfer.engine.sampling_params import SamplingParams
 
     engine = EngineCore(loaded, EngineConfig(max_num_seqs=args.max_num_seqs))
-    warm = SamplingParams(temperature=0, max_tokens=2)
-    engine.add_request("warmup", prompts[0], warm)
-    while engine.has_unfinished():
-        engine.step()
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    start = time.perf_counter()
-    for i, p in enumerate(prompts):
-        engine.add_request(f"o{i}", p, params)
-    generated = 0
-    while engine.has_unfinished():
-        generated += sum(len(o.new_token_ids) for o in engine.step())
-    elapsed = time.perf_counter() - start
+    generated, elapsed = timed_offline_run(engine, prompts, args.output_len)
     return {
         "offline_output_tok_s": round(generated / elapsed, 2),
         "offline_requests_per_s": round(len(prompts) / elapsed, 3),
