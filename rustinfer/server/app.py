@@ -13,6 +13,7 @@ from fastapi.staticfiles import StaticFiles
 from rustinfer.engine.async_engine import AsyncEngine
 from rustinfer.engine.core import EngineConfig
 from rustinfer.server.auth import ApiKeyCheck
+from rustinfer.server.body_limit import BodyLimit
 from rustinfer.server.openai.errors import install_error_handlers
 from rustinfer.server.openai.routes import add_routes
 from rustinfer.server.settings import ServeSettings
@@ -73,6 +74,7 @@ def create_app(settings: ServeSettings, factory: EngineFactory | None = None) ->
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    app.add_middleware(BodyLimit)
     add_routes(app, state, auth)
     _mount_ui(app)
     return app

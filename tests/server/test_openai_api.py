@@ -388,3 +388,16 @@ def test_cors_is_off_unless_asked(live_server: LiveServer) -> None:
             headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"},
         )
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_an_oversized_body_is_413_and_the_server_goes_on(live_server: LiveServer) -> None:
+    from rustinfer.server.body_limit import MAX_BODY_BYTES
+
+    with live_server.client() as c:
+        r = c.post(
+            "/v1/completions",
+            content=b"x" * (MAX_BODY_BYTES + 1),
+            headers={"Content-Type": "application/json"},
+        )
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert c.get("/health").status_code == 200

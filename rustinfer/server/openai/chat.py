@@ -132,7 +132,7 @@ class ChatCompletions:
                 }
                 for c in choices
             ],
-            "usage": usage_dict(choices, [prompt_tokens]),
+            "usage": usage_dict(choices, [prompt_tokens], len(choices)),
         }
 
     async def _stream(
@@ -180,6 +180,6 @@ class ChatCompletions:
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": usage_dict(choices, [prompt_tokens]),
+                    "usage": usage_dict(choices, [prompt_tokens], len(choices)),
                 }
             )

@@ -124,7 +124,7 @@ class Completions:
                     }
                     for c in choices
                 ],
-                "usage": usage_dict(choices, lengths),
+                "usage": usage_dict(choices, lengths, params.n),
             }
         )
 
@@ -183,6 +183,6 @@ class Completions:
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": usage_dict(choices, lengths),
+                    "usage": usage_dict(choices, lengths, n),
                 }
             )

@@ -26,7 +26,7 @@ from rustinfer.errors import (
     UnavailableError,
 )
 
-__all__ = ["ApiError", "error_body", "error_for", "install_error_handlers"]
+__all__ = ["ApiError", "ClientDisconnected", "error_body", "error_for", "install_error_handlers"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ class ApiError(Exception):
         return self.message
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; its request has been aborted."""
+
+
 def error_body(
     message: str, type_: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
@@ -58,6 +62,9 @@ def error_for(exc: BaseException) -> ApiError:
     """Map any exception to the HTTP error it stands for (unexpected ones become a 500)."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, ClientDisconnected):
+        # Nobody reads this answer; 499 ("client closed request") keeps access logs truthful.
+        return ApiError(499, "the client closed the connection", "client_closed_request")
     if isinstance(exc, OverloadedError):
         return ApiError(429, str(exc), "rate_limit_error", exc.field, exc.code)
     if isinstance(exc, UnavailableError):
@@ -110,6 +117,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> JSONResponse:
+        return error_response(error_for(exc))
 
     @app.exception_handler(RustinferError)
     async def _engine(_: Request, exc: RustinferError) -> JSONResponse:

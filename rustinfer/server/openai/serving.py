@@ -25,7 +25,7 @@ from rustinfer.engine.async_engine import AsyncEngine, RequestStream
 from rustinfer.engine.outputs import RequestOutput, RequestTimings
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.errors import NotFoundError
-from rustinfer.server.openai.errors import ApiError, error_body, error_for
+from rustinfer.server.openai.errors import ApiError, ClientDisconnected, error_body, error_for
 from rustinfer.server.openai.protocol import _SamplingFields
 
 __all__ = ["Choice", "Serving", "sse", "usage_dict"]
@@ -45,10 +45,6 @@ def sse(payload: dict[str, Any] | str) -> str:
 def finite(value: float) -> float:
     """JSON has no -inf: a token the model rules out entirely reports a very low logprob."""
     return value if math.isfinite(value) else -9999.0
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its answer was ready; the request has been aborted."""
 
 
 @dataclass
@@ -76,9 +72,9 @@ class Choice:
         self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
 
 
-def usage_dict(choices: Sequence[Choice], prompts: Sequence[int]) -> dict[str, Any]:
+def usage_dict(choices: Sequence[Choice], prompts: Sequence[int], n: int = 1) -> dict[str, Any]:
     """OpenAI usage for a request (prompts counted once, outputs summed) plus the original's
-    ``performance`` extension."""
+    ``performance`` extension; ``choices`` hold ``n`` per prompt, in prompt order."""
     prompt_tokens = sum(prompts)
     completion = sum(len(c.token_ids) for c in choices)
     ttft = [c.timings.ttft_s for c in choices if c.timings.ttft_s is not None]
@@ -91,7 +87,7 @@ def usage_dict(choices: Sequence[Choice], prompts: Sequence[int]) -> dict[str, A
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in choices[:1])},
+        "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in choices[::n])},
         "performance": {
             "prefill_ms": round(min(prefill, default=0.0) * 1000, 3),
             "decode_ms": round(decode_s * 1000, 3),
