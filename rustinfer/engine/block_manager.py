@@ -156,6 +156,8 @@ class BlockManager:
     def append_slots(self, seq_id: Hashable, num_tokens: int) -> None:
         """Grow the table to cover ``num_tokens`` tokens in total (never shrinks it)."""
         table = self._table(seq_id)
+        if len(table) * self.block_size >= num_tokens:
+            return  # the common decode step: the last block still has room
         if not self.can_append(seq_id, num_tokens):
             raise NoFreeBlocksError(
                 f"sequence {seq_id!r} cannot grow to {num_tokens} tokens: "
@@ -163,6 +165,13 @@ class BlockManager:
             )
         while len(table) < self.blocks_needed(num_tokens):
             table.append(self._take_fresh())
+
+    def has_blocks_to_commit(self, seq_id: Hashable, num_computed: int) -> bool:
+        """Whether ``commit_computed`` would register anything: a block filled since the last
+        commit (cheap; callers skip gathering the token ids otherwise)."""
+        return self.enable_prefix_caching and num_computed // self.block_size > len(
+            self._seq_hashes[seq_id]
+        )
 
     def commit_computed(
         self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int
@@ -192,6 +201,11 @@ class BlockManager:
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._table(seq_id))
+
+    def block_table_view(self, seq_id: Hashable) -> Sequence[int]:
+        """The live table, not a copy: read it before the sequence next grows or is freed (an
+        engine step reads it within the step it was scheduled in)."""
+        return self._table(seq_id)
 
     def _table(self, seq_id: Hashable) -> list[int]:
         try:

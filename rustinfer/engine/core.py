@@ -228,9 +228,9 @@ class EngineCore:
             start = req.num_computed_tokens
             seqs.append(
                 ScheduledSequence(
-                    req.all_token_ids[start : start + work.num_tokens],
+                    req.token_ids_between(start, start + work.num_tokens),
                     start,
-                    self.blocks.block_table(req.request_id),
+                    self.blocks.block_table_view(req.request_id),
                     needs_logits=work.completes_sequence,
                 )
             )

@@ -41,11 +41,13 @@ class SchedulerConfig:
 class ScheduledWork:
     request: Request
     num_tokens: int  # tokens to compute this step, from request.num_computed_tokens on
+    # Whether this chunk reaches the request's last known token, so it samples a new one (fixed
+    # when scheduled: the request's progress moves on once the step has run).
+    completes_sequence: bool = field(init=False)
 
-    @property
-    def completes_sequence(self) -> bool:
-        """Whether this chunk reaches the request's last known token, so it samples a new one."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        req = self.request
+        self.completes_sequence = req.num_computed_tokens + self.num_tokens == req.num_tokens
 
 
 @dataclass
@@ -100,10 +102,12 @@ class Scheduler:
         ``num_computed_tokens`` (admission sets the cached prefix, preemption resets it, this
         advances it), so a sequence's progress cannot be updated from two places that disagree.
         """
+        blocks = self.blocks
         for work in plan.scheduled:
             req = work.request
             req.num_computed_tokens += work.num_tokens
-            self.blocks.commit_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if blocks.has_blocks_to_commit(req.request_id, req.num_computed_tokens):
+                blocks.commit_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
 
     # -- one step -------------------------------------------------------------------------------
 
