@@ -81,6 +81,27 @@ def test_graphed_greedy_equals_eager_greedy(bf16_model, batch):
 
 @pytest.mark.cuda
 @no_gpu
+def test_back_to_back_replays_without_a_sync_see_their_own_inputs(bf16_model):
+    """Nothing between two steps reads the device (no sampling): each replay must still see the
+    inputs of its own step, not the next one's written into the pinned buffers meanwhile."""
+    from rustinfer.engine.model_runner import ScheduledSequence
+
+    eager = EngineCore(bf16_model, EngineConfig(max_num_seqs=4, enforce_eager=True)).runner
+    graphed = EngineCore(bf16_model, EngineConfig(max_num_seqs=4)).runner
+    prompt = prompts_of(1)[0]
+    table = list(range(12))  # room for a 90-token prompt and 40 more
+    outs = {}
+    for name, runner in (("eager", eager), ("graphed", graphed)):
+        rows = [runner.execute([ScheduledSequence(prompt, 0, table)]).clone()]
+        for i in range(40):
+            step = [ScheduledSequence([11 + i], len(prompt) + i, table)]
+            rows.append(runner.execute(step).clone())  # no .cpu(), no sync
+        outs[name] = torch.cat(rows)
+    assert torch.equal(outs["graphed"].argmax(-1), outs["eager"].argmax(-1))
+
+
+@pytest.mark.cuda
+@no_gpu
 def test_graphed_logits_equal_eager_logits_for_one_step(bf16_model):
     """The same kernels on the same rows: a replay's logits match an eager step's closely."""
     from rustinfer.engine.model_runner import ScheduledSequence

@@ -90,6 +90,11 @@ class DecodeGraphs:
         self._graphs: dict[int, _Graph] = {}
         self._pool: tuple[int, int] | None = None
         self.replays = 0  # steps served from a graph (tests and stats read it)
+        # Recorded after each step's uploads: the pinned host mirrors may be rewritten only once
+        # those asynchronous copies have read them. The engine syncs every step anyway (it reads
+        # the sampled ids), so waiting here costs nothing there; a caller that does not sync
+        # would otherwise race the copies and feed the graph the next step's inputs.
+        self._uploaded = torch.cuda.Event()
 
     # -- capture -------------------------------------------------------------------------------
 
@@ -143,6 +148,7 @@ class DecodeGraphs:
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
         bs = self.block_size
+        self._uploaded.synchronize()
         ids, pos = self.h_ids.numpy(), self.h_pos.numpy()
         slots, lens, tables = self.h_slots.numpy(), self.h_lens.numpy(), self.h_tables.numpy()
         ids[:n] = token_ids
@@ -153,6 +159,7 @@ class DecodeGraphs:
             tables[i, : len(table)] = table
         self._pad_rows(n, size)
         self._upload(size)
+        self._uploaded.record()
         entry = self._graphs[size]
         entry.graph.replay()
         self.replays += 1

@@ -98,7 +98,14 @@ class ModelRunner:
         self.decode_table_width: int | None = None
         if device.type == "cuda" and max_model_len is not None:
             self.decode_table_width = -(-max_model_len // block_size)
-        use_graphs = graph_max_batch > 0 and device.type == "cuda" and max_model_len is not None
+        # Graphs need every op of a decode step free of host syncs: the Triton kernels (bf16,
+        # fp16) are; the plain torch kernels that serve float32 on CUDA read lengths on the host.
+        use_graphs = (
+            graph_max_batch > 0
+            and device.type == "cuda"
+            and max_model_len is not None
+            and model.dtype in (torch.bfloat16, torch.float16)
+        )
         # Graphs pad batches with rows that write to a block no sequence owns: one more block.
         self.kv_caches = allocate_kv_caches(model, num_blocks + use_graphs, block_size, device)
         self.graphs = None
