@@ -7,7 +7,6 @@ until the model is loaded (and again once shutdown has begun), the UI loads, and
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
@@ -42,7 +41,6 @@ class ServerState:
         self.ready = threading.Event()
         self.failed = threading.Event()
         self.shutting_down = False
-        self.on_ready: list[Callable[[], None]] = []
         self.on_failure: list[Callable[[BaseException], None]] = []
 
     @property
@@ -50,7 +48,8 @@ class ServerState:
         return self.serving.model_name if self.serving is not None else self._served_name
 
     def load(self) -> None:
-        """Build the engine (worker thread); listeners hear of success or failure."""
+        """Build the engine (worker thread); ``ready`` or ``failed`` is set when it is done, and
+        ``on_failure`` callbacks hear why it failed."""
         try:
             engine = self._factory()
             name = self._served_name or engine.model_name
@@ -73,8 +72,6 @@ class ServerState:
                 callback(exc)
             return
         self.ready.set()
-        for ready_callback in self.on_ready:
-            ready_callback()
 
     def require_serving(self) -> Serving:
         """The serving object, or a 503-mapped error while loading or shutting down."""
@@ -93,4 +90,3 @@ class ServerState:
         self.system.stop()
         if self.engine is not None:
             await self.engine.shutdown()
-        await asyncio.sleep(0)
