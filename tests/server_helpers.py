@@ -70,14 +70,16 @@ class LiveServer:
 
 
 def start_server(
-    tmp: Path, *args: str, api_key: str | None = None, wait: bool = True
+    tmp: Path, *args: str, api_key: str | None = None, wait: bool = True, device: str = "cpu"
 ) -> LiveServer:
-    """Start ``rustinfer serve`` on a free port with the embedded model on the CPU."""
+    """Start ``rustinfer serve`` on a free port (default: the embedded model on the CPU)."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "rustinfer", "serve", "--port", str(port), "--device", "cpu",
-        "--threads", "2", "--log-level", "warning", *args,
+        sys.executable, "-m", "rustinfer", "serve", "--port", str(port), "--device", device,
+        "--log-level", "warning", *args,
     ]  # fmt: skip
+    if device == "cpu":
+        cmd += ["--threads", "2"]
     if api_key:
         cmd += ["--api-key", api_key]
     log_path = tmp / f"server-{port}.log"

@@ -72,3 +72,22 @@ def test_engine_sizes_kv_from_free_gpu_memory_and_batches(tmp_path):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outs = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [ref.greedy(p, 6) for p in prompts]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logits_keep_the_float32_accumulator(dtype):
+    """The LM head's output is float32 straight from the accumulator: within float32 rounding of
+    the float64 reference, where a result rounded through bf16/fp16 first would be off by its
+    input dtype's spacing."""
+    from rustinfer.ops import SPECS
+
+    regs = get_registries()
+    impl = regs.ops.lookup("logits", "cuda", dtype, overrides={}).load()
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 576, generator=gen) * 3).to(dtype).cuda()
+    w = (torch.randn(4999, 576, generator=gen) * 576**-0.5).to(dtype).cuda()
+    out = impl(x, w)
+    assert out.dtype == torch.float32
+    ref = SPECS["logits"].reference(x, w).cuda()
+    rel = ((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+    assert rel < 2.0**-14, rel  # bf16 rounding alone would leave up to 2^-9

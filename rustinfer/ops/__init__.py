@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rustinfer.ops.activation import SILU_AND_MUL
 from rustinfer.ops.attention import ATTENTION_DECODE, ATTENTION_PREFILL, KV_CACHE_STORE
-from rustinfer.ops.basic import ARGMAX, EMBEDDING, LINEAR, PREPARE_LINEAR_WEIGHT
+from rustinfer.ops.basic import ARGMAX, EMBEDDING, LINEAR, LOGITS, PREPARE_LINEAR_WEIGHT
 from rustinfer.ops.norm import FUSED_ADD_RMSNORM, RMSNORM
 from rustinfer.ops.rope import ROPE, build_cos_sin_cache, llama3_inv_freq
 from rustinfer.ops.rope_store import ROPE_KV_STORE
@@ -24,6 +24,7 @@ SPECS: dict[str, OpSpec] = {
         ROPE_KV_STORE,
         SILU_AND_MUL,
         LINEAR,
+        LOGITS,
         PREPARE_LINEAR_WEIGHT,
         ARGMAX,
         KV_CACHE_STORE,
@@ -41,6 +42,7 @@ __all__ = [
     "FUSED_ADD_RMSNORM",
     "KV_CACHE_STORE",
     "LINEAR",
+    "LOGITS",
     "PREPARE_LINEAR_WEIGHT",
     "RMSNORM",
     "ROPE",

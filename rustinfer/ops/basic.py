@@ -1,4 +1,4 @@
-"""Specs of the plain ops: ``embedding`` (exact), ``linear``, ``prepare_linear_weight`` (exact) and
+"""Specs of the plain ops: ``embedding`` (exact), ``linear``, ``logits``, ``prepare_linear_weight`` (exact) and
 ``argmax`` (exact)."""
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ def linear_reference(
     if bias is not None:
         out = out + bias.to(torch.float64)
     return out
+
+
+def logits_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.double() @ weight.double().t()
 
 
 def prepare_linear_weight_reference(weight: torch.Tensor) -> torch.Tensor:
@@ -91,6 +95,22 @@ LINEAR = OpSpec(
             "the output is rounded once to fp16: u = 2^-11 relative plus a quarter-u margin",
         ),
     },
+)
+
+LOGITS = OpSpec(
+    name="logits",
+    doc="""logits(x, weight) -> out
+
+    The LM head: x [T, K] (a half or single dtype, or float64), weight [N, K] same dtype.
+    out: [T, N] float32 (float64 for float64 inputs): x @ weight.T accumulated in at least float32.
+
+    Returning the float32 accumulator, not a result rounded to bf16, matters for sampling: logits
+    of a few tens sit where bf16's spacing is 0.125, enough to flip near-ties in argmax. The
+    tolerances below still admit an implementation that rounds through the input dtype (a CPU
+    BLAS with no wider output), so they equal ``linear``'s; a float32-output kernel beats them.
+    """,
+    reference=logits_reference,
+    tolerances=LINEAR.tolerances,
 )
 
 ARGMAX = OpSpec(

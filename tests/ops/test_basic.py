@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rustinfer.ops import ARGMAX, EMBEDDING, LINEAR, PREPARE_LINEAR_WEIGHT
+from rustinfer.ops import ARGMAX, EMBEDDING, LINEAR, LOGITS, PREPARE_LINEAR_WEIGHT
 
 from .helpers import (
     FLOAT_DTYPES,
@@ -60,6 +60,21 @@ def test_linear(
     b = randn(n, dtype=dtype) if bias else None
     out = cpu_impl("linear", dtype)(x, weight, b)
     assert_matches_spec("linear", out, LINEAR.reference(x, weight, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("k_n", [(13, 1), (576, 4999), (127, 1536)], ids=str)
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_logits(tokens: int, k_n: tuple[int, int], dtype: torch.dtype) -> None:
+    k, n = k_n
+    x = randn(tokens, k, dtype=dtype)
+    weight = randn(n, k, dtype=dtype, scale=k**-0.5)
+    out = cpu_impl("logits", dtype)(x, weight)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = LOGITS.tolerance(dtype)  # float32 out, held to the input dtype's tolerance
+    torch.testing.assert_close(
+        out.double(), LOGITS.reference(x, weight), atol=tol.atol, rtol=tol.rtol
+    )
 
 
 @settings(max_examples=25, deadline=None)

@@ -205,6 +205,5 @@ class LlamaForCausalLM(Model):
         return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.ops.linear(hidden, self.lm_head, None)
-        # Samplers work in float32; a float64 model keeps float64 so it stays an exact oracle.
-        return logits if logits.dtype == torch.float64 else logits.float()
+        # float32 out (samplers work in it; float64 models keep float64, the exact oracle).
+        return self.ops.logits(hidden, self.lm_head)

@@ -27,6 +27,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return F.linear(x, weight, bias)
 
 
+def logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The LM head: [T, K] x [N, K]^T -> [T, N] float32 (float64 stays float64). CPU BLAS returns
+    the input dtype, so half inputs are rounded once before the cast (the spec allows it)."""
+    out = linear(x, weight, None)
+    return out if out.dtype == torch.float64 else out.float()
+
+
 def prepare_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """[N, K] -> the same values; float32 weights are stored column-major ([K, N] in memory).
 

@@ -18,6 +18,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TARGETS = {
     "embedding": "rustinfer_ops_cpu.basic:embedding",
     "linear": "rustinfer_ops_cpu.basic:linear",
+    "logits": "rustinfer_ops_cpu.basic:logits",
     "prepare_linear_weight": "rustinfer_ops_cpu.basic:prepare_linear_weight",
     "argmax": "rustinfer_ops_cpu.basic:argmax",
     "rmsnorm": "rustinfer_ops_cpu.norm:rmsnorm",

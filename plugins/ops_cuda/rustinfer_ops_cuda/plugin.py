@@ -66,6 +66,15 @@ def rustinfer_register_ops(register: RegisterOp) -> None:
 
     for op, target in TARGETS.items():
         register(op, "torch", target, device="cuda", dtypes=DTYPES, requires=[cuda_available])
+    register(
+        "logits",
+        "cublas_f32_out",
+        "rustinfer_ops_cuda.kernels.logits:logits",
+        device="cuda",
+        dtypes=TRITON_DTYPES,
+        priority=TRITON_PRIORITY,
+        requires=[cuda_available],
+    )
     for op, target in TRITON_TARGETS.items():
         register(
             op,
