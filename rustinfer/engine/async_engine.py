@@ -386,8 +386,9 @@ class AsyncEngine:
                             "%s of %s failed", type(command).__name__, command.request_id
                         )
                 if self._core.has_unfinished():
-                    self._step()
-                self._refresh_stats()
+                    self._step()  # refreshes the stats itself, before it delivers
+                else:
+                    self._refresh_stats()  # commands alone (an abort) changed the counts
         except BaseException as exc:  # a bug here must not leave every consumer hanging
             logger.exception("engine thread crashed")
             self._fail_all(exc)

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -101,11 +101,7 @@ class Completions:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._stream(rid, streams, params.n, echo, lengths, include_usage, raw)
-            return StreamingResponse(
-                s.stream_events(events, "completion"),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return s.streaming_response(events, "completion")
         choices = await s.collect(streams, params.n, raw)
         return JSONResponse(
             {

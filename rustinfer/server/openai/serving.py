@@ -9,7 +9,6 @@ submission, aborts its request in the engine at the next step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from rustinfer.engine.async_engine import AsyncEngine, RequestStream
 from rustinfer.engine.outputs import RequestOutput, RequestTimings
@@ -177,38 +177,12 @@ class Serving:
         return streams
 
     async def collect(self, streams: list[RequestStream], n: int, raw: Request) -> list[Choice]:
-        """Run every stream to its end, or abort them all when the client disconnects."""
+        """Run every stream to its end; a client that disconnects raises ClientDisconnected (and
+        ``merged`` has aborted its requests)."""
         choices = [Choice(k) for k in range(len(streams) * n)]
-
-        async def run() -> None:
-            for p, stream in enumerate(streams):
-                async for out in stream:
-                    choices[p * n + out.index].add(out)
-
-        await self._unless_disconnected(run(), streams, raw)
+        async for p, out in self.merged(streams, raw):
+            choices[p * n + out.index].add(out)
         return choices
-
-    async def _unless_disconnected(
-        self, work: Any, streams: list[RequestStream], raw: Request
-    ) -> None:
-        task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(wait_for_disconnect(raw))
-        try:
-            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # the handler itself was cancelled (server shutdown)
-            task.cancel()
-            raise
-        finally:
-            watcher.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-                for stream in streams:
-                    await stream.abort()
-        if task not in done:
-            raise ClientDisconnected()
-        task.result()
 
     async def merged(
         self, streams: list[RequestStream], raw: Request
@@ -252,6 +226,14 @@ class Serving:
                 task.cancel()
             for stream in streams:
                 await stream.abort()
+
+    def streaming_response(self, events: AsyncIterator[str], what: str) -> StreamingResponse:
+        """``events`` as an SSE response (see ``stream_events``)."""
+        return StreamingResponse(
+            self.stream_events(events, what),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def stream_events(self, events: AsyncIterator[str], what: str) -> AsyncIterator[str]:
         """SSE framing around ``events``: an error after the stream began becomes an error event,
