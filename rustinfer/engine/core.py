@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rustinfer.engine.block_manager import BlockManager
+from rustinfer.engine.host_copy import HostTensors
 from rustinfer.engine.model_runner import (
     DEFAULT_BLOCK_SIZE,
     ModelRunner,
@@ -24,9 +25,15 @@ from rustinfer.engine.output_processor import Finished, OutputProcessor
 from rustinfer.engine.outputs import RequestOutput
 from rustinfer.engine.rate import RecentRate
 from rustinfer.engine.request import Request, RequestStatus
-from rustinfer.engine.sampler import Sampler, SamplerOutput, SamplingBatch, is_plain_greedy
+from rustinfer.engine.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    is_plain_greedy,
+    needs_output_history,
+)
 from rustinfer.engine.sampling_params import SamplingParams
-from rustinfer.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig
+from rustinfer.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig, SchedulerOutput
 from rustinfer.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError
 from rustinfer.runtime.loading import LoadedModel
 
@@ -47,6 +54,21 @@ class EngineConfig:
     # 256); enforce_eager turns graphs off (for debugging, or ops that cannot be captured).
     cuda_graph_max_batch: int | None = None
     enforce_eager: bool = False
+    # Keep one step in flight: schedule and launch the next step while the GPU runs this one,
+    # and read its tokens back afterwards (None: on CUDA only; on the CPU a launch is the whole
+    # forward, so overlapping would only delay each token by a step).
+    overlap: bool | None = None
+
+
+@dataclass
+class _InFlight:
+    """A launched step: the sequences that sample, their rows, the sampled ids on the device
+    (the next step's decodes read theirs from it) and their copy on the way to the host."""
+
+    requests: list[Request]
+    rows: dict[str, int]
+    token_ids: torch.Tensor | None
+    host: HostTensors | None
 
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
@@ -89,6 +111,8 @@ class EngineCore:
         self.requests: dict[str, Request] = {}  # live sequences by sequence id
         self.children: dict[str, list[str]] = {}  # request id -> its sequence ids
         self._pending: list[RequestOutput] = []  # finals of aborted sequences, reported next step
+        self._in_flight: _InFlight | None = None  # launched, tokens not yet read back
+        self.overlap = cfg.overlap if cfg.overlap is not None else self.device.type == "cuda"
         self._tokens_generated = 0
         self._generation_rate = RecentRate()
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, cfg.block_size)
@@ -198,27 +222,94 @@ class EngineCore:
     # -- stepping -------------------------------------------------------------------------------
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._pending)
+        return (
+            self.scheduler.num_unfinished > 0 or bool(self._pending) or self._in_flight is not None
+        )
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step; return the outputs that are ready.
+
+        With ``overlap`` (CUDA), a step's sampled tokens stay on the device while the next step is
+        scheduled and launched: its decodes read their input tokens from the device, and the
+        host reads the tokens back (detokenizes, checks stops) while the GPU runs. A step's
+        outputs then come out of the next call. A sequence that stops on a token computes one
+        more row that is thrown away; one that reaches max_tokens is not scheduled again.
+        """
         outputs, self._pending = self._pending, []
+        prev, self._in_flight = self._in_flight, None
         plan = self.scheduler.schedule()
+        if prev is not None and (
+            not plan.scheduled or not self.overlap or self._needs_known_tokens(plan)
+        ):
+            outputs.extend(self._finish(prev))
+            prev = None
+            plan.scheduled = [w for w in plan.scheduled if not w.request.is_finished]
         if not plan.scheduled:
             return outputs
-        logits = self.runner.execute(self._sequences(plan.scheduled))
-        sampling = [w for w in plan.scheduled if w.completes_sequence]
-        sampled = self._sample(logits, sampling) if sampling else None
+        launched = self._launch(plan, prev)
+        if prev is not None:
+            outputs.extend(self._finish(prev))
+        # After the previous step's tokens are known: the prefix cache hashes what this step
+        # computes, which may include the token the previous step sampled.
         self.scheduler.advance(plan)
-        if sampled is not None:
-            new, finished = self.outputs.process([w.request for w in sampling], sampled)
-            self._tokens_generated += len(new)
-            self._generation_rate.add(len(new))
-            for done in finished:
-                self._release(done)
-            outputs.extend(new)
+        for req in launched.requests:
+            if not req.is_finished:
+                req.num_pending_tokens = 1
+        if self.overlap:
+            self._in_flight = launched
+        else:
+            outputs.extend(self._finish(launched))
         return outputs
 
-    def _sequences(self, scheduled: list[ScheduledWork]) -> list[ScheduledSequence]:
+    @staticmethod
+    def _needs_known_tokens(plan: SchedulerOutput) -> bool:
+        """Whether a sequence of ``plan`` that waits on a device-side token samples with a rule
+        that reads its output tokens on the host (penalties, min_tokens): then the step in
+        flight is read back first."""
+        for work in plan.scheduled:
+            req = work.request
+            if req.num_pending_tokens and needs_output_history(req.params):
+                return True
+        return False
+
+    def _launch(self, plan: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
+        """Run the forward and the sampler of ``plan`` (asynchronously on CUDA) and queue the
+        copy of the sampled tokens to the host."""
+        seqs = self._sequences(plan.scheduled, prev)
+        logits = self.runner.execute(seqs, prev.token_ids if prev is not None else None)
+        reqs = [w.request for w in plan.scheduled if w.completes_sequence]
+        if not reqs:
+            return _InFlight([], {}, None, None)
+        sampled = self._sample(logits, reqs)
+        host = HostTensors(
+            [
+                sampled.token_ids,
+                sampled.logprobs,
+                sampled.top_logprob_ids,
+                sampled.top_logprobs,
+            ],
+            self.device,
+        )
+        rows = {r.request_id: i for i, r in enumerate(reqs)}
+        return _InFlight(reqs, rows, sampled.token_ids, host)
+
+    def _finish(self, flight: _InFlight) -> list[RequestOutput]:
+        """Read a launched step's tokens back and turn them into outputs."""
+        if flight.host is None:
+            return []
+        token_ids, logprobs, top_ids, top_lps = flight.host.wait()
+        assert token_ids is not None
+        sampled = SamplerOutput(token_ids, logprobs, top_ids, top_lps)
+        new, finished = self.outputs.process(flight.requests, sampled)
+        self._tokens_generated += len(new)
+        self._generation_rate.add(len(new))
+        for done in finished:
+            self._release(done)
+        return new
+
+    def _sequences(
+        self, scheduled: list[ScheduledWork], prev: _InFlight | None
+    ) -> list[ScheduledSequence]:
         now = time.monotonic()
         seqs = []
         for work in scheduled:
@@ -226,19 +317,19 @@ class EngineCore:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             start = req.num_computed_tokens
-            seqs.append(
-                ScheduledSequence(
-                    req.token_ids_between(start, start + work.num_tokens),
-                    start,
-                    self.blocks.block_table_view(req.request_id),
-                    needs_logits=work.completes_sequence,
-                )
-            )
+            table = self.blocks.block_table_view(req.request_id)
+            if req.num_pending_tokens:
+                # Its one new token is the one the step in flight sampled: read on the device.
+                assert prev is not None and work.num_tokens == 1, "a pending token is a decode"
+                seq = ScheduledSequence([0], start, table, True, prev.rows[req.request_id])
+            else:
+                tokens = req.token_ids_between(start, start + work.num_tokens)
+                seq = ScheduledSequence(tokens, start, table, work.completes_sequence)
+            seqs.append(seq)
         return seqs
 
-    def _sample(self, logits: torch.Tensor, works: list[ScheduledWork]) -> SamplerOutput:
-        reqs = [w.request for w in works]
-        if all(is_plain_greedy(r.params, len(r.output_token_ids)) for r in reqs):
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+        if all(is_plain_greedy(r.params, r.num_output_tokens) for r in reqs):
             return self.sampler.greedy(logits)
         batch = SamplingBatch.build(
             [r.params for r in reqs],

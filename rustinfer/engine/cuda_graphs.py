@@ -21,8 +21,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from rustinfer.engine.host_copy import copy_rows
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
 
 __all__ = ["DecodeGraphs", "graph_batch_sizes"]
@@ -85,7 +87,10 @@ class DecodeGraphs:
         self.pos, self.h_pos = dev(b, dtype=torch.int64), host(b, dtype=torch.int64)
         self.slots, self.h_slots = dev(b, dtype=torch.int64), host(b, dtype=torch.int64)
         self.lens, self.h_lens = dev(b, dtype=torch.int32), host(b, dtype=torch.int32)
-        self.tables, self.h_tables = dev(b, w, dtype=torch.int32), host(b, w, dtype=torch.int32)
+        self.tables = dev(b, w, dtype=torch.int32)
+        # A step's tables travel as one dense [batch, columns in use] block through these.
+        self.tables_flat = dev(b * w, dtype=torch.int32)
+        self.h_tables_flat = host(b * w, dtype=torch.int32)
         self.cu_q = torch.arange(b + 1, dtype=torch.int32, device=device)  # one token per row
         self._graphs: dict[int, _Graph] = {}
         self._pool: tuple[int, int] | None = None
@@ -114,8 +119,9 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every size, largest first (its pool then fits the smaller ones)."""
-        self._pad_rows(0, self.max_batch)
-        self._upload(self.max_batch)
+        tables = self.h_tables_flat.numpy()[: self.max_batch].reshape(self.max_batch, 1)
+        self._pad_rows(0, self.max_batch, tables)
+        self._upload(self.max_batch, 1)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -142,30 +148,40 @@ class DecodeGraphs:
         token_ids: Sequence[int],
         positions: Sequence[int],
         block_tables: Sequence[Sequence[int]],
+        pending: Sequence[tuple[int, int]] = (),
+        prev_token_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [n, vocab] of one decode step of n sequences (a view into the graph's output,
-        valid until the next replay)."""
+        valid until the next replay). ``pending`` pairs (row, row of ``prev_token_ids``) name
+        rows whose token is still on the device: it is copied there, after the upload."""
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
         bs = self.block_size
         self._uploaded.synchronize()
         ids, pos = self.h_ids.numpy(), self.h_pos.numpy()
-        slots, lens, tables = self.h_slots.numpy(), self.h_lens.numpy(), self.h_tables.numpy()
+        slots, lens = self.h_slots.numpy(), self.h_lens.numpy()
         ids[:n] = token_ids
         pos[:n] = positions
+        # Tables go up as a dense [size, cols] block of only the columns in use (the buffers are
+        # as wide as the model's context: thousands of columns, mostly never read).
+        cols = max(len(t) for t in block_tables)
+        tables = self.h_tables_flat.numpy()[: size * cols].reshape(size, cols)
         for i, (p, table) in enumerate(zip(positions, block_tables, strict=True)):
             slots[i] = table[p // bs] * bs + p % bs
             lens[i] = p + 1
             tables[i, : len(table)] = table
-        self._pad_rows(n, size)
-        self._upload(size)
+        self._pad_rows(n, size, tables)
+        self._upload(size, cols)
+        if pending:
+            assert prev_token_ids is not None
+            copy_rows(self.ids, [r for r, _ in pending], prev_token_ids, [r for _, r in pending])
         self._uploaded.record()
         entry = self._graphs[size]
         entry.graph.replay()
         self.replays += 1
         return entry.logits[:n]
 
-    def _pad_rows(self, start: int, end: int) -> None:
+    def _pad_rows(self, start: int, end: int, tables: np.ndarray) -> None:
         """Rows [start, end) write one K/V entry to the scratch block and attend to it alone."""
         if start >= end:
             return
@@ -173,12 +189,14 @@ class DecodeGraphs:
         self.h_pos.numpy()[start:end] = 0
         self.h_slots.numpy()[start:end] = self.scratch_block * self.block_size
         self.h_lens.numpy()[start:end] = 1
-        self.h_tables.numpy()[start:end, 0] = self.scratch_block
+        tables[start:end, 0] = self.scratch_block
 
-    def _upload(self, size: int) -> None:
+    def _upload(self, size: int, cols: int) -> None:
         # Pinned sources: the copies are asynchronous and ordered before the replay on the stream.
         self.ids[:size].copy_(self.h_ids[:size], non_blocking=True)
         self.pos[:size].copy_(self.h_pos[:size], non_blocking=True)
         self.slots[:size].copy_(self.h_slots[:size], non_blocking=True)
         self.lens[:size].copy_(self.h_lens[:size], non_blocking=True)
-        self.tables[:size].copy_(self.h_tables[:size], non_blocking=True)
+        staged = self.tables_flat[: size * cols]
+        staged.copy_(self.h_tables_flat[: size * cols], non_blocking=True)
+        self.tables[:size, :cols].copy_(staged.view(size, cols))

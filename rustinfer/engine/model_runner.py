@@ -12,8 +12,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from rustinfer.engine.host_copy import copy_rows, upload
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ class ScheduledSequence:
     start_pos: int  # position of token_ids[0] in the sequence
     block_table: Sequence[int]  # covers at least start_pos + len(token_ids) tokens
     needs_logits: bool = True  # False for a prompt chunk that does not reach the prompt's end
+    # The one token of a decode whose id is still on the device: its row in the previous step's
+    # sampled ids (``token_ids`` then holds a placeholder). The runner copies it on the device.
+    prev_row: int | None = None
 
 
 @dataclass
@@ -169,8 +174,9 @@ class ModelRunner:
         width = max(len(s.block_table) for s in seqs)
         if self.decode_table_width is not None and all(len(s.token_ids) == 1 for s in seqs):
             width = max(width, self.decode_table_width)
-        tables: list[list[int]] = []
-        for s in seqs:
+        # Padding entries are never read: attention stops at each sequence's seq_len.
+        tables = np.zeros((len(seqs), width), dtype=np.int32)
+        for row, s in enumerate(seqs):
             n = len(s.token_ids)
             end = s.start_pos + n
             if n == 0 or len(s.block_table) * bs < end:
@@ -184,28 +190,38 @@ class ModelRunner:
                 slots.append(s.block_table[pos // bs] * bs + pos % bs)
             seq_lens.append(end)
             cu_q.append(cu_q[-1] + n)
-            # Padding entries are never read: attention stops at each sequence's seq_len.
-            tables.append(list(s.block_table) + [0] * (width - len(s.block_table)))
+            tables[row, : len(s.block_table)] = s.block_table
         dev = self.device
         attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=dev),
+            slot_mapping=upload(slots, torch.int64, dev),
+            block_tables=upload(tables, torch.int32, dev),
+            seq_lens=upload(seq_lens, torch.int32, dev),
+            cu_seqlens_q=upload(cu_q, torch.int32, dev),
             max_query_len=max(len(s.token_ids) for s in seqs),
         )
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            input_ids=upload(ids, torch.int64, dev),
+            positions=upload(positions, torch.int64, dev),
             attn=attn,
             cu_seqlens_q=cu_q,
         )
 
     @torch.inference_mode()
-    def execute(self, seqs: Sequence[ScheduledSequence]) -> torch.Tensor:
-        """Run one step; logits [number of sequences with needs_logits, vocab], in order."""
+    def execute(
+        self, seqs: Sequence[ScheduledSequence], prev_token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run one step; logits [number of sequences with needs_logits, vocab], in order.
+
+        ``prev_token_ids`` are the previous step's sampled ids, still on the device: sequences
+        with a ``prev_row`` read their input token from it.
+        """
         if not seqs:
             raise ValueError("an engine step schedules at least one sequence")
+        pending = [(i, s.prev_row) for i, s in enumerate(seqs) if s.prev_row is not None]
+        if pending and prev_token_ids is None:
+            raise ValueError(
+                "a sequence reads its token from the previous step, which is not given"
+            )
         graphs = self.graphs
         if (
             graphs is not None
@@ -216,8 +232,15 @@ class ModelRunner:
                 [s.token_ids[0] for s in seqs],
                 [s.start_pos for s in seqs],
                 [s.block_table for s in seqs],
+                pending,
+                prev_token_ids,
             )
         step = self.prepare(seqs)
+        if pending:
+            assert prev_token_ids is not None
+            # A pending token is a decode's only token: its row is where the sequence starts.
+            rows = [step.cu_seqlens_q[i] for i, _ in pending]
+            copy_rows(step.input_ids, rows, prev_token_ids, [r for _, r in pending])
         hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.attn)  # [T, H]
         # The last new token of each sequence that samples: row cu_q[i + 1] - 1 (host-side list,
         # so no device sync here).
@@ -225,5 +248,5 @@ class ModelRunner:
         last_rows = [end - 1 for s, end in zip(seqs, ends, strict=True) if s.needs_logits]
         if not last_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        index = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
+        index = upload(last_rows, torch.int64, self.device)
         return self.model.compute_logits(hidden.index_select(0, index))

@@ -58,15 +58,23 @@ class OutputProcessor:
     def process(
         self, requests: list[Request], sampled: SamplerOutput
     ) -> tuple[list[RequestOutput], list[Finished]]:
-        """Append each row's sampled token to its request and report it; rows are ``requests``."""
+        """Append each row's sampled token to its request and report it; rows are ``requests``.
+
+        ``sampled`` holds host tensors (the engine copies them from the device without a wait).
+        A row whose request finished meanwhile (it was aborted, or it stopped on the token before
+        while this step was in flight) is dropped.
+        """
         now = time.monotonic()
-        token_ids = sampled.token_ids.tolist()  # the one device -> host copy of the step
+        token_ids = sampled.token_ids.tolist()
         logprobs = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top_ids = sampled.top_logprob_ids.tolist() if sampled.top_logprob_ids is not None else None
         top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
         outputs: list[RequestOutput] = []
         finished: list[Finished] = []
         for row, req in enumerate(requests):
+            req.num_pending_tokens = 0
+            if req.is_finished:
+                continue
             token = token_ids[row]
             req.output_token_ids.append(token)
             if req.first_token_time is None:

@@ -41,6 +41,9 @@ class Request:
     index: int = 0  # this sequence's place among the request's n
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # Sampled on the device by the step in flight, not yet read back (0 or 1): the newest token.
+    # It counts in ``num_tokens`` (the scheduler plans with it) but not in ``output_token_ids``.
+    num_pending_tokens: int = 0
     num_cached_tokens: int = 0  # of the prompt, served by the prefix cache at admission
     status: RequestStatus = RequestStatus.WAITING
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
@@ -56,6 +59,7 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The tokens known on the host (a pending one is not among them)."""
         return self.prompt_token_ids + self.output_token_ids
 
     def token_ids_between(self, start: int, end: int) -> list[int]:
@@ -70,7 +74,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt and output tokens, counting one still on the device."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens, counting one still on the device."""
+        return len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

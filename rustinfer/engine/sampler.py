@@ -23,9 +23,16 @@ from dataclasses import dataclass
 
 import torch
 
+from rustinfer.engine.host_copy import upload
 from rustinfer.engine.sampling_params import SamplingParams
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingBatch", "is_plain_greedy"]
+__all__ = [
+    "Sampler",
+    "SamplerOutput",
+    "SamplingBatch",
+    "is_plain_greedy",
+    "needs_output_history",
+]
 
 
 def _token_counts(
@@ -38,7 +45,7 @@ def _token_counts(
     for row, seq in enumerate(seqs):
         if seq:
             padded[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-    padded = padded.to(device)
+    padded = upload(padded, torch.long, device)
     padded = torch.where((padded >= 0) & (padded < vocab_size), padded, vocab_size)
     counts = torch.zeros(len(seqs), vocab_size + 1, dtype=torch.float32, device=device)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
@@ -89,7 +96,7 @@ class SamplingBatch:
             p.check_vocab(vocab_size)
 
         def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return upload(values, dtype, device)
 
         greedy = [p.is_greedy for p in params]
         temperature = column(
@@ -123,7 +130,7 @@ class SamplingBatch:
             for row, p in enumerate(params):
                 for token, value in (p.logit_bias or {}).items():
                     bias[row, token] = value
-            logit_bias = bias.to(device)
+            logit_bias = upload(bias, torch.float32, device)
 
         mask_rows: list[int] = []
         mask_tokens: list[int] = []
@@ -252,6 +259,17 @@ def is_plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
         and params.frequency_penalty == 0.0
         and not params.logit_bias
         and num_output_tokens >= params.min_tokens
+    )
+
+
+def needs_output_history(params: SamplingParams) -> bool:
+    """Whether sampling a row reads its output tokens on the host: penalties count them, and
+    ``min_tokens`` holds stops back by their number."""
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+        or params.min_tokens > 0
     )
 
 

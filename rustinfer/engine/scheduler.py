@@ -98,13 +98,17 @@ class Scheduler:
     def advance(self, plan: SchedulerOutput) -> None:
         """Record that ``plan`` ran: each request's KV now covers its scheduled tokens.
 
-        Call it before the step's sampled tokens are appended. The scheduler is the one writer of
+        Call it before the step's sampled tokens are appended; with a step in flight, after the
+        previous step's tokens are appended (the prefix cache hashes the tokens this step
+        computed, so they must be known). The scheduler is the one writer of
         ``num_computed_tokens`` (admission sets the cached prefix, preemption resets it, this
         advances it), so a sequence's progress cannot be updated from two places that disagree.
         """
         blocks = self.blocks
         for work in plan.scheduled:
             req = work.request
+            if req.is_finished or req.status is RequestStatus.WAITING:
+                continue  # finished (or preempted) while its step was in flight: nothing to keep
             req.num_computed_tokens += work.num_tokens
             if blocks.has_blocks_to_commit(req.request_id, req.num_computed_tokens):
                 blocks.commit_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
@@ -131,6 +135,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_output_tokens >= req.max_tokens:
+                # Its last token is still on the device: it finishes (by length) when that token
+                # is read back, so it computes nothing more.
+                i += 1
+                continue
             n = min(req.num_uncomputed_tokens, budget)
             while not self.blocks.can_append(req.request_id, req.num_computed_tokens + n):
                 victim = self.running[-1]
@@ -154,6 +163,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
+            if req.num_pending_tokens:
+                break  # preempted with its newest token still on the device: admit it next step
             parent = req.prefix_parent
             if (
                 parent is not None

@@ -26,8 +26,14 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+# Every test runs twice: stepping synchronously, and with one step in flight (``overlap``, the
+# CUDA default), where a step's tokens are read back during the next step's call.
+_MODE = {"overlap": False}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def tiny(request, tmp_path_factory):
+    _MODE["overlap"] = request.param
     cfg = tiny_config(rope_scaling=True)
     weights = random_weights(cfg, seed=5)
     path = write_checkpoint(tmp_path_factory.mktemp("m"), cfg, weights)
@@ -36,6 +42,7 @@ def tiny(tmp_path_factory):
 
 
 def make_engine(loaded, blocks: int = 64, **kw) -> EngineCore:
+    kw.setdefault("overlap", _MODE["overlap"])
     per_block = kv_bytes_per_block(loaded.model, BLOCK)
     return EngineCore(
         loaded, EngineConfig(block_size=BLOCK, kv_cache_bytes=blocks * per_block, **kw)
@@ -128,6 +135,7 @@ def test_abort_frees_blocks_within_a_step(tiny):
     engine.step()
     assert engine.stats()["kv_blocks_used"] > 0
     assert engine.abort("long")
+    assert engine.stats()["kv_blocks_used"] > 0  # "short" still holds its blocks
     outs = engine.step()
     final = [o for o in outs if o.request_id == "long"]
     assert final and final[0].finished and final[0].finish_reason == "abort"
@@ -244,3 +252,61 @@ def test_warm_up_leaves_no_trace(tmp_path):
     while core.has_unfinished():
         core.step()
     assert core.stats()["prefix_cache_hits"] == 0
+
+
+def test_overlap_gives_what_stepping_in_sync_gives(tiny):
+    """Logprobs, penalties and min_tokens (which read a sequence's tokens on the host, so the
+    step in flight is read back first), stop ids met mid-flight, n > 1 and seeds: the same
+    outputs, token for token, with a step in flight as without."""
+    loaded, ref = tiny
+    greedy = ref.greedy(PROMPTS[0], 7)
+    requests = [
+        ("lp", PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, logprobs=3)),
+        ("pen", PROMPTS[2], SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.3)),
+        ("freq", PROMPTS[1], SamplingParams(temperature=0.8, seed=4, max_tokens=8,
+                                            frequency_penalty=0.5, presence_penalty=0.2)),
+        ("min", PROMPTS[0], SamplingParams(temperature=0, max_tokens=7, min_tokens=5,
+                                           stop_token_ids=[greedy[1]])),
+        ("stop", PROMPTS[0], SamplingParams(temperature=0, max_tokens=7,
+                                            stop_token_ids=[greedy[2]])),
+        ("n", PROMPTS[4], SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=5)),
+    ]  # fmt: skip
+    results = []
+    for overlap in (False, True):
+        engine = make_engine(loaded, blocks=24, max_num_batched_tokens=8, overlap=overlap)
+        logprobs: dict[str, list] = {}
+        for rid, prompt, params in requests:
+            engine.add_request(rid, prompt, params)
+        result = run_all(engine)
+        engine.add_request("lp2", PROMPTS[0], requests[0][2])
+        while engine.has_unfinished():
+            for out in engine.step():
+                logprobs.setdefault(out.request_id, []).extend(out.logprobs or [])
+        result["logprobs"] = [(lp.token_id, round(lp.logprob, 9)) for lp in logprobs["lp2"]]
+        assert engine.stats()["kv_blocks_used"] == 0
+        results.append(result)
+    assert results[0] == results[1]
+    assert results[1]["finish"]["stop/0"] == "stop"
+    assert results[1]["tokens"]["stop/0"] == greedy[:3]
+    assert len(results[1]["tokens"]["min/0"]) >= 5
+
+
+def test_a_sequence_that_stops_mid_flight_computes_one_row_more_and_reports_nothing_of_it(tiny):
+    loaded, ref = tiny
+    if not _MODE["overlap"]:
+        pytest.skip("only a step in flight computes past a stop")
+    greedy = ref.greedy(PROMPTS[0], 7)
+    engine = make_engine(loaded)
+    engine.add_request(
+        "s", PROMPTS[0], SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[greedy[1]])
+    )
+    steps = 0
+    tokens = []
+    while engine.has_unfinished():
+        steps += 1
+        for out in engine.step():
+            tokens += out.new_token_ids
+    assert tokens == greedy[:2]
+    # prefill, decode (samples the stop id), one more decode launched before that id was read,
+    # and the call that reads the last launched step back.
+    assert steps == 4
