@@ -16,9 +16,9 @@ from loader_helpers import (
 )
 from safetensors.torch import save_file
 
+from rustinfer import progress as progress_module
 from rustinfer.errors import ModelLoadError
 from rustinfer.loaders import load_model_source
-from rustinfer.loaders import progress as progress_module
 
 
 @pytest.mark.parametrize("nested", [False, True])

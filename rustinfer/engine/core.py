@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from rustinfer.engine.block_manager import BlockManager
 from rustinfer.engine.host_copy import HostTensors
@@ -35,6 +36,7 @@ from rustinfer.engine.sampler import (
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig, SchedulerOutput
 from rustinfer.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError
+from rustinfer.progress import progress_bar
 from rustinfer.runtime.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -98,8 +100,19 @@ class EngineCore:
         graph_batch = 0
         if not cfg.enforce_eager:
             graph_batch = cfg.cuda_graph_max_batch or min(cfg.max_num_seqs, _MAX_GRAPH_BATCH)
+        # Loading compiles kernels and captures graphs on CUDA: seconds a person at a terminal
+        # should see pass (the bar grows as each stage learns its count).
+        warm = self.device.type == "cuda"
+        started = time.perf_counter()
+        progress = progress_bar(1, "warming kernels and graphs", "step") if warm else None
         self.runner = ModelRunner(
-            self.model, self.device, num_blocks, cfg.block_size, self.max_model_len, graph_batch
+            self.model,
+            self.device,
+            num_blocks,
+            cfg.block_size,
+            self.max_model_len,
+            graph_batch,
+            progress,
         )
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -116,20 +129,27 @@ class EngineCore:
         self._tokens_generated = 0
         self._generation_rate = RecentRate()
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, cfg.block_size)
-        if self.device.type == "cuda":
-            self._warm_up()
+        if progress is not None:
+            try:
+                self._warm_up(progress)
+            finally:
+                progress.close()
+            logger.info("kernels warm, graphs captured in %.2f s", time.perf_counter() - started)
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, progress: tqdm | None = None) -> None:
         """Compile kernels and touch every first-use path before the first request: the runner's
         step shapes, then one short request through the whole engine (scheduler, sampler,
-        output processing), leaving no trace in the prefix cache or the counters."""
-        self.runner.warm_up(self.max_model_len)
+        output processing), leaving no trace in the prefix cache or the counters. ``progress``
+        (its total counts this request) ticks as each part is done."""
+        self.runner.warm_up(self.max_model_len, progress)
         prompt = [i % self.vocab_size for i in range(min(64, self.context_limit - 8))]
         if len(prompt) < 1:
             return
         self.add_request("rustinfer-warm-up", prompt, _WARM_UP_PARAMS)
         while self.has_unfinished():
             self.step()
+        if progress is not None:
+            progress.update(1)
         self.blocks.reset_prefix_cache()
         self._tokens_generated = 0
         self._generation_rate = RecentRate()

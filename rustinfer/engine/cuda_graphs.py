@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from rustinfer.engine.host_copy import copy_rows
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
@@ -117,8 +118,12 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every size, largest first (its pool then fits the smaller ones)."""
+    def capture(self, progress: tqdm | None = None) -> None:
+        """Capture every size, largest first (its pool then fits the smaller ones); ``progress``
+        ticks once per size."""
+        if progress is not None:
+            progress.total += len(self.sizes)
+            progress.refresh()
         tables = self.h_tables_flat.numpy()[: self.max_batch].reshape(self.max_batch, 1)
         self._pad_rows(0, self.max_batch, tables)
         self._upload(self.max_batch, 1)
@@ -134,6 +139,8 @@ class DecodeGraphs:
                 if self._pool is None:
                     self._pool = graph.pool()
                 self._graphs[size] = _Graph(graph, logits)
+                if progress is not None:
+                    progress.update(1)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         logger.info("captured decode graphs for batch sizes %s", self.sizes)

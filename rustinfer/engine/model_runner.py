@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from rustinfer.engine.host_copy import copy_rows, upload
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
@@ -92,6 +93,7 @@ class ModelRunner:
         block_size: int,
         max_model_len: int | None = None,
         graph_max_batch: int = 0,
+        progress: tqdm | None = None,
     ) -> None:
         self.model = model
         self.device = device
@@ -128,12 +130,12 @@ class ModelRunner:
                 scratch_block=num_blocks,
             )
             try:
-                graphs.capture()
+                graphs.capture(progress)
                 self.graphs = graphs
             except Exception:  # an op that syncs or allocates on the host cannot be captured
                 logger.warning("CUDA-graph capture failed: decode runs eagerly", exc_info=True)
 
-    def warm_up(self, max_model_len: int) -> None:
+    def warm_up(self, max_model_len: int, progress: tqdm | None = None) -> None:
         """Run the step shapes serving meets first, so Triton compiles their kernel variants
         (specialized on shapes and on integer arguments) at load rather than on a first request.
 
@@ -146,6 +148,9 @@ class ModelRunner:
         vocab = self.model.config.vocab_size
         # Tokens per sequence, per step: a short prompt, a long one, and many short ones at once.
         shapes = [[min(8, longest)], [longest], [min(2 * bs, longest)] * many]
+        if progress is not None:
+            progress.total += len(shapes)
+            progress.refresh()
         for lengths in shapes:
             seqs, next_block = [], 0
             for n in lengths:
@@ -161,6 +166,8 @@ class ModelRunner:
                 self.execute(
                     [ScheduledSequence([5], len(s.token_ids), s.block_table) for s in seqs]
                 )
+            if progress is not None:
+                progress.update(1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -11,7 +11,7 @@ import torch
 
 from rustinfer.config import ModelConfig
 from rustinfer.errors import ModelLoadError
-from rustinfer.loaders.progress import track
+from rustinfer.progress import track
 from rustinfer.tokenizer import Tokenizer
 
 __all__ = ["FORMATS", "ModelSource", "WeightStore", "parse_dtype"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from model_helpers import random_weights, tiny_config, write_checkpoint
+from tqdm import tqdm
 
 from rustinfer.engine.core import EngineConfig, EngineCore
 from rustinfer.engine.model_runner import kv_bytes_per_block
@@ -242,7 +245,9 @@ def test_warm_up_leaves_no_trace(tmp_path):
     path = write_checkpoint(tmp_path / "m", cfg, random_weights(cfg, seed=2))
     loaded = load_model(str(path), device="cpu", dtype="float32")
     core = EngineCore(loaded, EngineConfig(kv_cache_bytes=1 << 20))
-    core._warm_up()
+    bar = tqdm(total=1, file=io.StringIO())  # one for the whole-engine request
+    core._warm_up(bar)
+    assert bar.total == 4 and bar.n == 4  # the runner's three step shapes, then the request
     stats = core.stats()
     assert stats["tokens_generated"] == 0 and stats["tokens_per_second"] == 0
     assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0

@@ -1,4 +1,5 @@
-"""A progress bar over tensors while weights load, shown only to a person at a terminal."""
+"""Progress bars for long waits (weights loading, kernels warming), shown only to a person at a
+terminal."""
 
 from __future__ import annotations
 
@@ -19,16 +20,21 @@ def progress_enabled() -> bool:
         return False
 
 
-def track(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
-    """Yield ``items`` unchanged, ticking a tqdm bar once per item when :func:`progress_enabled`."""
-    bar = tqdm(
+def progress_bar(total: int, desc: str, unit: str) -> tqdm:
+    """A tqdm bar on stderr, drawn only when :func:`progress_enabled` (a no-op bar otherwise)."""
+    return tqdm(
         total=total,
         desc=desc,
-        unit="tensor",
+        unit=unit,
         disable=not progress_enabled(),
         leave=False,
         file=sys.stderr,
     )
+
+
+def track(items: Iterable[T], total: int, desc: str, unit: str = "tensor") -> Iterator[T]:
+    """Yield ``items`` unchanged, ticking a bar once per item."""
+    bar = progress_bar(total, desc, unit)
     try:
         for item in items:
             yield item
