@@ -73,6 +73,33 @@ class _InFlight:
     host: HostTensors | None
 
 
+def sampling_key(reqs: list[Request]) -> tuple[tuple[str, bool], ...]:
+    """What a SamplingBatch depends on besides the sampled tokens: the rows (in order) and
+    whether each still holds its stops back for min_tokens."""
+    return tuple((r.request_id, r.num_output_tokens < r.params.min_tokens) for r in reqs)
+
+
+@dataclass
+class _SamplingState:
+    """The last SamplingBatch built, kept on the device while the batch stays the same."""
+
+    key: tuple[tuple[str, bool], ...]
+    batch: SamplingBatch
+    last_token_ids: torch.Tensor | None = None  # what the batch sampled last, on the device
+
+    def count_last_tokens(self) -> None:
+        """Add the tokens the last step sampled to the penalties' output counts (on the device:
+        those tokens may not have reached the host yet)."""
+        counts, last = self.batch.output_counts, self.last_token_ids
+        if counts is None or last is None:
+            return
+        counts.scatter_add_(
+            1,
+            last.view(-1, 1),
+            torch.ones((last.numel(), 1), dtype=counts.dtype, device=counts.device),
+        )
+
+
 _DEFAULT_CPU_KV_BYTES = 2 << 30
 _WARM_UP_PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 # Larger decode batches are compute-bound: launches no longer dominate and graphs gain little.
@@ -125,6 +152,7 @@ class EngineCore:
         self.children: dict[str, list[str]] = {}  # request id -> its sequence ids
         self._pending: list[RequestOutput] = []  # finals of aborted sequences, reported next step
         self._in_flight: _InFlight | None = None  # launched, tokens not yet read back
+        self._sampling: _SamplingState | None = None
         self.overlap = cfg.overlap if cfg.overlap is not None else self.device.type == "cuda"
         self._tokens_generated = 0
         self._generation_rate = RecentRate()
@@ -281,16 +309,16 @@ class EngineCore:
             outputs.extend(self._finish(launched))
         return outputs
 
-    @staticmethod
-    def _needs_known_tokens(plan: SchedulerOutput) -> bool:
-        """Whether a sequence of ``plan`` that waits on a device-side token samples with a rule
-        that reads its output tokens on the host (penalties, min_tokens): then the step in
-        flight is read back first."""
-        for work in plan.scheduled:
-            req = work.request
-            if req.num_pending_tokens and needs_output_history(req.params):
-                return True
-        return False
+    def _needs_known_tokens(self, plan: SchedulerOutput) -> bool:
+        """Whether the step in flight must be read back before ``plan`` launches: a sequence
+        that waits on a device-side token samples with a rule that reads its output tokens
+        (penalties, min_tokens) and the sampling state has to be built afresh (the batch
+        changed), so the host needs that token."""
+        reqs = [w.request for w in plan.scheduled if w.completes_sequence]
+        if not any(r.num_pending_tokens and needs_output_history(r.params) for r in reqs):
+            return False
+        cached = self._sampling
+        return cached is None or cached.key != sampling_key(reqs)
 
     def _launch(self, plan: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
         """Run the forward and the sampler of ``plan`` (asynchronously on CUDA) and queue the
@@ -350,17 +378,30 @@ class EngineCore:
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         if all(is_plain_greedy(r.params, r.num_output_tokens) for r in reqs):
+            self._sampling = None
             return self.sampler.greedy(logits)
-        batch = SamplingBatch.build(
-            [r.params for r in reqs],
-            [r.prompt_token_ids for r in reqs],
-            [r.output_token_ids for r in reqs],
-            [r.generator for r in reqs],
-            self.eos_token_ids,
-            self.vocab_size,
-            self.device,
-        )
-        return self.sampler(logits, batch)
+        # The sampling state lives on the device and is rebuilt only when the batch changes:
+        # while the same sequences sample in the same order, the token counts the penalties read
+        # are brought up to date on the device with the tokens the last step sampled.
+        key = sampling_key(reqs)
+        cached = self._sampling
+        if cached is not None and cached.key == key:
+            cached.count_last_tokens()
+            batch = cached.batch
+        else:
+            batch = SamplingBatch.build(
+                [r.params for r in reqs],
+                [r.prompt_token_ids for r in reqs],
+                [r.output_token_ids for r in reqs],
+                [r.generator for r in reqs],
+                self.eos_token_ids,
+                self.vocab_size,
+                self.device,
+            )
+            self._sampling = cached = _SamplingState(key, batch)
+        out = self.sampler(logits, batch)
+        cached.last_token_ids = out.token_ids
+        return out
 
     def _release(self, done: Finished) -> None:
         """Free a finished sequence's blocks and forget it; its request goes with its last one."""

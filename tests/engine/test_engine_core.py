@@ -315,3 +315,37 @@ def test_a_sequence_that_stops_mid_flight_computes_one_row_more_and_reports_noth
     # prefill, decode (samples the stop id), one more decode launched before that id was read,
     # and the call that reads the last launched step back.
     assert steps == 4
+
+
+def test_sampling_state_is_built_when_the_batch_changes_not_every_step(tiny, monkeypatch):
+    """Penalties read token counts kept on the device: a steady batch builds its sampling state
+    once and the counts follow the sampled tokens there, giving what a rebuild each step gives."""
+    from rustinfer.engine import core as core_module
+
+    loaded, _ = tiny
+    params = [
+        SamplingParams(temperature=0.9, seed=1, max_tokens=12, ignore_eos=True,
+                       frequency_penalty=0.7, presence_penalty=0.3, repetition_penalty=1.2),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5),
+    ]  # fmt: skip
+    builds = []
+    real_build = core_module.SamplingBatch.build
+
+    def counting_build(*args, **kw):
+        builds.append(1)
+        return real_build(*args, **kw)
+
+    def run(rebuild_every_step: bool) -> dict[str, list]:
+        engine = make_engine(loaded)
+        if rebuild_every_step:
+            monkeypatch.setattr(core_module, "sampling_key", lambda reqs: object())
+        for i, p in enumerate(params):
+            engine.add_request(f"p{i}", PROMPTS[i], p)
+        result = run_all(engine)["tokens"]
+        monkeypatch.undo()
+        return result
+
+    monkeypatch.setattr(core_module.SamplingBatch, "build", counting_build)
+    steady = run(rebuild_every_step=False)
+    assert len(builds) == 1, builds  # both prompts prefill in one step, then the same pair decodes
+    assert run(rebuild_every_step=True) == steady
