@@ -53,6 +53,8 @@ python3 bench/load_ready.py --config "$MODEL" >"$RAW/load_ready.json" 2>"$RAW/lo
   || tail -n 20 "$RAW/load_ready.err"
 python3 bench/step_profile.py --model bench/configs/llama-3.1-8b/config.json --batch 1 \
   >"$RAW/profile_8b_b1.json" 2>"$RAW/profile_8b_b1.err" || tail -n 20 "$RAW/profile_8b_b1.err"
+python3 bench/gemv_sweep.py --config "$MODEL" >"$RAW/gemv.jsonl" 2>"$RAW/gemv.err" \
+  || tail -n 20 "$RAW/gemv.err"
 run throughput_64x128 bench throughput "${common[@]}" --num-prompts 64 --input-len 128 \
   --output-len 128 --max-num-seqs 64
 run throughput_256x128 bench throughput "${common[@]}" --num-prompts 256 --input-len 128 \
@@ -98,6 +100,18 @@ for b in (1, 64):
         print(f"kernels b{b} {k['mode']}: wall {k['wall_us_per_step']} us, kernels {k['kernel_us_per_step']} us, {k['launches_per_step']:.0f} launches")
         for row in k["kernels"][:12]:
             print(f"   {row['us']:>8} us x{row['launches']:>5.1f}  {row['kernel'][:70]}")
+gemv = out / "gemv.jsonl"
+if gemv.exists():
+    best = {}
+    for line in gemv.read_text().splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            if "us" in r:
+                key = (r["shape"], r["variant"] == "cublas")
+                if key not in best or r["us"] < best[key]["us"]:
+                    best[key] = r
+    for (shape, is_cublas), r in sorted(best.items()):
+        print(f"gemv {shape:<8} {r['variant']:<24} {r['us']:>8} us {r['gb_s']:>8} GB/s")
 peers = out / "peers.jsonl"
 if peers.exists():
     print("peers:")
