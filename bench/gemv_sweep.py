@@ -88,7 +88,8 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
-    c = json.load(open(args.config))
+    with open(args.config) as f:
+        c = json.load(f)
     h, inter = c["hidden_size"], c["intermediate_size"]
     d = c.get("head_dim") or h // c["num_attention_heads"]
     qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * d
@@ -108,7 +109,7 @@ def main() -> None:
         ref = (x.float() @ ws[0].float().t()).to(torch.bfloat16)
         nbytes = n * k * 2
 
-        def calls(f):
+        def calls(f, x=x, ws=ws, copies=copies):
             return lambda: [f(x, ws[i % copies]) for i in range(16)]
 
         variants = {"cublas": lambda x, w: torch.mm(x, w.t())}
@@ -127,7 +128,7 @@ def main() -> None:
                 row = {"shape": name, "variant": vname, "error": str(exc)[:200]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del ws
+        ws.clear()
         torch.cuda.empty_cache()
     print(f"{'shape':<9}{'variant':<24}{'us':>8}{'GB/s':>8}")
     for r in rows:
