@@ -17,6 +17,7 @@ import json
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -47,6 +48,45 @@ def _gemv_kernel(
         acc.to(y_ptr.dtype.element_ty),
         mask=(ms[:, None] < M) & (rows[None, :] < N),
     )
+
+
+@triton.jit
+def _gemv_preload_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    N,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    M: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DEPENDENT: tl.constexpr,
+):
+    # The whole [BLOCK_N, K] weight tile is loaded before waiting on the previous kernel: weights
+    # never depend on it, so with a dependent launch their loads overlap its tail.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, K)
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=rows[:, None] < N)
+    if DEPENDENT:
+        gdc_wait()
+        gdc_launch_dependents()
+    for m in tl.static_range(M):
+        x = tl.load(x_ptr + m * stride_xm + ks)
+        acc = tl.sum(w.to(tl.float32) * x[None, :].to(tl.float32), axis=1)
+        tl.store(y_ptr + m * stride_ym + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+
+def preload_gemv(x, w, block_n, warps, dependent=True):
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _gemv_preload_kernel[(triton.cdiv(n, block_n),)](
+        x, w, y, n, x.stride(0), w.stride(0), y.stride(0),
+        M=m, K=k, BLOCK_N=block_n, DEPENDENT=dependent, num_warps=warps, launch_pdl=dependent,
+    )  # fmt: skip
+    return y
 
 
 def triton_gemv(x, w, block_n, block_k, warps):
@@ -118,6 +158,12 @@ def main() -> None:
                 variants[f"triton_n{bn}_k{bk}_w{warps}"] = lambda x, w, bn=bn, bk=bk, warps=warps: (
                     triton_gemv(x, w, bn, bk, warps)
                 )
+        for bn, warps in [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8)]:
+            if bn * k <= 16384:  # the tile stays in registers
+                for dep in (True, False):
+                    variants[f"preload_n{bn}_w{warps}{'_pdl' if dep else ''}"] = (
+                        lambda x, w, bn=bn, warps=warps, dep=dep: preload_gemv(x, w, bn, warps, dep)
+                    )
         for vname, f in variants.items():
             try:
                 err = (f(x, ws[0]).float() - ref.float()).abs().max().item()
@@ -130,6 +176,28 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         ws.clear()
         torch.cuda.empty_cache()
+    # A layer's four matmuls in sequence, 16 layers (as a decode step runs them): what the
+    # kernel boundaries cost on top of each matmul's own time.
+    layer = {k: shapes[k] for k in ("qkv", "o", "gate_up", "down")}
+    mats = [{k: torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) for k, (n, kk) in
+             layer.items()} for _ in range(16)]  # fmt: skip
+    xs = {k: torch.randn(args.batch, kk, device="cuda", dtype=torch.bfloat16)
+          for k, (_, kk) in layer.items()}  # fmt: skip
+    layer_bytes = sum(n * kk * 2 for n, kk in layer.values())
+    chains = {
+        "cublas": lambda x, w: torch.mm(x, w.t()),
+        "preload_pdl": lambda x, w: preload_gemv(x, w, 4 if w.shape[1] <= 4096 else 1, 4, True),
+        "preload": lambda x, w: preload_gemv(x, w, 4 if w.shape[1] <= 4096 else 1, 4, False),
+    }
+    for cname, f in chains.items():
+        try:
+            us = graph_time_us(lambda f=f: [f(xs[k], m[k]) for m in mats for k in layer])
+            row = {"shape": "layer_chain", "variant": cname, "us": round(us, 2),
+                   "gb_s": round(layer_bytes / us / 1e3, 1)}  # fmt: skip
+        except Exception as exc:
+            row = {"shape": "layer_chain", "variant": cname, "error": str(exc)[:200]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     print(f"{'shape':<9}{'variant':<24}{'us':>8}{'GB/s':>8}")
     for r in rows:
         if "us" in r:

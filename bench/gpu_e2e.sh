@@ -107,7 +107,8 @@ if gemv.exists():
         if line.startswith("{"):
             r = json.loads(line)
             if "us" in r:
-                key = (r["shape"], r["variant"] == "cublas")
+                chain = r["shape"] == "layer_chain"
+                key = (r["shape"], r["variant"] if chain else r["variant"] == "cublas")
                 if key not in best or r["us"] < best[key]["us"]:
                     best[key] = r
     for (shape, is_cublas), r in sorted(best.items()):
