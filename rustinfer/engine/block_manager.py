@@ -148,6 +148,10 @@ class BlockManager:
         self._ref[block] = 1
         return block
 
+    def has_room(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Whether the sequence's blocks already cover ``num_tokens`` tokens (no block needed)."""
+        return len(self._tables[seq_id]) * self.block_size >= num_tokens
+
     def can_append(self, seq_id: Hashable, num_tokens: int) -> bool:
         """Can the sequence grow to ``num_tokens`` tokens in total?"""
         missing = self.blocks_needed(num_tokens) - len(self._table(seq_id))

@@ -88,4 +88,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        # Identity tests, not a set lookup: this runs several times per sequence per step, and
+        # hashing an enum member goes through Python code.
+        status = self.status
+        return status is not RequestStatus.RUNNING and status is not RequestStatus.WAITING

@@ -129,7 +129,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        scheduled_ids: set[str] = set()
 
         # Running requests, oldest first; the youngest ones are the preemption victims.
         i = 0
@@ -141,6 +140,12 @@ class Scheduler:
                 i += 1
                 continue
             n = min(req.num_uncomputed_tokens, budget)
+            if n == 1 and self.blocks.has_room(req.request_id, req.num_computed_tokens + 1):
+                # The common decode step: its token fits in the last block it already has.
+                out.scheduled.append(ScheduledWork(req, 1))
+                budget -= 1
+                i += 1
+                continue
             while not self.blocks.can_append(req.request_id, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -149,7 +154,6 @@ class Scheduler:
             else:
                 self.blocks.append_slots(req.request_id, req.num_computed_tokens + n)
                 out.scheduled.append(ScheduledWork(req, n))
-                scheduled_ids.add(req.request_id)
                 budget -= n
                 i += 1
                 continue
