@@ -421,26 +421,16 @@ class Impls:
 def load_impls(bench: Bench, op: str, dtype: torch.dtype) -> Impls:
     """The Triton and torch implementations of ``op`` for cuda.
 
-    On a GPU through the registry (the Triton one must be what the registry picks); in smoke mode
-    straight from the plugins' target tables, since the registry's requirements (a CUDA device)
-    refuse on the CPU.
+    The Triton one through the registry on a GPU (it must be what the registry picks), from the
+    plugin's table in smoke mode (the registry's requirements refuse on the CPU).
     """
+    from rustinfer_ops_cpu.plugin import TARGETS
+
     from rustinfer.lazy import resolve
 
-    if bench.cuda:
-        from rustinfer.plugins import get_registries
-
-        ops = get_registries().ops
-        torch_impls = [
-            i for i in ops.implementations(op) if i.device == "cuda" and i.name == "torch"
-        ]
-        if not torch_impls:
-            raise RuntimeError(f"no 'torch' implementation of {op} registered for cuda")
-        torch_fn = torch_impls[0].load()
-    else:
-        from rustinfer_ops_cpu.plugin import TARGETS
-
-        torch_fn = resolve(TARGETS[op])
+    # The plain-torch baseline is rustinfer-ops-cpu's implementation (device-generic torch),
+    # loaded straight from its table: rustinfer-ops-cuda registers no torch version of these ops.
+    torch_fn = resolve(TARGETS[op])
 
     target = TRITON_TARGETS.get(op)
     if target is None:
@@ -448,7 +438,9 @@ def load_impls(bench: Bench, op: str, dtype: torch.dtype) -> Impls:
     module_name = target.partition(":")[0]
     try:
         if bench.cuda:
-            impl = ops.lookup(op, "cuda", dtype, overrides={})
+            from rustinfer.plugins import get_registries
+
+            impl = get_registries().ops.lookup(op, "cuda", dtype, overrides={})
             if impl.name != "triton":
                 raise AssertionError(f"the registry picks {impl.describe()} for {op}, not triton")
             fn = impl.load()

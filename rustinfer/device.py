@@ -7,6 +7,7 @@ Device types are registered by plugins (``rustinfer_register_devices``): rustinf
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import ClassVar
 
 import torch
@@ -42,6 +43,18 @@ class Device(abc.ABC):
 
     def synchronize(self) -> None:  # noqa: B027  optional: synchronous devices have nothing to wait for
         """Wait for queued work (no-op on synchronous devices)."""
+
+    def make_current(self) -> None:  # noqa: B027  optional: most device types have no notion of it
+        """Make this the calling thread's current device of its type, for a thread that serves this
+        device alone (the engine thread calls it first). Libraries that launch on "the current
+        device" (Triton, CUDA graphs, streams and events made without one) then land here rather
+        than on device 0, where every new thread starts. A no-op where the type has no such notion.
+        """
+
+    def as_current(self) -> contextlib.AbstractContextManager[object]:
+        """A scope in which this is the current device of its type, the previous one restored on
+        exit: for work on this device from a thread that serves others too (a caller's thread)."""
+        return contextlib.nullcontext()
 
     def auto_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
         """The dtype ``--dtype auto`` picks on this device for a checkpoint stored in ``checkpoint_dtype``."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pluggy
@@ -187,6 +190,8 @@ def test_plugins_command_json(capsys):
     assert cpu["registered"]["devices"] == ["cpu"]
     assert listed["models_llama3"]["registered"]["models"] == ["LlamaForCausalLM", "llama"]
     assert listed["ops_cuda"]["registered"]["devices"] == ["cuda"]
+    cuda_ops = set(listed["ops_cuda"]["registered"]["ops"])
+    assert {"linear:torch@cuda", "rmsnorm:triton@cuda"} <= cuda_ops
 
 
 def test_plugins_command_text(capsys):
@@ -194,3 +199,64 @@ def test_plugins_command_text(capsys):
     out = capsys.readouterr().out
     assert textwrap.dedent("models_llama3  [rustinfer-models-llama3 0.1.0]") in out
     assert "  models: LlamaForCausalLM, llama" in out
+
+
+# In a fresh interpreter: import every module of rustinfer-ops-cuda, run its hooks and load every
+# target they register (lazy "module:attr" strings), then report which modules came along.
+_LOAD_ALL_OPS_CUDA = """
+import importlib, json, pkgutil, sys
+import torch
+import rustinfer_ops_cuda
+from rustinfer.lazy import resolve
+from rustinfer_ops_cuda import plugin
+names = [m.name for m in pkgutil.walk_packages(rustinfer_ops_cuda.__path__, "rustinfer_ops_cuda.")]
+for name in names:
+    importlib.import_module(name)
+targets = []
+plugin.rustinfer_register_ops(register=lambda op, name, target, **kw: targets.append(target))
+plugin.rustinfer_register_devices(register=lambda device_type, target: targets.append(target))
+for target in targets:
+    resolve(target)
+print(json.dumps({
+    "modules": names,
+    "targets": targets,
+    "ops_cpu": sorted(m for m in sys.modules if m.split(".")[0] == "rustinfer_ops_cpu"),
+    "cuda_initialized": torch.cuda.is_initialized(),
+}))
+"""
+
+
+def test_ops_cuda_stands_alone_without_ops_cpu():
+    """rustinfer-ops-cuda never imports rustinfer-ops-cpu (not at import, not in its hooks, not
+    through a registered target), and none of that initialises CUDA."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_ALL_OPS_CUDA],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    # The check covered the plugin, every kernel module and every registered target.
+    assert {
+        "rustinfer_ops_cuda.plugin",
+        "rustinfer_ops_cuda.device",
+        "rustinfer_ops_cuda.kernels.torch_ops",
+        "rustinfer_ops_cuda.kernels.decode_attention",
+    } <= set(report["modules"])
+    assert len(report["targets"]) > 10
+    assert all(t.startswith("rustinfer_ops_cuda.") for t in report["targets"]), report["targets"]
+    assert report["ops_cpu"] == []
+    assert report["cuda_initialized"] is False
+
+
+def test_ops_cuda_distribution_does_not_depend_on_ops_cpu():
+    pyproject = Path(__file__).parents[1] / "plugins" / "ops_cuda" / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    # Requirement names, normalised as PEP 503 does: case, "-", "_" and "." all alike.
+    names = {
+        re.sub(r"[-_.]+", "-", re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", dep)[1]).lower()
+        for dep in deps
+    }
+    assert "rustinfer" in names
+    assert "rustinfer-ops-cpu" not in names

@@ -367,6 +367,10 @@ class AsyncEngine:
     def _run(self) -> None:
         logger.info("engine thread started")
         try:
+            # This thread serves the model's device alone: make it current here, since a new
+            # thread starts on device 0 and Triton, CUDA graphs and argument-less streams and
+            # events use the current device (a model on cuda:1 would otherwise launch on GPU 0).
+            self._core.loaded.device.make_current()
             while True:
                 with self._cond:
                     # Sleep while there is nothing to do: no busy-wait when idle.

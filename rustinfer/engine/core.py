@@ -132,15 +132,18 @@ class EngineCore:
         warm = self.device.type == "cuda"
         started = time.perf_counter()
         progress = progress_bar(1, "warming kernels and graphs", "step") if warm else None
-        self.runner = ModelRunner(
-            self.model,
-            self.device,
-            num_blocks,
-            cfg.block_size,
-            self.max_model_len,
-            graph_batch,
-            progress,
-        )
+        # The model's device made current while capturing and warming (the caller's thread may
+        # have another one current: graphs and streams made without a device land there).
+        with loaded.device.as_current():
+            self.runner = ModelRunner(
+                self.model,
+                self.device,
+                num_blocks,
+                cfg.block_size,
+                self.max_model_len,
+                graph_batch,
+                progress,
+            )
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.max_waiting),
@@ -159,7 +162,8 @@ class EngineCore:
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, cfg.block_size)
         if progress is not None:
             try:
-                self._warm_up(progress)
+                with loaded.device.as_current():
+                    self._warm_up(progress)
             finally:
                 progress.close()
             logger.info("kernels warm, graphs captured in %.2f s", time.perf_counter() - started)

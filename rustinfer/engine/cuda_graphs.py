@@ -182,7 +182,7 @@ class DecodeGraphs:
         if pending:
             assert prev_token_ids is not None
             copy_rows(self.ids, [r for r, _ in pending], prev_token_ids, [r for _, r in pending])
-        self._uploaded.record()
+        self._uploaded.record(torch.cuda.current_stream(self.device))
         entry = self._graphs[size]
         entry.graph.replay()
         self.replays += 1

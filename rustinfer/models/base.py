@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -41,6 +42,10 @@ class Model(torch.nn.Module, abc.ABC):
     Weights arrive as ``(name, tensor)`` pairs in the checkpoint's own spelling (HF or GGUF names); the
     model maps them onto its packed layout.
     """
+
+    # The ops its forward looks up (``self.ops.<name>``); the loader resolves only these, so a
+    # kernel plugin need not implement ops this model never calls. None: every op spec.
+    ops_used: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config: ModelConfig, ops: OpTable, dtype: torch.dtype) -> None:
         super().__init__()

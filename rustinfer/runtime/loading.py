@@ -89,7 +89,7 @@ def load_model(
         torch_dtype = dev.auto_dtype(_checkpoint_dtype(config, source))
     else:
         torch_dtype = parse_dtype(dtype)
-    ops = OpTable.resolve(regs.ops, dev.type, torch_dtype)
+    ops = OpTable.resolve(regs.ops, dev.type, torch_dtype, cls.ops_used)
     logger.debug("ops for %s/%s: %s", dev.type, torch_dtype, ops.chosen)
     net = cls(config, ops, torch_dtype)
     if source.format == "dummy":

@@ -1,7 +1,8 @@
 """Triton paged attention (decode with split-KV, prefill/extend) against the float64 spec references.
 
 interpret lane: CPU tensors through Triton's interpreter, fp16 and fp32 (the interpreter's bf16
-``tl.dot`` is wrong), small shapes. cuda lane: the compiled kernels, bf16 and fp16, the full matrix.
+``tl.dot`` is wrong), small shapes. cuda lane: the compiled kernels, bf16, fp16 and fp32 (whose dots
+must stay IEEE fp32, not TF32, to meet the spec), the full matrix.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def test_launchers_reject_bad_arguments():
 
 # -- cuda lane -----------------------------------------------------------------------------------
 
-CUDA_DTYPES = [torch.bfloat16, torch.float16]
+CUDA_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # GQA ratios 1, 4 and 8 (Llama-3.2-1B is 32/8, Llama-3.1-8B 32/8, 70B 64/8).
 CUDA_HEADS = [(8, 8), (32, 8), (32, 4)]
 BOUNDARY_LENS = [1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 256, 257, 1023, 1025]
@@ -303,8 +304,6 @@ def test_registry_picks_triton_on_cuda_never_on_cpu():
     regs = get_registries()
     for op in ("rmsnorm", "fused_add_rmsnorm", "silu_and_mul", "rope_kv_store",
                "attention_decode", "attention_prefill"):  # fmt: skip
-        for dtype in CUDA_DTYPES:
+        for dtype in CUDA_DTYPES:  # float32 included: the accurate path runs Triton too
             assert regs.ops.lookup(op, "cuda", dtype, overrides={}).name == "triton"
             assert regs.ops.lookup(op, "cpu", dtype, overrides={}).name == "torch"
-        # float32 on cuda stays with the plain-torch kernels (the Triton ones are half-precision).
-        assert regs.ops.lookup(op, "cuda", torch.float32, overrides={}).name == "torch"

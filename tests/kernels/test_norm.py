@@ -12,7 +12,7 @@ from rustinfer.ops import FUSED_ADD_RMSNORM, RMSNORM
 from .lanes import BOTH_LANES, LANE_DEVICE
 
 EPS = 1e-5
-HALF_DTYPES = [torch.bfloat16, torch.float16]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def check_rmsnorm(
@@ -45,17 +45,22 @@ def check_fused_add_rmsnorm(
 
 
 # (tokens, hidden, dtype, strided): odd sizes, one row per program (576: 2 rows per program,
-# 13 and 64: 16), and 8200 > 8192 for the two-pass loop.
+# 13 and 64: 16), and 8200 > 8192 for the two-pass loop; float32 on both paths too.
 INTERPRET_RMSNORM = [
     (3, 13, torch.bfloat16, False),
     (17, 64, torch.bfloat16, True),
     (5, 576, torch.float16, True),
     (2, 8200, torch.bfloat16, True),
+    (7, 13, torch.float32, True),
+    (5, 576, torch.float32, False),
+    (2, 8200, torch.float32, True),
 ]
 INTERPRET_FUSED = [
     (3, 13, torch.bfloat16, True),
     (7, 576, torch.bfloat16, False),
     (2, 8200, torch.float16, True),
+    (17, 64, torch.float32, True),
+    (2, 8200, torch.float32, False),
 ]
 
 
@@ -85,7 +90,7 @@ CUDA_HIDDEN = [576, 2048, 4096, 8192, 12288]
 @pytest.mark.parametrize("is_strided", [False, True], ids=["contig", "strided"])
 @pytest.mark.parametrize("hidden", CUDA_HIDDEN)
 @pytest.mark.parametrize("tokens", CUDA_TOKENS)
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_rmsnorm_cuda(tokens: int, hidden: int, dtype: torch.dtype, is_strided: bool) -> None:
     check_rmsnorm(tokens, hidden, dtype, is_strided, device="cuda")
 
@@ -94,7 +99,7 @@ def test_rmsnorm_cuda(tokens: int, hidden: int, dtype: torch.dtype, is_strided: 
 @pytest.mark.parametrize("is_strided", [False, True], ids=["contig", "strided"])
 @pytest.mark.parametrize("hidden", CUDA_HIDDEN)
 @pytest.mark.parametrize("tokens", CUDA_TOKENS)
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_fused_add_rmsnorm_cuda(
     tokens: int, hidden: int, dtype: torch.dtype, is_strided: bool
 ) -> None:
@@ -105,8 +110,10 @@ def test_fused_add_rmsnorm_cuda(
 def test_norm_argument_checks(device: str) -> None:
     x = randn(4, 64, dtype=torch.bfloat16).to(device)
     w = randn(64, dtype=torch.bfloat16).to(device)
-    with pytest.raises(TypeError, match="x has dtype float32"):
-        rmsnorm(x.float(), w.float(), EPS)
+    with pytest.raises(TypeError, match="x has dtype float64"):
+        rmsnorm(x.double(), w.double(), EPS)
+    with pytest.raises(TypeError, match="weight has dtype float32"):
+        rmsnorm(x, w.float(), EPS)
     with pytest.raises(TypeError, match="weight has dtype float16"):
         rmsnorm(x, w.half(), EPS)
     with pytest.raises(ValueError, match="weight has shape"):

@@ -14,7 +14,7 @@ from rustinfer.ops import build_cos_sin_cache
 
 from .lanes import BOTH_LANES, LANE_DEVICE
 
-HALF_DTYPES = [torch.bfloat16, torch.float16]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def checked_impl(index_dtype: torch.dtype) -> Callable[..., torch.Tensor]:
@@ -55,6 +55,8 @@ INTERPRET_CASES = [
     (3, (4, 4), 64, torch.float16, True, torch.int64, 16, False),
     (1, (4, 4), 128, torch.bfloat16, False, torch.int64, 16, False),
     (9, (8, 2), 64, torch.float16, False, torch.int32, 3, True),
+    (7, (9, 3), 64, torch.float32, True, torch.int64, 5, True),
+    (4, (8, 2), 128, torch.float32, False, torch.int32, 16, False),
 ]
 
 
@@ -94,7 +96,7 @@ def test_rope_kv_store_interpret(case: tuple) -> None:
     "heads", [(8, 8), (32, 8), (32, 4), (9, 3), (64, 8)], ids=lambda h: f"{h[0]}q{h[1]}kv"
 )
 @pytest.mark.parametrize("tokens", [1, 7, 33, 4097])
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_rope_kv_store_cuda(
     tokens: int,
     heads: tuple[int, int],
@@ -142,7 +144,8 @@ def _args(device: str) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     ("name", "bad", "error", "match"),
     [
-        ("q", lambda t: t.float(), TypeError, "q has dtype float32"),
+        ("q", lambda t: t.double(), TypeError, "q has dtype float64"),
+        ("k", lambda t: t.float(), TypeError, "k has dtype float32"),
         ("v", lambda t: t.half(), TypeError, "v has dtype float16"),
         ("positions", lambda t: t.float(), TypeError, "positions has dtype float32"),
         ("cos_sin_cache", lambda t: t.half(), TypeError, "cos_sin_cache has dtype float16"),
@@ -154,6 +157,7 @@ def _args(device: str) -> dict[str, torch.Tensor]:
     ],
     ids=[
         "q-dtype",
+        "k-dtype",
         "v-dtype",
         "positions-dtype",
         "cos_sin-dtype",

@@ -24,6 +24,19 @@ class LlamaForCausalLM(Model):
     ``[2 I, H]``, so each layer runs 4 matmuls.
     """
 
+    ops_used = (
+        "embedding",
+        "rmsnorm",
+        "fused_add_rmsnorm",
+        "linear",
+        "prepare_linear_weight",
+        "rope_kv_store",
+        "attention_decode",
+        "attention_prefill",
+        "silu_and_mul",
+        "logits",
+    )
+
     def __init__(self, config: ModelConfig, ops: OpTable, dtype: torch.dtype) -> None:
         super().__init__(config, ops, dtype)
         c = config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from rustinfer.device import Device
@@ -22,6 +24,12 @@ class CudaDevice(Device):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.torch_device)
+
+    def make_current(self) -> None:
+        torch.cuda.set_device(self.torch_device)
+
+    def as_current(self) -> contextlib.AbstractContextManager[object]:
+        return torch.cuda.device(self.torch_device)
 
     def auto_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
         # GPUs run half precision natively; float32 checkpoints and quantized files run in bf16.

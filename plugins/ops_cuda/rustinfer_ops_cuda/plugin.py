@@ -9,13 +9,21 @@ import torch
 from rustinfer.hookspecs import hookimpl
 from rustinfer.registry import RegisterDevice, RegisterOp
 
+# Every op in every dtype a model runs in on cuda: the 16-bit ones for speed, float32 as the
+# accurate path.
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-TRITON_DTYPES = (torch.bfloat16, torch.float16)
-# Above the plain-torch kernels (priority 0): where both can run, the Triton kernel is picked.
-TRITON_PRIORITY = 10
 # bf16 tensor-core dots (tl.dot on bf16) need Ampere (compute capability 8.0) or newer.
 MIN_COMPUTE_CAPABILITY = (8, 0)
 
+# op name -> "module:attr" of its torch implementation (cuBLAS, torch's CUDA kernels; no host
+# syncs). Matmuls stay on cuBLAS by design.
+TORCH_TARGETS = {
+    "embedding": "rustinfer_ops_cuda.kernels.torch_ops:embedding",
+    "linear": "rustinfer_ops_cuda.kernels.torch_ops:linear",
+    "logits": "rustinfer_ops_cuda.kernels.torch_ops:logits",
+    "prepare_linear_weight": "rustinfer_ops_cuda.kernels.torch_ops:prepare_linear_weight",
+    "argmax": "rustinfer_ops_cuda.kernels.torch_ops:argmax",
+}
 # op name -> "module:attr" of its Triton implementation (imported lazily by the registry).
 TRITON_TARGETS = {
     "rmsnorm": "rustinfer_ops_cuda.kernels.norm:rmsnorm",
@@ -58,30 +66,16 @@ def rustinfer_register_devices(register: RegisterDevice) -> None:
 
 @hookimpl
 def rustinfer_register_ops(register: RegisterOp) -> None:
-    # The plain-torch kernels of rustinfer-ops-cpu are device-generic (cuBLAS matmuls, SDPA), so
-    # they serve cuda too, registered here explicitly at priority 0: every op then has a cuda
-    # implementation in every dtype (float32 included), and the Triton kernels below take over
-    # for bf16/fp16. Matmuls (linear) stay on cuBLAS by design.
-    from rustinfer_ops_cpu.plugin import TARGETS
-
-    for op, target in TARGETS.items():
+    # One implementation per op, so no priorities: the ops of rustinfer.ops that no model calls
+    # on cuda (``rope``, ``kv_cache_store``: Llama runs ``rope_kv_store``) are not registered.
+    for op, target in TORCH_TARGETS.items():
         register(op, "torch", target, device="cuda", dtypes=DTYPES, requires=[cuda_available])
-    register(
-        "logits",
-        "cublas_f32_out",
-        "rustinfer_ops_cuda.kernels.logits:logits",
-        device="cuda",
-        dtypes=TRITON_DTYPES,
-        priority=TRITON_PRIORITY,
-        requires=[cuda_available],
-    )
     for op, target in TRITON_TARGETS.items():
         register(
             op,
             "triton",
             target,
             device="cuda",
-            dtypes=TRITON_DTYPES,
-            priority=TRITON_PRIORITY,
+            dtypes=DTYPES,
             requires=[triton_importable, compute_capability_supported],
         )

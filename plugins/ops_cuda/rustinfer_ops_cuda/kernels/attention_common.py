@@ -60,7 +60,12 @@ def attend_step(
     token = page * stride_cache_block + (keys % PAGE) * stride_cache_token + head_offset
     kv_mask = key_valid[:, None] & dim_valid[None, :]
     k = tl.load(k_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    scores = tl.dot(q, tl.trans(k)) * scale_log2  # [M, N], log2 units
+    # input_precision="ieee" on both dots: float32 operands then take full-precision fp32 FMAs.
+    # Triton's default for them is TF32 tensor cores, which keep 10 mantissa bits of each operand
+    # (~2^-11 relative per product, against the fp32 spec's 2^-20), and float32 is this engine's
+    # accurate path. 16-bit operands are unaffected: their products are exact in the fp32
+    # accumulator on tensor cores whatever this says.
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [M, N], log2 units
     if MASKED:
         scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -68,5 +73,5 @@ def attend_step(
     p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + token[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     return acc, m_new, l_i

@@ -29,6 +29,7 @@ from rustinfer_ops_cuda.kernels.dependent_launch import (
     gdc_launch_dependents,
     gdc_wait,
 )
+from rustinfer_ops_cuda.kernels.launch import launch_on
 
 # Launch settings from sweeps on an H100 (bench/kernel_sweep.py; bench/KERNEL_NOTES.md):
 # - 64 keys per step (8 KB of K and of V, D=64 bf16), 3 stages: a grid already full without
@@ -246,51 +247,52 @@ def attention_decode(
         part_lse = torch.empty((batch, n_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
-    _decode_kernel[(batch, n_kv_heads, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        out,
-        part_out,
-        part_lse,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        scale * LOG2E,
-        GROUP=group,
-        GROUP_PAD=dot_width(group),
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        PAGE=page,
-        BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
-        WAIT_PRIOR=dependent_split,
-        TRIGGER=dependents,
-        num_warps=NUM_WARPS_SPLIT if num_splits > 1 else NUM_WARPS_WHOLE,
-        num_stages=NUM_STAGES,
-        launch_pdl=dependent_split,
-    )
-    if num_splits > 1:
-        _merge_kernel[(batch, n_heads)](
+    with launch_on(q.device):
+        _decode_kernel[(batch, n_kv_heads, num_splits)](
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            out,
             part_out,
             part_lse,
-            out,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            block_tables.stride(0),
             out.stride(0),
             out.stride(1),
-            NUM_HEADS=n_heads,
+            scale * LOG2E,
+            GROUP=group,
+            GROUP_PAD=dot_width(group),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
+            PAGE=page,
+            BLOCK_N=block_n,
             NUM_SPLITS=num_splits,
-            WAIT_PRIOR=dependent_merge,
+            WAIT_PRIOR=dependent_split,
             TRIGGER=dependents,
-            num_warps=MERGE_WARPS,
-            launch_pdl=dependent_merge,
+            num_warps=NUM_WARPS_SPLIT if num_splits > 1 else NUM_WARPS_WHOLE,
+            num_stages=NUM_STAGES,
+            launch_pdl=dependent_split,
         )
+        if num_splits > 1:
+            _merge_kernel[(batch, n_heads)](
+                part_out,
+                part_lse,
+                out,
+                out.stride(0),
+                out.stride(1),
+                NUM_HEADS=n_heads,
+                HEAD_DIM=head_dim,
+                BLOCK_D=block_d,
+                NUM_SPLITS=num_splits,
+                WAIT_PRIOR=dependent_merge,
+                TRIGGER=dependents,
+                num_warps=MERGE_WARPS,
+                launch_pdl=dependent_merge,
+            )
     return out

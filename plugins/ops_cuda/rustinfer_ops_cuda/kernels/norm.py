@@ -1,9 +1,11 @@
-"""RMSNorm kernels: ``rmsnorm`` and ``fused_add_rmsnorm`` (bf16 / fp16).
+"""RMSNorm kernels: ``rmsnorm`` and ``fused_add_rmsnorm`` (bf16 / fp16 / fp32).
 
 Rounding follows the spec (the HF LlamaRMSNorm order, so token ids match HF transformers): the mean
 square is accumulated in fp32, x is scaled in fp32 and rounded to x's dtype, and only then
-multiplied by the weight (an exact fp32 product of two 16-bit floats) and rounded again.
-``tl.rsqrt`` is a hardware approximation (a couple of ulp in fp32), as torch's CUDA rsqrt is.
+multiplied by the weight and rounded once more (the fp32 product of two 16-bit floats is exact, so
+for them that is the product's only rounding, as in torch; for fp32 it is the product's own).
+``tl.rsqrt`` is a hardware approximation (a couple of ulp in fp32), as torch's CUDA rsqrt is; the
+fp32 spec budgets for it.
 
 Layout: a program owns ``ROWS`` rows. A row of up to ``MAX_FUSED_BLOCK`` elements stays in
 registers (one read, one write); a wider row is walked twice in ``MAX_FUSED_BLOCK`` chunks (sum of
@@ -17,8 +19,9 @@ import triton
 import triton.language as tl
 
 from rustinfer_ops_cuda.kernels.checks import check_device, check_tensor
+from rustinfer_ops_cuda.kernels.launch import launch_on
 
-DTYPES = (torch.bfloat16, torch.float16)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Widest row kept whole in registers: 8192 fp32 values over 16 warps is 16 per thread, well clear
 # of spilling; every Llama hidden size up to 8B is covered by the one-pass path.
 MAX_FUSED_BLOCK = 8192
@@ -84,7 +87,8 @@ def _rmsnorm_kernel(
         inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=1) / hidden + eps)  # [ROWS]
         normed = (xf * inv_rms[:, None]).to(dtype)
         w = tl.load(w_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)
-        # 16-bit x 16-bit is exact in fp32, so this rounds once, like torch's bf16 product.
+        # 16-bit x 16-bit is exact in fp32, so this rounds once, like torch's bf16 product
+        # (fp32: the product's own rounding, and the cast is a no-op).
         out = (normed.to(tl.float32) * w[None, :]).to(dtype)
         tl.store(out_rows + cols[None, :], out, mask=mask)
     else:
@@ -132,23 +136,24 @@ def _launch(
     block, rows, one_pass, num_warps = _launch_params(hidden)
     add = residual is not None
     res = residual if add else x  # never read when ADD_RESIDUAL is off
-    _rmsnorm_kernel[(triton.cdiv(n_rows, rows),)](
-        x,
-        res,
-        weight,
-        out,
-        n_rows,
-        hidden,
-        x.stride(0),
-        res.stride(0),
-        out.stride(0),
-        float(eps),
-        ADD_RESIDUAL=add,
-        ONE_PASS=one_pass,
-        ROWS=rows,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    with launch_on(x.device):
+        _rmsnorm_kernel[(triton.cdiv(n_rows, rows),)](
+            x,
+            res,
+            weight,
+            out,
+            n_rows,
+            hidden,
+            x.stride(0),
+            res.stride(0),
+            out.stride(0),
+            float(eps),
+            ADD_RESIDUAL=add,
+            ONE_PASS=one_pass,
+            ROWS=rows,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
     return out
 
 

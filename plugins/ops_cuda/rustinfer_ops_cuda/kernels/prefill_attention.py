@@ -27,6 +27,7 @@ from rustinfer_ops_cuda.kernels.attention_common import (
     multiprocessor_count,
 )
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention, check_tensor
+from rustinfer_ops_cuda.kernels.launch import launch_on
 
 
 @dataclass(frozen=True)
@@ -241,31 +242,32 @@ def attention_prefill(
     sms = multiprocessor_count(q.device) if q.device.type == "cuda" else 1
     paired = cfg.paired and triton.cdiv(tiles, 2) * n_heads * batch >= sms
     grid = (triton.cdiv(tiles, 2) if paired else tiles, n_heads, batch)
-    _prefill_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        cu_seqlens_q,
-        seq_lens,
-        out,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        scale * LOG2E,
-        GROUP=n_heads // n_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_D=dot_width(head_dim),
-        PAGE=page,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        PAIRED=paired,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    with launch_on(q.device):
+        _prefill_kernel[grid](
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            out,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            scale * LOG2E,
+            GROUP=n_heads // n_kv_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=dot_width(head_dim),
+            PAGE=page,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            PAIRED=paired,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     return out

@@ -1,4 +1,4 @@
-"""``rope_kv_store`` (bf16 / fp16): rotary embedding on q and k fused with the paged-cache store.
+"""``rope_kv_store`` (bf16 / fp16 / fp32): rotary embedding on q and k fused with the paged-cache store.
 
 One program per token reads its q, k and v heads once: q is rotated into a new contiguous q_out,
 k is rotated straight into its cache slot (the rotated k never exists anywhere else) and v is
@@ -21,8 +21,9 @@ from rustinfer_ops_cuda.kernels.dependent_launch import (
     dependent_launch_supported,
     gdc_launch_dependents,
 )
+from rustinfer_ops_cuda.kernels.launch import launch_on
 
-DTYPES = (torch.bfloat16, torch.float16)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Elements of a [heads, D] tile a program holds at once; more heads than fit are walked in a loop.
 # 4096 covers 32 heads of 128 (Llama 8B's q) in one step and keeps 70B's 64 heads to two.
 MAX_TILE = 4096
@@ -142,7 +143,7 @@ def _rope_kv_store_kernel(
             BLOCK_HKV,
             BLOCK_HALF,
         )
-        # v: copied as raw 16-bit values (no float round trip), so the cache holds v bit for bit.
+        # v: copied as raw values (no float round trip), so the cache holds v bit for bit.
         d_full = tl.arange(0, 2 * BLOCK_HALF)
         d_full_ok = d_full < 2 * half
         for h0 in range(0, n_kv_heads, BLOCK_HKV):
@@ -212,36 +213,37 @@ def rope_kv_store(
     num_warps = max(1, min(MAX_WARPS, block_hq * 2 * block_half // (32 * ELEMS_PER_THREAD)))
     if WARPS_OVERRIDE:
         num_warps = WARPS_OVERRIDE
-    _rope_kv_store_kernel[(n_tokens,)](
-        q,
-        k,
-        v,
-        positions,
-        cos_sin_cache,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        q_out,
-        n_heads,
-        n_kv_heads,
-        half,
-        k_cache.shape[1],
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        cos_sin_cache.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        q_out.stride(0),
-        q_out.stride(1),
-        BLOCK_HQ=block_hq,
-        BLOCK_HKV=block_hkv,
-        BLOCK_HALF=block_half,
-        TRIGGER=dependent_launch_supported(q.device),
-        num_warps=num_warps,
-    )
+    with launch_on(q.device):
+        _rope_kv_store_kernel[(n_tokens,)](
+            q,
+            k,
+            v,
+            positions,
+            cos_sin_cache,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            q_out,
+            n_heads,
+            n_kv_heads,
+            half,
+            k_cache.shape[1],
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            cos_sin_cache.stride(0),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            q_out.stride(0),
+            q_out.stride(1),
+            BLOCK_HQ=block_hq,
+            BLOCK_HKV=block_hkv,
+            BLOCK_HALF=block_half,
+            TRIGGER=dependent_launch_supported(q.device),
+            num_warps=num_warps,
+        )
     return q_out
