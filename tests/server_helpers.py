@@ -80,6 +80,8 @@ def start_server(
     ]  # fmt: skip
     if device == "cpu":
         cmd += ["--threads", "2"]
+    if "--grpc-port" not in args:
+        cmd += ["--grpc-port", "0"]  # REST tests: no gRPC port to collide on
     if api_key:
         cmd += ["--api-key", api_key]
     log_path = tmp / f"server-{port}.log"

@@ -48,6 +48,14 @@ def add_serve_parser(bench_sub: Any) -> None:
         help="alternate offline and served runs this many times; medians are reported (a shared "
         "CPU drifts by 10-20%% over minutes, which a single pair cannot tell from a real gap)",
     )
+    p.add_argument(
+        "--api",
+        choices=("rest", "grpc", "both"),
+        default="rest",
+        help="which face the clients use: REST (SSE), gRPC (rustinfer.v1 Generate streams), or "
+        "both against the same server, one after the other",
+    )
+    p.add_argument("--grpc-url", default=None, help="with --url: the server's gRPC host:port")
     p.add_argument("--json", action="store_true", help="print one JSON line with the result last")
     p.set_defaults(func=run_serve_bench)
 
@@ -98,9 +106,10 @@ def _offline(loaded: Any, prompts: list[list[int]], args: argparse.Namespace) ->
     }
 
 
-def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str, str]:
+    port, grpc_port = _free_port(), _free_port()
     cmd = [sys.executable, "-m", "rustinfer", "serve", "--port", str(port)]
+    cmd += ["--grpc-port", str(grpc_port)]
     cmd += ["--device", args.device, "--dtype", args.dtype, "--load-format", args.load_format]
     cmd += ["--max-num-seqs", str(args.max_num_seqs), "--max-queue", str(args.num_prompts + 16)]
     cmd += ["--log-level", "warning"]
@@ -110,7 +119,7 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    return proc, f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
 
 
 async def _wait_ready(url: str, proc: subprocess.Popen[bytes] | None) -> None:
@@ -161,34 +170,90 @@ async def _one(client: Any, url: str, prompt: list[int], output_len: int) -> _Re
     return timing
 
 
+async def _one_grpc(stub: Any, prompt: list[int], output_len: int) -> _RequestTiming:
+    """One rustinfer.v1 Generate stream; a message may carry several tokens (the engine merges
+    a slow reader's outputs), each counted."""
+    from rustinfer.server.grpc.generated.rustinfer.v1 import inference_pb2 as pb
+
+    request = pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=prompt),
+        sampling=pb.SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0),
+    )
+    start = time.perf_counter()
+    last = None
+    timing: _RequestTiming | None = None
+    async for response in stub.Generate(request):
+        if not response.HasField("chunk") or not response.chunk.token_ids:
+            continue
+        now = time.perf_counter()
+        if timing is None:
+            timing = _RequestTiming(now - start)
+        elif last is not None:
+            timing.gaps_s.append(now - last)
+        last = now
+        timing.tokens += len(response.chunk.token_ids)
+    if timing is None:
+        raise RuntimeError("a stream ended without any token")
+    return timing
+
+
 async def _drive(url: str, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        await _one(client, url, prompts[0], 2)  # warm-up, untimed
-        queue = list(range(len(prompts)))
-        timings: list[_RequestTiming] = []
+        return await _closed_loop(
+            lambda prompt, n: _one(client, url, prompt, n), prompts, args, "serve"
+        )
 
-        async def worker() -> None:
-            while queue:
-                i = queue.pop()
-                timings.append(await _one(client, url, prompts[i], args.output_len))
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        elapsed = time.perf_counter() - start
+async def _drive_grpc(
+    target: str, prompts: list[list[int]], args: argparse.Namespace
+) -> dict[str, Any]:
+    import grpc
+
+    from rustinfer.server.grpc.generated.rustinfer.v1 import inference_pb2_grpc
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        return await _closed_loop(
+            lambda prompt, n: _one_grpc(stub, prompt, n), prompts, args, "grpc"
+        )
+
+
+async def _closed_loop(
+    one: Any, prompts: list[list[int]], args: argparse.Namespace, prefix: str
+) -> dict[str, Any]:
+    """``--concurrency`` clients, each sending its next request when the last one ends."""
+    await one(prompts[0], 2)  # warm-up, untimed
+    queue = list(range(len(prompts)))
+    timings: list[_RequestTiming] = []
+
+    async def worker() -> None:
+        while queue:
+            i = queue.pop()
+            timings.append(await one(prompts[i], args.output_len))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    elapsed = time.perf_counter() - start
+    return _summary(timings, elapsed, prefix)
+
+
+def _summary(timings: list[_RequestTiming], elapsed: float, prefix: str) -> dict[str, Any]:
     tokens = sum(t.tokens for t in timings)
     ttft = [t.ttft_s * 1000 for t in timings]
     itl = [g * 1000 for t in timings for g in t.gaps_s]
+    # REST keeps its historical key names ("serve_*", "ttft_ms_*"); gRPC's carry "grpc_".
+    latency = "" if prefix == "serve" else f"{prefix}_"
     return {
-        "serve_requests_per_s": round(len(timings) / elapsed, 3),
-        "serve_output_tok_s": round(tokens / elapsed, 2),
-        "serve_elapsed_s": round(elapsed, 3),
-        "ttft_ms_p50": round(statistics.median(ttft), 2),
-        "ttft_ms_p99": round(_percentile(ttft, 99), 2),
-        "itl_ms_p50": round(statistics.median(itl), 2) if itl else 0.0,
-        "itl_ms_p99": round(_percentile(itl, 99), 2),
+        f"{prefix}_requests_per_s": round(len(timings) / elapsed, 3),
+        f"{prefix}_output_tok_s": round(tokens / elapsed, 2),
+        f"{prefix}_elapsed_s": round(elapsed, 3),
+        f"{latency}ttft_ms_p50": round(statistics.median(ttft), 2),
+        f"{latency}ttft_ms_p99": round(_percentile(ttft, 99), 2),
+        f"{latency}itl_ms_p50": round(statistics.median(itl), 2) if itl else 0.0,
+        f"{latency}itl_ms_p99": round(_percentile(itl, 99), 2),
     }
 
 
@@ -222,13 +287,19 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     if offline_runs:
         result.update(_median_of(offline_runs))
     result.update(_median_of(served_runs))
-    if offline_runs:
-        ratios = [
-            s["serve_output_tok_s"] / o["offline_output_tok_s"]
-            for o, s in zip(offline_runs, served_runs, strict=True)
-        ]
-        result["serve_vs_offline"] = round(statistics.median(ratios), 3)
-        result["serve_vs_offline_each"] = [round(r, 3) for r in ratios]
+    for face in ("serve", "grpc"):
+        key = f"{face}_output_tok_s"
+        if offline_runs and key in served_runs[0]:
+            ratios = [
+                s[key] / o["offline_output_tok_s"]
+                for o, s in zip(offline_runs, served_runs, strict=True)
+            ]
+            result[f"{face}_vs_offline"] = round(statistics.median(ratios), 3)
+            result[f"{face}_vs_offline_each"] = [round(r, 3) for r in ratios]
+    if "serve_output_tok_s" in result and "grpc_output_tok_s" in result:
+        result["grpc_vs_rest"] = round(
+            result["grpc_output_tok_s"] / result["serve_output_tok_s"], 3
+        )
     return emit(result, args.json)
 
 
@@ -236,12 +307,19 @@ def _served(prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any
     """One served run: a fresh server (unless --url), the clients, then the server stopped, so
     it never runs beside the offline engine."""
     proc = None
-    url = args.url
+    url, grpc_target = args.url, args.grpc_url
     if url is None:
-        proc, url = _start_server(args)
+        proc, url, grpc_target = _start_server(args)
     try:
         asyncio.run(_wait_ready(url, proc))
-        return asyncio.run(_drive(url.rstrip("/"), prompts, args))
+        result: dict[str, Any] = {}
+        if args.api in ("rest", "both"):
+            result.update(asyncio.run(_drive(url.rstrip("/"), prompts, args)))
+        if args.api in ("grpc", "both"):
+            if grpc_target is None:
+                raise ValueError("--api grpc with --url needs --grpc-url host:port")
+            result.update(asyncio.run(_drive_grpc(grpc_target, prompts, args)))
+        return result
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

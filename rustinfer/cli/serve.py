@@ -148,6 +148,13 @@ async def _announce_when_ready(server: Any, state: Any, settings: Any) -> None:
             f"rustinfer: ready: {state.model_name} on {engine.core.device}\n"
             f"  web UI:      {base}/\n"
             f"  OpenAI API:  {base}/v1  (e.g. {base}/v1/chat/completions)\n"
-            f"  metrics:     {base}/metrics",
+            f"  metrics:     {base}/metrics" + _grpc_line(server, shown),
             flush=True,
         )
+
+
+def _grpc_line(server: Any, host: str) -> str:
+    grpc_server = server.config.app.state.grpc
+    if grpc_server is None or grpc_server.bound_port is None:
+        return ""
+    return f"\n  gRPC:        {host}:{grpc_server.bound_port}  (rustinfer.v1, KServe v2, health)"

@@ -50,12 +50,24 @@ def create_app(settings: ServeSettings, factory: EngineFactory | None = None) ->
     state = ServerState(factory or engine_factory(settings), settings.served_model_name)
     auth = ApiKeyCheck(settings.api_keys())
 
+    grpc_server = None
+    if settings.grpc_port:
+        from rustinfer.server.grpc.server import GrpcServer  # grpc: only when it is served
+
+        grpc_server = GrpcServer(state, settings.host, settings.grpc_port, settings.api_keys())
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await state.start()
+        if grpc_server is not None:
+            await grpc_server.start()
         try:
             yield
         finally:
+            # gRPC calls still running finish on the engine before it stops.
+            state.shutting_down = True
+            if grpc_server is not None:
+                await grpc_server.stop(settings.shutdown_grace_s)
             await state.stop()
 
     app = FastAPI(
@@ -66,6 +78,7 @@ def create_app(settings: ServeSettings, factory: EngineFactory | None = None) ->
         redoc_url=None,
     )
     app.state.rustinfer = state
+    app.state.grpc = grpc_server
     install_error_handlers(app)
     if settings.allowed_origins:
         app.add_middleware(

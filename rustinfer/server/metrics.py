@@ -42,7 +42,8 @@ class EngineMetrics:
 
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ["model_name"]
+        # Per-request series carry the face that took the request (rest, grpc, kserve).
+        labels = ["model_name", "api"]
         r = self.registry
         self.ttft = Histogram(
             "rustinfer_time_to_first_token_seconds",
@@ -76,20 +77,29 @@ class EngineMetrics:
             [*labels, "finished_reason"],
             registry=r,
         )
+        engine_labels = ["model_name"]
         self.running = Gauge(
-            "rustinfer_num_requests_running", "Sequences in the running batch.", labels, registry=r
+            "rustinfer_num_requests_running",
+            "Sequences in the running batch.",
+            engine_labels,
+            registry=r,
         )
         self.waiting = Gauge(
-            "rustinfer_num_requests_waiting", "Sequences waiting to start.", labels, registry=r
+            "rustinfer_num_requests_waiting",
+            "Sequences waiting to start.",
+            engine_labels,
+            registry=r,
         )
         self.kv_usage = Gauge(
             "rustinfer_kv_cache_usage_perc",
             "Fraction of KV-cache blocks in use (0 to 1).",
-            labels,
+            engine_labels,
             registry=r,
         )
         self.model_name = model_name
         self._lock = threading.Lock()
+        # request id -> [api, sequences still running]; untracked requests count as REST.
+        self._api: dict[str, list[str | int]] = {}
         self.requests_total = 0  # sequences finished, for the UI's live panel
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -102,36 +112,63 @@ class EngineMetrics:
         self.waiting.labels(name).set_function(lambda: engine.stats()["waiting"])
         self.kv_usage.labels(name).set_function(lambda: engine.stats()["kv_cache_usage"])
 
+    def track(self, request_id: str, api: str, n: int = 1) -> None:
+        """Label the ``n`` sequences of ``request_id`` with the face that took it (call before
+        submitting it)."""
+        with self._lock:
+            self._api[request_id] = [api, n]
+
+    def _api_of(self, out: RequestOutput) -> str:
+        with self._lock:
+            entry = self._api.get(out.request_id)
+            if entry is None:
+                return "rest"
+            if out.finished:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._api[out.request_id]
+            return entry[0]
+
+    def forget(self, request_id: str) -> None:
+        """Drop a label of a request the engine refused (it will produce no output)."""
+        with self._lock:
+            self._api.pop(request_id, None)
+
     def observe(self, outputs: list[RequestOutput]) -> None:
         """One step's outputs (engine thread)."""
         name = self.model_name
-        prompt = generated = finished = 0
+        prompt: dict[str, int] = {}
+        generated: dict[str, int] = {}
+        finished = 0
         for out in outputs:
+            api = self._api_of(out)
             t = out.timings
             n_new = len(out.new_token_ids)
-            generated += n_new
+            generated[api] = generated.get(api, 0) + n_new
             first = n_new > 0 and out.num_output_tokens == n_new
             if first:
                 # A sequence's first token: the prompt has been processed once for it.
-                prompt += out.prompt_tokens
+                prompt[api] = prompt.get(api, 0) + out.prompt_tokens
                 if t.ttft_s is not None:
-                    self.ttft.labels(name).observe(t.ttft_s)
+                    self.ttft.labels(name, api).observe(t.ttft_s)
                 if t.queue_s is not None:
-                    self.queue.labels(name).observe(t.queue_s)
+                    self.queue.labels(name, api).observe(t.queue_s)
             for gap in out.inter_token_s:
-                self.itl.labels(name).observe(gap)
+                self.itl.labels(name, api).observe(gap)
             if out.finished:
                 finished += 1
-                self.success.labels(name, out.finish_reason or "unknown").inc()
+                self.success.labels(name, api, out.finish_reason or "unknown").inc()
                 if t.e2e_s is not None:
-                    self.e2e.labels(name).observe(t.e2e_s)
-        if prompt:
-            self.prompt_tokens.labels(name).inc(prompt)
-        if generated:
-            self.generation_tokens.labels(name).inc(generated)
+                    self.e2e.labels(name, api).observe(t.e2e_s)
+        for api, count in prompt.items():
+            if count:
+                self.prompt_tokens.labels(name, api).inc(count)
+        for api, count in generated.items():
+            if count:
+                self.generation_tokens.labels(name, api).inc(count)
         with self._lock:
-            self.prompt_tokens_total += prompt
-            self.generation_tokens_total += generated
+            self.prompt_tokens_total += sum(prompt.values())
+            self.generation_tokens_total += sum(generated.values())
             self.requests_total += finished
 
     def totals(self) -> dict[str, int]:

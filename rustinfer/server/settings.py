@@ -57,7 +57,10 @@ class ServeSettings(BaseSettings):
         "info", description="server log level"
     )
     grpc_port: int = Field(
-        0, ge=0, le=65535, description="gRPC port (0 disables; reserved for the gRPC service)"
+        50051,
+        ge=0,
+        le=65535,
+        description="gRPC port: rustinfer.v1, KServe OIP, health, reflection (0 disables)",
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="on SIGTERM/SIGINT, let running requests finish this long"

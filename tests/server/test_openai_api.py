@@ -361,7 +361,8 @@ def test_prometheus_series_follow_requests(client: openai.OpenAI, model, live_se
                 values[name] = float(value)
         return values
 
-    label = '{model_name="SmolLM2-135M-Instruct"}'
+    label = '{api="rest",model_name="SmolLM2-135M-Instruct"}'
+    engine_label = '{model_name="SmolLM2-135M-Instruct"}'
     before = scrape()
     r = client.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0)
     after = scrape()
@@ -369,16 +370,19 @@ def test_prometheus_series_follow_requests(client: openai.OpenAI, model, live_se
     assert after[gen] - before.get(gen, 0) == 5
     prompt = f"rustinfer_prompt_tokens_total{label}"
     assert after[prompt] - before.get(prompt, 0) == r.usage.prompt_tokens
-    ok = 'rustinfer_request_success_total{finished_reason="length",model_name="SmolLM2-135M-Instruct"}'
+    ok = (
+        'rustinfer_request_success_total{api="rest",finished_reason="length",'
+        'model_name="SmolLM2-135M-Instruct"}'
+    )
     assert after[ok] - before.get(ok, 0) == 1
     for hist in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
         key = f"rustinfer_{hist}_seconds_count{label}"
         assert after[key] - before.get(key, 0) == 1
     itl = f"rustinfer_inter_token_latency_seconds_count{label}"
     assert after[itl] - before.get(itl, 0) == 4
-    assert after[f"rustinfer_num_requests_running{label}"] == 0
-    assert after[f"rustinfer_num_requests_waiting{label}"] == 0
-    assert after[f"rustinfer_kv_cache_usage_perc{label}"] == 0
+    assert after[f"rustinfer_num_requests_running{engine_label}"] == 0
+    assert after[f"rustinfer_num_requests_waiting{engine_label}"] == 0
+    assert after[f"rustinfer_kv_cache_usage_perc{engine_label}"] == 0
 
 
 def test_cors_is_off_unless_asked(live_server: LiveServer) -> None:

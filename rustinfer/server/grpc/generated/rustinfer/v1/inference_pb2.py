@@ -25,13 +25,59 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crustinfer/v1/inference.proto\x12\x0crustinfer.v1\"\x07\n\x05\x45mptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crustinfer/v1/inference.proto\x12\x0crustinfer.v1\"H\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x11\n\x04name\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x07\n\x05_name\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.rustinfer.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x9f\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x05\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\t\x88\x01\x01\x12?\n\nlogit_bias\x18\x0b \x03(\x0b\x32+.rustinfer.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\x0c \x01(\x03H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0e \x03(\r\x12\x17\n\nignore_eos\x18\x0f \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\x0e\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\x8e\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.rustinfer.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x1a.rustinfer.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.rustinfer.v1.SamplingParams\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"\x85\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x01\x12.\n\x0ctop_logprobs\x18\x05 \x03(\x0b\x32\x18.rustinfer.v1.TopLogprob\"S\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x01\"m\n\rGenerateChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.rustinfer.v1.TokenLogprob\"\xb3\x01\n\x07Timings\x12\x14\n\x07queue_s\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06ttft_s\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\tprefill_s\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x15\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05\x65\x32\x65_s\x18\x05 \x01(\x01H\x04\x88\x01\x01\x42\n\n\x08_queue_sB\t\n\x07_ttft_sB\x0c\n\n_prefill_sB\x0b\n\t_decode_sB\x08\n\x06_e2e_s\"\xb6\x01\n\x0c\x43hoiceResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\x0bstop_string\x18\x03 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x04 \x01(\rH\x00\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12&\n\x07timings\x18\x06 \x01(\x0b\x32\x15.rustinfer.v1.TimingsB\r\n\x0bstop_reason\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"c\n\x10GenerateComplete\x12+\n\x07\x63hoices\x18\x01 \x03(\x0b\x32\x1a.rustinfer.v1.ChoiceResult\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.rustinfer.v1.Usage\"\x94\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.rustinfer.v1.GenerateChunkH\x00\x12\x32\n\x08\x63omplete\x18\x03 \x01(\x0b\x32\x1e.rustinfer.v1.GenerateCompleteH\x00\x42\n\n\x08response\"\x9d\x01\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.rustinfer.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"<\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\"o\n\x11\x44\x65tokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xdf\x01\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x04 \x01(\x08\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0c\x61rchitecture\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x64type\x18\t \x01(\tB\x0f\n\r_bos_token_id\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\x32\x8d\x03\n\tInference\x12K\n\x08Generate\x12\x1d.rustinfer.v1.GenerateRequest\x1a\x1e.rustinfer.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.rustinfer.v1.TokenizeRequest\x1a\x1e.rustinfer.v1.TokenizeResponse\x12O\n\nDetokenize\x12\x1f.rustinfer.v1.DetokenizeRequest\x1a .rustinfer.v1.DetokenizeResponse\x12U\n\x0cGetModelInfo\x12!.rustinfer.v1.GetModelInfoRequest\x1a\".rustinfer.v1.GetModelInfoResponse\x12@\n\x05\x41\x62ort\x12\x1a.rustinfer.v1.AbortRequest\x1a\x1b.rustinfer.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rustinfer.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EMPTY']._serialized_start=46
-  _globals['_EMPTY']._serialized_end=53
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_CHATMESSAGE']._serialized_start=46
+  _globals['_CHATMESSAGE']._serialized_end=118
+  _globals['_CHATMESSAGES']._serialized_start=120
+  _globals['_CHATMESSAGES']._serialized_end=179
+  _globals['_TOKENIDS']._serialized_start=181
+  _globals['_TOKENIDS']._serialized_end=204
+  _globals['_SAMPLINGPARAMS']._serialized_start=207
+  _globals['_SAMPLINGPARAMS']._serialized_end=1006
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=718
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=766
+  _globals['_GENERATEREQUEST']._serialized_start=1009
+  _globals['_GENERATEREQUEST']._serialized_end=1279
+  _globals['_TOKENLOGPROB']._serialized_start=1282
+  _globals['_TOKENLOGPROB']._serialized_end=1415
+  _globals['_TOPLOGPROB']._serialized_start=1417
+  _globals['_TOPLOGPROB']._serialized_end=1500
+  _globals['_GENERATECHUNK']._serialized_start=1502
+  _globals['_GENERATECHUNK']._serialized_end=1611
+  _globals['_TIMINGS']._serialized_start=1614
+  _globals['_TIMINGS']._serialized_end=1793
+  _globals['_CHOICERESULT']._serialized_start=1796
+  _globals['_CHOICERESULT']._serialized_end=1978
+  _globals['_USAGE']._serialized_start=1980
+  _globals['_USAGE']._serialized_end=2082
+  _globals['_GENERATECOMPLETE']._serialized_start=2084
+  _globals['_GENERATECOMPLETE']._serialized_end=2183
+  _globals['_GENERATERESPONSE']._serialized_start=2186
+  _globals['_GENERATERESPONSE']._serialized_end=2334
+  _globals['_TOKENIZEREQUEST']._serialized_start=2337
+  _globals['_TOKENIZEREQUEST']._serialized_end=2494
+  _globals['_TOKENIZERESPONSE']._serialized_start=2496
+  _globals['_TOKENIZERESPONSE']._serialized_end=2556
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2558
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2669
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2671
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2705
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2707
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2743
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2746
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2969
+  _globals['_ABORTREQUEST']._serialized_start=2971
+  _globals['_ABORTREQUEST']._serialized_end=3005
+  _globals['_ABORTRESPONSE']._serialized_start=3007
+  _globals['_ABORTRESPONSE']._serialized_end=3039
+  _globals['_INFERENCE']._serialized_start=3042
+  _globals['_INFERENCE']._serialized_end=3439
 # @@protoc_insertion_point(module_scope)

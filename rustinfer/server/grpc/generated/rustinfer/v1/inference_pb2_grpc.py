@@ -4,6 +4,7 @@
 import grpc
 import warnings
 
+from rustinfer.server.grpc.generated.rustinfer.v1 import inference_pb2 as rustinfer_dot_v1_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -23,3 +24,258 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class InferenceStub:
+    """The served model: generation and its tokenizer.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_stream(
+                '/rustinfer.v1.Inference/Generate',
+                request_serializer=rustinfer_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=rustinfer_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/rustinfer.v1.Inference/Tokenize',
+                request_serializer=rustinfer_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=rustinfer_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/rustinfer.v1.Inference/Detokenize',
+                request_serializer=rustinfer_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=rustinfer_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
+        self.GetModelInfo = channel.unary_unary(
+                '/rustinfer.v1.Inference/GetModelInfo',
+                request_serializer=rustinfer_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=rustinfer_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
+                _registered_method=True)
+        self.Abort = channel.unary_unary(
+                '/rustinfer.v1.Inference/Abort',
+                request_serializer=rustinfer_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
+                response_deserializer=rustinfer_dot_v1_dot_inference__pb2.AbortResponse.FromString,
+                _registered_method=True)
+
+
+class InferenceServicer:
+    """The served model: generation and its tokenizer.
+    """
+
+    def Generate(self, request, context):
+        """Generate from text, token ids or chat messages. The stream holds GenerateChunk messages as
+        tokens are made (the n sequences of the request interleaved, told apart by `index`), then
+        one GenerateComplete. Refusals (bad field, queue full, ...) come before any message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Token ids of a text, or of chat messages rendered through the model's chat template.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """Text of token ids.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelInfo(self, request, context):
+        """The served model's name and limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Abort(self, request, context):
+        """Stop a Generate call of this service by its request id: its stream ends with a
+        GenerateComplete whose choices finish with "abort".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_InferenceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=rustinfer_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=rustinfer_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=rustinfer_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=rustinfer_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=rustinfer_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=rustinfer_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
+            ),
+            'GetModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelInfo,
+                    request_deserializer=rustinfer_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=rustinfer_dot_v1_dot_inference__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'Abort': grpc.unary_unary_rpc_method_handler(
+                    servicer.Abort,
+                    request_deserializer=rustinfer_dot_v1_dot_inference__pb2.AbortRequest.FromString,
+                    response_serializer=rustinfer_dot_v1_dot_inference__pb2.AbortResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'rustinfer.v1.Inference', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('rustinfer.v1.Inference', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Inference:
+    """The served model: generation and its tokenizer.
+    """
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/rustinfer.v1.Inference/Generate',
+            rustinfer_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            rustinfer_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rustinfer.v1.Inference/Tokenize',
+            rustinfer_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            rustinfer_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rustinfer.v1.Inference/Detokenize',
+            rustinfer_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            rustinfer_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rustinfer.v1.Inference/GetModelInfo',
+            rustinfer_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
+            rustinfer_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Abort(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rustinfer.v1.Inference/Abort',
+            rustinfer_dot_v1_dot_inference__pb2.AbortRequest.SerializeToString,
+            rustinfer_dot_v1_dot_inference__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
