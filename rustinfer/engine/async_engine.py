@@ -27,6 +27,7 @@ from typing import Any
 from rustinfer.engine.core import EngineConfig, EngineCore
 from rustinfer.engine.outputs import RequestOutput
 from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.engine.structured import StructuredOutput
 from rustinfer.errors import InvalidRequestError, ShuttingDownError
 from rustinfer.runtime.loading import LoadedModel
 from rustinfer.tokenizer import Tokenizer
@@ -283,6 +284,13 @@ class AsyncEngine:
         await self.shutdown()
 
     # -- requests --------------------------------------------------------------------------------
+
+    async def compile_structured(self, structured: StructuredOutput) -> None:
+        """Compile a structured-output constraint in a worker thread (cached by the engine), so
+        that submitting a request with it costs the engine thread nothing; raises
+        InvalidRequestError naming the field when it cannot be compiled."""
+        compiler = self._core.grammar_compiler()
+        await asyncio.to_thread(compiler.compile, structured)
 
     async def submit(
         self,

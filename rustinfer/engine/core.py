@@ -7,6 +7,7 @@ Synchronous and single-threaded by design: the asyncio face runs it in its own t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from rustinfer.engine.sampler import (
 )
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig, SchedulerOutput
+from rustinfer.engine.structured import GrammarCompiler, allowed_tokens
 from rustinfer.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError
 from rustinfer.progress import progress_bar
 from rustinfer.runtime.loading import LoadedModel
@@ -150,6 +152,9 @@ class EngineCore:
             self.blocks,
         )
         self.sampler = Sampler()
+        # Structured outputs need the tokenizer (and llguidance): built on first constraint.
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self.requests: dict[str, Request] = {}  # live sequences by sequence id
         self.children: dict[str, list[str]] = {}  # request id -> its sequence ids
@@ -240,6 +245,10 @@ class EngineCore:
                 "shorten the prompt or lower max_tokens",
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else room
+        matchers = None
+        if params.structured is not None:
+            grammars = self.grammar_compiler()
+            matchers = [grammars.matcher(params.structured) for _ in range(params.n)]
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seq_ids = [request_id] if params.n == 1 else [f"{request_id}#{k}" for k in range(params.n)]
         reqs = []
@@ -252,12 +261,28 @@ class EngineCore:
             )
             if k > 0 and self.config.enable_prefix_caching:
                 req.prefix_parent = reqs[0]
+            if matchers is not None:
+                req.matcher = matchers[k]
             reqs.append(req)
         self.scheduler.add(reqs)  # all or none; may raise OverloadedError before any bookkeeping
         for req in reqs:
             self.requests[req.request_id] = req
             self.outputs.add(req)
         self.children[request_id] = seq_ids
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The compiler of structured-output constraints for this model's tokenizer."""
+        with self._grammars_lock:  # the servers' threads and the engine's may ask at once
+            return self._grammar_compiler()
+
+    def _grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    "response_format", "structured outputs need a model with a tokenizer"
+                )
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def abort(self, request_id: str) -> bool:
         """Stop every sequence of a request now; its blocks are free before this returns."""
@@ -317,9 +342,13 @@ class EngineCore:
         """Whether the step in flight must be read back before ``plan`` launches: a sequence
         that waits on a device-side token samples with a rule that reads its output tokens
         (penalties, min_tokens) and the sampling state has to be built afresh (the batch
-        changed), so the host needs that token."""
+        changed), so the host needs that token; or its grammar must see that token before it
+        can say what may follow (structured outputs: always)."""
         reqs = [w.request for w in plan.scheduled if w.completes_sequence]
-        if not any(r.num_pending_tokens and needs_output_history(r.params) for r in reqs):
+        pending = [r for r in reqs if r.num_pending_tokens]
+        if any(r.matcher is not None for r in pending):
+            return True
+        if not any(needs_output_history(r.params) for r in pending):
             return False
         cached = self._sampling
         return cached is None or cached.key != sampling_key(reqs)
@@ -403,6 +432,10 @@ class EngineCore:
                 self.device,
             )
             self._sampling = cached = _SamplingState(key, batch)
+        batch.allowed = None
+        if any(r.matcher is not None for r in reqs):
+            # The grammar's mask is this step's (its matcher has seen every earlier token).
+            batch.allowed = allowed_tokens([r.matcher for r in reqs], self.vocab_size, self.device)
         out = self.sampler(logits, batch)
         cached.last_token_ids = out.token_ids
         return out

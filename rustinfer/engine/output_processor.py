@@ -112,6 +112,14 @@ class OutputProcessor:
         if may_stop and token in st.eos_ids:
             return self._final(req, RequestStatus.FINISHED_STOPPED, [token], "", None, lp, now)
         delta = st.detok.add(token) if st.detok else ""
+        matcher = req.matcher
+        if matcher is not None:
+            matcher.consume_token(token)
+            if matcher.is_stopped():
+                # The grammar is complete and allows nothing more: the output is whole.
+                return self._final(
+                    req, RequestStatus.FINISHED_STOPPED, [token], delta, None, lp, now
+                )
         if st.stop is not None and may_stop:
             delta, matched = st.stop.feed(delta)
             if matched:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -53,6 +54,8 @@ class Request:
     prefix_parent: Request | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # For a structured output: where this sequence is in its grammar (an llguidance matcher).
+    matcher: Any = None
 
     def __post_init__(self) -> None:
         self.parent_id = self.parent_id or self.request_id

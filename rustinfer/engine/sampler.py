@@ -2,7 +2,8 @@
 
 Processing order, per row (each stage is skipped when no row in the batch needs it):
 
-1. ``logit_bias`` added; ``min_tokens``: stop_token_ids (and EOS unless ignore_eos) set to -inf
+1. A grammar's mask (structured outputs: disallowed tokens to -inf); ``logit_bias`` added;
+   ``min_tokens``: stop_token_ids (and EOS unless ignore_eos) set to -inf
    while the output is shorter than min_tokens.
 2. Penalties: repetition (HF/vLLM: logit > 0 -> logit / p, else logit * p, over prompt + output
    tokens), then frequency (times the output count) and presence (once per seen output token).
@@ -77,6 +78,9 @@ class SamplingBatch:
     seeded_rows: list[tuple[int, torch.Generator]]
     has_unseeded_random: bool
     max_num_logprobs: int | None  # None: no row asked for logprobs
+    # [B, V] bool: the tokens each row's grammar allows this step (structured outputs); set per
+    # step by the engine, None when no row has a grammar.
+    allowed: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -185,6 +189,8 @@ class SamplerOutput:
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Stages 1-2 in place on ``logits`` [B, V]; returns it."""
+    if batch.allowed is not None:
+        logits.masked_fill_(~batch.allowed, float("-inf"))
     if batch.logit_bias is not None:
         logits += batch.logit_bias
     if batch.stop_mask_rows is not None:
@@ -258,15 +264,17 @@ def is_plain_greedy(params: SamplingParams, num_output_tokens: int) -> bool:
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
         and not params.logit_bias
+        and params.structured is None
         and num_output_tokens >= params.min_tokens
     )
 
 
 def needs_output_history(params: SamplingParams) -> bool:
-    """Whether sampling a row reads its output tokens on the host: penalties count them, and
-    ``min_tokens`` holds stops back by their number."""
+    """Whether sampling a row reads its output tokens on the host: penalties count them,
+    ``min_tokens`` holds stops back by their number, a grammar must have seen the last one."""
     return (
-        params.repetition_penalty != 1.0
+        params.structured is not None
+        or params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
         or params.frequency_penalty != 0.0
         or params.min_tokens > 0

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rustinfer.engine.structured import StructuredOutput
 from rustinfer.errors import InvalidRequestError, RequestError
 
 __all__ = ["MAX_LOGPROBS", "SamplingParams", "SamplingParamsError", "SamplingType"]
@@ -83,6 +84,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token's logprob plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # The output must match this (a JSON schema, a regex, choices, a grammar); None: free text.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, low=1)
@@ -120,6 +123,8 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         _check_bool("skip_special_tokens", self.skip_special_tokens)
         _check_bool("include_stop_str_in_output", self.include_stop_str_in_output)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise SamplingParamsError("structured", "must be a StructuredOutput")
 
     def _validate_logit_bias(self) -> None:
         if self.logit_bias is None:

@@ -7,10 +7,12 @@ decides the wire status (HTTP 4xx, a gRPC code) and the field's spelling on its 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.engine.structured import StructuredOutput
 from rustinfer.errors import InvalidRequestError, NotFoundError
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "chat_message",
     "check_model",
     "check_token_ids",
+    "structured_output",
 ]
 
 # Upper bound on choices per request, so one request cannot queue the whole waiting room.
@@ -67,3 +70,53 @@ def build_sampling_params(
     values: dict[str, Any] = {"n": n, "max_tokens": max_tokens}
     values.update({k: v for k, v in fields.items() if v is not None})
     return SamplingParams(**values)
+
+
+def structured_output(
+    response_format: Mapping[str, Any] | None,
+    guided_json: Any = None,
+    guided_regex: str | None = None,
+    guided_choice: Any = None,
+    guided_grammar: str | None = None,
+) -> StructuredOutput | None:
+    """The one constraint a request asks for (OpenAI's ``response_format`` or one of vLLM's
+    ``guided_*`` fields), or None for free text; two at once, or a malformed one, is refused
+    naming the field."""
+    given: list[StructuredOutput] = []
+    if response_format is not None:
+        kind = response_format.get("type", "text")
+        if kind == "json_object":
+            given.append(StructuredOutput("json_object"))
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, Mapping) or "schema" not in spec:
+                raise InvalidRequestError(
+                    "response_format.json_schema",
+                    'give {"name": ..., "schema": {...}} (a JSON schema under "schema")',
+                )
+            given.append(
+                StructuredOutput.json_schema(spec["schema"], "response_format.json_schema.schema")
+            )
+        elif kind != "text":
+            raise InvalidRequestError(
+                "response_format.type",
+                f"must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+            )
+    if guided_json is not None:
+        if isinstance(guided_json, str):
+            try:
+                guided_json = json.loads(guided_json)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError("guided_json", f"not JSON: {exc}") from exc
+        given.append(StructuredOutput.json_schema(guided_json, "guided_json"))
+    if guided_regex is not None:
+        given.append(StructuredOutput("regex", guided_regex, "guided_regex"))
+    if guided_choice is not None:
+        given.append(StructuredOutput.choice(guided_choice, "guided_choice"))
+    if guided_grammar is not None:
+        given.append(StructuredOutput("grammar", guided_grammar, "guided_grammar"))
+    if len(given) > 1:
+        raise InvalidRequestError(
+            given[1].field, f"only one constraint per request: {given[0].field} is given too"
+        )
+    return given[0] if given else None

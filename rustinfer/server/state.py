@@ -78,7 +78,9 @@ class ServerState:
         if self.shutting_down:
             raise ShuttingDownError("the server is shutting down: no new requests")
         if self.serving is None:
-            raise NotReadyError("the model is still loading: retry in a few seconds (GET /ready)")
+            raise NotReadyError(
+                "the model is still loading: retry in a few seconds (GET /ready, or the gRPC health service)"
+            )
         return self.serving
 
     async def start(self) -> None:

@@ -79,9 +79,6 @@ class ChatCompletions:
         for name in ("tool_choice", "function_call"):
             if getattr(req, name) not in (None, "none"):
                 raise s.refuse(name, "tool calling")
-        fmt = req.response_format
-        if fmt is not None and fmt.get("type", "text") != "text":
-            raise s.refuse("response_format", f"response_format of type {fmt.get('type')!r}")
         if req.modalities and set(req.modalities) != {"text"}:
             raise s.refuse("modalities", "output other than text")
         for name in ("audio", "prediction", "web_search_options"):

@@ -24,16 +24,19 @@ from starlette.responses import StreamingResponse
 from rustinfer.engine.async_engine import AsyncEngine, RequestStream
 from rustinfer.engine.outputs import RequestOutput, RequestTimings
 from rustinfer.engine.sampling_params import SamplingParams
-from rustinfer.errors import NotFoundError
 from rustinfer.server.openai.errors import ApiError, ClientDisconnected, error_body, error_for
 from rustinfer.server.openai.protocol import _SamplingFields
+from rustinfer.server.requests_common import (
+    build_sampling_params,
+    check_model,
+    structured_output,
+)
 
 __all__ = ["Choice", "Serving", "sse", "usage_dict"]
 
 logger = logging.getLogger(__name__)
 
 # Upper bound on choices per request, so one request cannot queue the whole waiting room.
-MAX_CHOICES = 128
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -108,12 +111,7 @@ class Serving:
     # -- checks ------------------------------------------------------------------------------------
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise NotFoundError(
-                f"the model {model!r} does not exist here; this server serves {self.model_name!r} "
-                "(see GET /v1/models)",
-                "model",
-            )
+        check_model(model, self.model_name, hint=" (see GET /v1/models)")
 
     @staticmethod
     def refuse(field_name: str, what: str) -> ApiError:
@@ -128,17 +126,11 @@ class Serving:
         self, req: _SamplingFields, max_tokens: int | None, logprobs: int | None
     ) -> SamplingParams:
         """The request's sampling fields as engine parameters (validated by SamplingParams)."""
-        if not 1 <= req.n <= MAX_CHOICES:
-            raise ApiError(400, f"n must be in [1, {MAX_CHOICES}], got {req.n}", param="n")
-        values: dict[str, Any] = {
-            "n": req.n,
-            "max_tokens": max_tokens,
+        fields = {
             "logprobs": logprobs,
             "ignore_eos": req.ignore_eos,
             "skip_special_tokens": req.skip_special_tokens,
             "include_stop_str_in_output": req.include_stop_str_in_output,
-        }
-        optional = {
             "temperature": req.temperature,
             "top_p": req.top_p,
             "top_k": req.top_k,
@@ -151,9 +143,15 @@ class Serving:
             "stop": req.stop,
             "stop_token_ids": req.stop_token_ids,
             "min_tokens": req.min_tokens,
+            "structured": structured_output(
+                req.response_format,
+                req.guided_json,
+                req.guided_regex,
+                req.guided_choice,
+                req.guided_grammar,
+            ),
         }
-        values.update({k: v for k, v in optional.items() if v is not None})
-        return SamplingParams(**values)
+        return build_sampling_params(req.n, max_tokens, fields)
 
     # -- running --------------------------------------------------------------------------------
 
@@ -165,6 +163,10 @@ class Serving:
         prefix: str,
     ) -> list[RequestStream]:
         """Submit every prompt; if one is refused, the ones already in are aborted."""
+        if params.structured is not None:
+            # Compiling a grammar (the first one also reads the tokenizer) takes milliseconds
+            # to a second: done here, off the engine's thread, it never delays others' steps.
+            await self.engine.compile_structured(params.structured)
         streams: list[RequestStream] = []
         try:
             for ids in prompts:

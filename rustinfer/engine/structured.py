@@ -1,0 +1,188 @@
+"""Structured outputs: a grammar per request that masks the tokens the sampler may pick.
+
+A request may carry a :class:`StructuredOutput`: a JSON schema, "any JSON object", a regular
+expression, a list of choices, or a grammar (Lark, or llama.cpp's GBNF). llguidance compiles it
+against the model's tokenizer and keeps, per sequence, a matcher that knows which tokens may come
+next; the sampler sets every other token's logit to -inf, so the output always parses. EOS is
+allowed only where the grammar may end, and a sequence whose grammar cannot continue stops there.
+
+Why llguidance and not xgrammar: llguidance is one self-contained wheel (no dependencies), reads
+the ``tokenizers`` JSON the engine already has, and compiles lazily (a JSON schema in about 0.1 ms,
+its first mask in a few ms); xgrammar pulls in transformers and triton as runtime dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rustinfer.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    import llguidance
+
+    from rustinfer.tokenizer import Tokenizer
+
+__all__ = ["KINDS", "GrammarCompiler", "StructuredOutput", "allowed_tokens"]
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# Compiled grammars kept per compiler (schemas repeat across requests: agents send the same ones).
+_CACHE_SIZE = 256
+# JSON on one line, single spaces after separators: a model free to add whitespace can spend its
+# whole token budget on newlines (and the output is cut, unparsable); it also costs fewer tokens.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+# Bits per word of llguidance's token bitmask.
+_WORD_BITS = 32
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match. ``spec``: the JSON schema (JSON text) for "json", the pattern
+    for "regex", a JSON list of strings for "choice", the grammar text for "grammar" (Lark or
+    GBNF, told apart by their syntax), ignored for "json_object". ``field`` names the request field
+    it came from, for errors."""
+
+    kind: str
+    spec: str = ""
+    field: str = "response_format"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidRequestError(self.field, f"unknown kind {self.kind!r}; one of {KINDS}")
+        if not isinstance(self.spec, str):
+            raise InvalidRequestError(self.field, "the constraint must be given as text")
+
+    @classmethod
+    def json_schema(cls, schema: Any, field: str = "response_format") -> StructuredOutput:
+        if not isinstance(schema, dict | bool):
+            raise InvalidRequestError(field, "a JSON schema must be a JSON object")
+        return cls("json", json.dumps(schema), field)
+
+    @classmethod
+    def choice(cls, choices: Any, field: str = "guided_choice") -> StructuredOutput:
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise InvalidRequestError(field, "must be a non-empty list of non-empty strings")
+        return cls("choice", json.dumps(choices), field)
+
+
+class GrammarCompiler:
+    """Compiles constraints for one tokenizer; caches compiled grammars. Thread-safe.
+
+    Building llguidance's view of the tokenizer takes most of a second, so it starts in a thread
+    at construction and is joined when the first constraint needs it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int]) -> None:
+        self.vocab_size = vocab_size
+        self._lock = threading.Lock()
+        self._grammars: dict[StructuredOutput, str] = {}
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        self._error: BaseException | None = None
+
+        def build() -> None:
+            try:
+                import llguidance
+
+                self._ll_tokenizer = llguidance.LLTokenizer(
+                    tokenizer.hf_tokenizer.to_str(),
+                    n_vocab=vocab_size,
+                    eos_token=list(eos_token_ids) or None,
+                )
+            except BaseException as exc:  # reported when a constraint first needs it
+                self._error = exc
+
+        self._builder = threading.Thread(target=build, name="rustinfer-grammar-tokenizer")
+        self._builder.start()
+
+    @property
+    def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        self._builder.join()
+        if self._ll_tokenizer is None:
+            raise RuntimeError(f"llguidance could not read the tokenizer: {self._error}")
+        return self._ll_tokenizer
+
+    def compile(self, so: StructuredOutput) -> str:
+        """The llguidance grammar of ``so`` (cached), or an InvalidRequestError naming the field
+        and what is wrong with the constraint."""
+        with self._lock:
+            grammar = self._grammars.get(so)
+        if grammar is not None:
+            return grammar
+        import llguidance
+
+        grammar = _to_grammar(so)
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
+        if error:
+            raise InvalidRequestError(so.field, f"cannot compile the {so.kind} constraint: {error}")
+        with self._lock:
+            if len(self._grammars) >= _CACHE_SIZE:
+                self._grammars.pop(next(iter(self._grammars)))
+            self._grammars[so] = grammar
+        return grammar
+
+    def matcher(self, so: StructuredOutput) -> llguidance.LLMatcher:
+        """A fresh matcher at the start of ``so``'s grammar (one per sequence)."""
+        import llguidance
+
+        return llguidance.LLMatcher(self.ll_tokenizer, self.compile(so))
+
+
+def _to_grammar(so: StructuredOutput) -> str:
+    import llguidance
+
+    build = llguidance.LLMatcher
+    try:
+        if so.kind == "json":
+            return build.grammar_from_json_schema(so.spec, defaults=_JSON_OPTIONS)
+        if so.kind == "json_object":
+            return build.grammar_from_json_schema('{"type": "object"}', defaults=_JSON_OPTIONS)
+        if so.kind == "regex":
+            return build.grammar_from_regex(so.spec)
+        if so.kind == "choice":
+            choices = json.loads(so.spec)
+            return build.grammar_from_regex("|".join(_regex_escape(c) for c in choices))
+        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+        try:
+            lark = any_to_lark(so.spec)  # GBNF is translated; Lark passes through
+        except GbnfToLarkError as exc:
+            raise InvalidRequestError(so.field, f"cannot read the grammar: {exc}") from exc
+        return build.grammar_from_lark(lark)
+    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(so.field, f"cannot read the {so.kind} constraint: {exc}") from exc
+
+
+def _regex_escape(text: str) -> str:
+    # llguidance's regex syntax is Rust's, which lets any ASCII punctuation but < and > be escaped
+    # (and refuses escaped letters, digits and non-ASCII characters): escape exactly those.
+    return "".join(
+        "\\" + c if c.isascii() and not c.isalnum() and c not in " <>" else c for c in text
+    )
+
+
+def allowed_tokens(
+    matchers: list[llguidance.LLMatcher | None], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """[rows, vocab] bool on ``device``: what each row's matcher allows next (all for None)."""
+    import llguidance.numpy as llg_numpy
+    import numpy as np
+
+    from rustinfer.engine.host_copy import upload
+
+    words = -(-vocab_size // _WORD_BITS)
+    bitmask = np.full((len(matchers), words), -1, dtype=np.int32)
+    for row, matcher in enumerate(matchers):
+        if matcher is not None:
+            llg_numpy.fill_next_token_bitmask(matcher, bitmask, row)
+    bits = upload(bitmask, torch.int32, device)
+    shifts = torch.arange(_WORD_BITS, dtype=torch.int32, device=device)
+    allowed = (bits.unsqueeze(-1) >> shifts) & 1
+    return allowed.view(len(matchers), -1)[:, :vocab_size].bool()
