@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import jsonschema
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -148,3 +150,41 @@ def test_tritonclient_streams_the_rest_answer(served: LiveServer) -> None:
     streamed = [e for e in report["stream"] if e.get("id") == "streamed"]
     assert "".join(e["text_output"][0] for e in streamed) == expected
     assert streamed[-1]["final"] is True
+
+
+def test_native_generate_takes_structured_outputs(served: LiveServer) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    with grpc.insecure_channel(grpc_target(served)) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        def generate(structured: pb.StructuredOutput) -> str:
+            request = pb.GenerateRequest(
+                text="A person:",
+                sampling=pb.SamplingParams(max_tokens=60, temperature=0.0, structured=structured),
+            )
+            responses = list(stub.Generate(request, timeout=120))
+            assert responses[-1].complete.choices[0].finish_reason == "stop"
+            return "".join(r.chunk.text for r in responses if r.HasField("chunk"))
+
+        jsonschema.validate(
+            json.loads(generate(pb.StructuredOutput(json_schema=json.dumps(schema)))), schema
+        )
+        assert generate(pb.StructuredOutput(choice=pb.Choices(choices=["cat", "dog"]))) in (
+            "cat",
+            "dog",
+        )
+        assert re.fullmatch(r"[0-9]{2}", generate(pb.StructuredOutput(regex="[0-9]{2}")))
+        bad = pb.GenerateRequest(
+            text="x",
+            sampling=pb.SamplingParams(structured=pb.StructuredOutput(json_schema='{"type": 5}')),
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(bad, timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    metadata = dict(info.value.trailing_metadata())
+    assert metadata["rustinfer-error-field"] == "sampling.structured.json_schema"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -24,6 +25,7 @@ import grpc
 from rustinfer.engine.async_engine import AsyncEngine, RequestStream
 from rustinfer.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
 from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.engine.structured import StructuredOutput
 from rustinfer.errors import (
     ChatTemplateError,
     DuplicateRequestError,
@@ -80,13 +82,39 @@ def sampling_params_of(msg: pb.SamplingParams) -> SamplingParams:
     fields["stop"] = list(msg.stop) or None
     fields["stop_token_ids"] = list(msg.stop_token_ids) or None
     fields["logit_bias"] = dict(msg.logit_bias) or None
+    fields["structured"] = _structured_of(msg)
     n = msg.n if msg.HasField("n") else 1
     max_tokens = msg.max_tokens if msg.HasField("max_tokens") else None
     return build_sampling_params(n, max_tokens, fields)
 
 
+def _structured_of(msg: pb.SamplingParams) -> StructuredOutput | None:
+    if not msg.HasField("structured"):
+        return None
+    so = msg.structured
+    kind = so.WhichOneof("kind")
+    field = f"sampling.structured.{kind}"
+    if kind == "json_schema":
+        try:
+            schema = json.loads(so.json_schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(field, f"not JSON: {exc}") from exc
+        return StructuredOutput.json_schema(schema, field)
+    if kind == "json_object":
+        return StructuredOutput("json_object", "", field)
+    if kind == "regex":
+        return StructuredOutput("regex", so.regex, field)
+    if kind == "choice":
+        return StructuredOutput.choice(list(so.choice.choices), field)
+    if kind == "grammar":
+        return StructuredOutput("grammar", so.grammar, field)
+    raise InvalidRequestError("sampling.structured", "set one of its kinds")
+
+
 def _wire_field(field: str | None, prompt_field: str | None) -> str | None:
     """An engine error's field as its path in this service's request messages."""
+    if field is not None and field.startswith("sampling."):
+        return field
     if field in _SAMPLING_FIELDS:
         return f"sampling.{field}"
     if field in ("prompt", "messages"):  # the engine's names for whichever input was given
@@ -258,6 +286,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise DuplicateRequestError(
                 "request_id", f"request id {rid!r} is already in use: pick a unique id"
             )
+        if params.structured is not None:
+            await engine.compile_structured(params.structured)  # off the engine's thread
         stream = await self._submit(engine, ids, params, rid, arrival)
         self._live[rid] = stream
         try:
