@@ -1,5 +1,6 @@
-"""``rustinfer bench latency`` (one request), ``throughput`` (many, batched) and ``serve``
-(the server under concurrent streaming clients, beside the offline engine)."""
+"""``rustinfer bench latency`` (one request), ``throughput`` (many, batched), ``serve`` (the
+server under concurrent streaming clients, beside the offline engine) and ``structured`` (what a
+JSON-schema constraint costs decoding)."""
 
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ def add_parser(sub: Any) -> None:
     thr.set_defaults(func=run_throughput)
 
     from rustinfer.cli.bench_serve import add_serve_parser
+    from rustinfer.cli.bench_structured import add_structured_parser
 
     add_serve_parser(bench_sub)
+    add_structured_parser(bench_sub)
 
 
 def random_prompt(loaded: LoadedModel, length: int, seed: int) -> list[int]:

@@ -1,0 +1,106 @@
+"""``rustinfer bench structured``: what a JSON-schema constraint costs decoding, and its compile time.
+
+For each ``--batch`` size, the same requests run twice on one engine, one after the other: free
+text, then under a JSON schema whose string must run past ``--output-len`` tokens (so both runs
+make exactly that many tokens). Reported per batch: decode tok/s of each run (the engine's own
+decode timings), and the constraint's cost in percent. Then the schema's compile time on a fresh
+compiler (reading the tokenizer once, then the schema itself) and a first mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+from rustinfer.cli.common import add_model_options, apply_threads
+
+__all__ = ["add_structured_parser"]
+
+# A long free-text field inside an object: the grammar is live on every token (string
+# characters, escapes), and minLength keeps the string open past any --output-len used here.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "story": {"type": "string", "minLength": 4000},
+    },
+    "required": ["title", "story"],
+    "additionalProperties": False,
+}
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper, as JSON."}]
+
+
+def add_structured_parser(bench_sub: Any) -> None:
+    p = bench_sub.add_parser(
+        "structured", help="decode speed with and without a JSON-schema constraint"
+    )
+    add_model_options(p)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="requests at once")
+    p.add_argument("--output-len", type=int, default=64, help="tokens per request")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs per setting (median)")
+    p.add_argument("--json", action="store_true", help="print one JSON line with the result last")
+    p.set_defaults(func=run_structured_bench)
+
+
+def _decode_tok_s(llm: Any, batch: int, output_len: int, structured: Any) -> float:
+    """Decode tokens per second of ``batch`` requests run together: tokens after the first of
+    each, over the longest decode among them (the engine's own timings)."""
+    from rustinfer.engine.sampling_params import SamplingParams
+
+    params = [
+        SamplingParams(
+            temperature=0.8,
+            seed=i,
+            max_tokens=output_len,
+            ignore_eos=True,
+            structured=structured,
+        )
+        for i in range(batch)
+    ]
+    results = llm.chat([PROMPT] * batch, params)
+    if any(len(r.outputs[0].token_ids) != output_len for r in results):
+        raise RuntimeError("a request stopped early: the two runs would not be comparable")
+    decode_s = max(r.timings.decode_s or 0.0 for r in results)
+    return batch * (output_len - 1) / decode_s
+
+
+def run_structured_bench(args: argparse.Namespace) -> int:
+    from rustinfer.cli.bench import emit, machine_fields
+    from rustinfer.engine.structured import GrammarCompiler, StructuredOutput, allowed_tokens
+    from rustinfer.llm import LLM
+
+    apply_threads(args.threads)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+              max_num_seqs=max(args.batch), enable_prefix_caching=False)  # fmt: skip
+    so = StructuredOutput.json_schema(SCHEMA)
+    result: dict[str, Any] = {"output_len": args.output_len, **machine_fields(llm.loaded)}
+    llm.chat([PROMPT], [_warm_params(so)])  # compile and first-use costs, untimed
+    for batch in args.batch:
+        free, constrained = [], []
+        for _ in range(args.repeat):
+            free.append(_decode_tok_s(llm, batch, args.output_len, None))
+            constrained.append(_decode_tok_s(llm, batch, args.output_len, so))
+        f, c = statistics.median(free), statistics.median(constrained)
+        result[f"b{batch}_free_tok_s"] = round(f, 2)
+        result[f"b{batch}_json_schema_tok_s"] = round(c, 2)
+        result[f"b{batch}_cost_percent"] = round((1 - c / f) * 100, 1)
+    engine = llm.engine
+    start = time.perf_counter()
+    compiler = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
+    _ = compiler.ll_tokenizer
+    result["tokenizer_read_ms"] = round((time.perf_counter() - start) * 1000, 2)
+    start = time.perf_counter()
+    matcher = compiler.matcher(so)
+    result["schema_compile_ms"] = round((time.perf_counter() - start) * 1000, 3)
+    start = time.perf_counter()
+    allowed_tokens([matcher], engine.vocab_size, engine.device)
+    result["first_mask_ms"] = round((time.perf_counter() - start) * 1000, 3)
+    return emit(result, args.json)
+
+
+def _warm_params(so: Any) -> Any:
+    from rustinfer.engine.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, structured=so)
