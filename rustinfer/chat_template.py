@@ -15,11 +15,17 @@ from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from rustinfer.errors import ChatTemplateError
 
-__all__ = ["LLAMA3_CHAT_TEMPLATE", "compile_chat_template", "render_chat_template"]
+__all__ = [
+    "LLAMA3_CHAT_TEMPLATE",
+    "compile_chat_template",
+    "render_chat_template",
+    "template_variables",
+]
 
 # The Llama 3 instruct format, used when a model ships no template of its own:
 #   <|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>...
@@ -79,6 +85,19 @@ def compile_chat_template(source: str) -> jinja2.Template:
     """Compile a template once; a syntax error becomes a :class:`ChatTemplateError`."""
     try:
         return _environment().from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ChatTemplateError(
+            f"the chat template does not compile (line {exc.lineno}: {exc.message}); "
+            "fix the template or pass another one"
+        ) from exc
+
+
+@functools.lru_cache(maxsize=32)
+def template_variables(source: str) -> frozenset[str]:
+    """The names a template reads from its context (``messages``, ``tools``, ...): whether it can
+    render tool definitions is whether it reads ``tools``."""
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(_environment().parse(source)))
     except jinja2.TemplateSyntaxError as exc:
         raise ChatTemplateError(
             f"the chat template does not compile (line {exc.lineno}: {exc.message}); "

@@ -47,7 +47,9 @@ def engine_factory(settings: ServeSettings) -> EngineFactory:
 
 def create_app(settings: ServeSettings, factory: EngineFactory | None = None) -> FastAPI:
     """The app for ``settings``; ``factory`` builds the engine (default: load per settings)."""
-    state = ServerState(factory or engine_factory(settings), settings.served_model_name)
+    state = ServerState(
+        factory or engine_factory(settings), settings.served_model_name, settings.tool_call_parser
+    )
     auth = ApiKeyCheck(settings.api_keys())
 
     grpc_server = None

@@ -62,6 +62,11 @@ class ServeSettings(BaseSettings):
         le=65535,
         description="gRPC port: rustinfer.v1, KServe OIP, health, reflection (0 disables)",
     )
+    tool_call_parser: str | None = Field(
+        None,
+        description="how tool calls are read from the output: hermes, llama3_json "
+        "(default: from the chat template, else hermes)",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="on SIGTERM/SIGINT, let running requests finish this long"
     )
@@ -72,6 +77,16 @@ class ServeSettings(BaseSettings):
         # Environment variables hold one string: RUSTINFER_API_KEY="k1,k2".
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, value: str | None) -> str | None:
+        if value is not None:
+            from rustinfer.tool_calls.parsers import TOOL_PARSERS  # torch: only when given
+
+            if value not in TOOL_PARSERS:
+                raise ValueError(f"unknown parser {value!r}; one of {sorted(TOOL_PARSERS)}")
         return value
 
     def api_keys(self) -> list[str]:

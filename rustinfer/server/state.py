@@ -28,9 +28,15 @@ EngineFactory = Callable[[], AsyncEngine]
 
 
 class ServerState:
-    def __init__(self, factory: EngineFactory, served_model_name: str | None = None) -> None:
+    def __init__(
+        self,
+        factory: EngineFactory,
+        served_model_name: str | None = None,
+        tool_call_parser: str | None = None,
+    ) -> None:
         self._factory = factory
         self._served_name = served_model_name
+        self._tool_call_parser = tool_call_parser
         self.engine: AsyncEngine | None = None
         self.serving: Serving | None = None
         self.chat: ChatCompletions | None = None
@@ -61,7 +67,7 @@ class ServerState:
             if device.type == "cuda":
                 self.system.set_gpu(device.index or 0)
             self.engine = engine
-            self.serving = Serving(engine, name)
+            self.serving = Serving(engine, name, self._tool_call_parser)
             self.chat = ChatCompletions(self.serving)
             self.completions = Completions(self.serving)
         except BaseException as exc:

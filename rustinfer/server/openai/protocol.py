@@ -41,7 +41,7 @@ class ChatMessage(_Wire):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[Any] | None = None  # refused until tool calling lands
+    tool_calls: list[Any] | None = None  # read by rustinfer.tool_calls (400s name the part)
 
 
 class _SamplingFields(_Wire):
@@ -82,9 +82,11 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # Would change the answer; refused with a 400 until supported.
+    # Tool calling: read and checked by rustinfer.tool_calls (400s name the part).
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    # Would change the answer; refused with a 400 until supported.
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
@@ -106,6 +108,8 @@ class TokenizeRequest(_Wire):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Any] | None = None  # with messages: counted as a chat request would render them
+    tool_choice: Any = None
     add_special_tokens: bool = True
 
 

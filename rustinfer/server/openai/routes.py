@@ -24,6 +24,7 @@ from rustinfer.server.openai.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from rustinfer.server.openai.tools import ChatTools
 from rustinfer.server.state import ServerState
 
 __all__ = ["add_routes"]
@@ -134,7 +135,10 @@ def add_routes(app: FastAPI, state: ServerState, auth: ApiKeyCheck) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
-            ids = await asyncio.to_thread(engine.render_chat, message_dicts(body.messages))
+            # The prompt a chat request with these messages and tools would get.
+            tools = ChatTools.from_request(body, tok.chat_template, serving.tool_call_parser)
+            messages, template_vars = tools.prompt(message_dicts(body.messages))
+            ids = await asyncio.to_thread(engine.render_chat, messages, **template_vars)
         else:
             ids = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}

@@ -104,9 +104,13 @@ def usage_dict(choices: Sequence[Choice], prompts: Sequence[int], n: int = 1) ->
 class Serving:
     """The engine as the OpenAI endpoints see it."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(
+        self, engine: AsyncEngine, model_name: str, tool_call_parser: str | None = None
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
+        # The format tool calls are read in (rustinfer.tool_calls.parsers); None: the template's.
+        self.tool_call_parser = tool_call_parser
 
     # -- checks ------------------------------------------------------------------------------------
 
