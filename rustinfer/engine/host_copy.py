@@ -52,10 +52,6 @@ class HostTensors:
         self._event = torch.cuda.Event()
         self._event.record(torch.cuda.current_stream(device))
 
-    def ready(self) -> bool:
-        """Whether the copies have landed (never blocks)."""
-        return self._event is None or self._event.query()
-
     def wait(self) -> list[torch.Tensor | None]:
         """Block until the copies have landed; the host tensors, in the order given."""
         if self._event is not None:

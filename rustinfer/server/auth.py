@@ -12,7 +12,20 @@ from starlette.requests import Request
 
 from rustinfer.server.openai.errors import ApiError
 
-__all__ = ["ApiKeyCheck"]
+__all__ = ["ApiKeyCheck", "bearer_refusal"]
+
+
+def bearer_refusal(header: str, keys: list[bytes]) -> str | None:
+    """Why an ``authorization`` value is refused: "missing" (no ``Bearer KEY``), "incorrect" (no
+    key matches), or None (accepted). Every face (REST, gRPC) checks keys through this."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return "missing"
+    given = token.strip().encode()
+    matched = False
+    for key in keys:  # all of them, without stopping at a match: constant time
+        matched |= hmac.compare_digest(given, key)
+    return None if matched else "incorrect"
 
 
 class ApiKeyCheck:
@@ -28,17 +41,12 @@ class ApiKeyCheck:
     def __call__(self, request: Request) -> None:
         if not self._keys:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        refusal = bearer_refusal(request.headers.get("authorization", ""), self._keys)
+        if refusal == "missing":
             raise ApiError(
                 401,
                 "missing API key: send it as 'Authorization: Bearer YOUR_KEY'",
                 code="invalid_api_key",
             )
-        given = token.strip().encode()
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(given, key)
-        if not matched:
+        if refusal is not None:
             raise ApiError(401, "incorrect API key provided", code="invalid_api_key")

@@ -74,14 +74,13 @@ class Served:
     def serve(
         self,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-        api_keys: Sequence[str] = (),
         extra: Callable[[grpc.aio.Server], None] | None = None,
     ) -> int:
         """Start a gRPC server with the native service on a free port; returns the port."""
 
         async def start() -> int:
             server = grpc.aio.server(interceptors=list(interceptors))
-            add_native_service(server, self.state, api_keys)
+            add_native_service(server, self.state)
             if extra is not None:
                 extra(server)
             port = server.add_insecure_port("127.0.0.1:0")

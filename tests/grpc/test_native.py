@@ -324,13 +324,9 @@ def _health_and_reflection(server: grpc.aio.Server) -> None:
     reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
 
 
-@pytest.mark.parametrize("where", ["interceptor", "servicer"])
-def test_api_keys(served: Any, where: str) -> None:
+def test_api_keys(served: Any) -> None:
     keys = ["k-one", "k-two"]
-    if where == "interceptor":
-        port = served.serve(interceptors=[ApiKeyInterceptor(keys)], extra=_health_and_reflection)
-    else:
-        port = served.serve(api_keys=keys)
+    port = served.serve(interceptors=[ApiKeyInterceptor(keys)], extra=_health_and_reflection)
     channel, client = stub(port)
     request = pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(**GREEDY))
     for metadata in [(), (("authorization", "Bearer nope"),), (("authorization", "k-one"),)]:
@@ -346,11 +342,11 @@ def test_api_keys(served: Any, where: str) -> None:
         assert client.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata).model == MODEL_NAME
         responses = list(client.Generate(request, metadata=metadata, timeout=30))
         assert responses[-1].complete.choices[0].finish_reason == "length"
-    if where == "interceptor":  # health and reflection stay open
-        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
-        assert check.status == health_pb2.HealthCheckResponse.SERVING
-        services = ProtoReflectionDescriptorDatabase(channel).get_services()
-        assert "rustinfer.v1.Inference" in services
+    # Health and reflection stay open.
+    check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "rustinfer.v1.Inference" in services
     channel.close()
 
 

@@ -8,11 +8,12 @@ list`` work without a key (reflection describes the API; it serves no model outp
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
+
+from rustinfer.server.auth import bearer_refusal
 
 __all__ = ["OPEN_SERVICES", "ApiKeyInterceptor", "ApiKeys"]
 
@@ -48,20 +49,10 @@ class ApiKeys:
                 header = value
         if isinstance(header, bytes):
             header = header.decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        refusal = bearer_refusal(header, self._keys)
+        if refusal == "missing":
             return "missing API key: send it as metadata 'authorization: Bearer YOUR_KEY'"
-        given = token.strip().encode()
-        matched = False
-        for key in self._keys:
-            matched |= hmac.compare_digest(given, key)
-        return None if matched else "incorrect API key provided"
-
-    async def check(self, context: grpc.aio.ServicerContext) -> None:
-        """End the call with UNAUTHENTICATED unless its metadata holds an accepted key."""
-        refusal = self.refusal(context.invocation_metadata())
-        if refusal is not None:
-            await deny(context, refusal)
+        return None if refusal is None else "incorrect API key provided"
 
 
 async def deny(context: grpc.aio.ServicerContext, message: str) -> None:

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -32,7 +32,7 @@ from rustinfer.errors import (
     InvalidRequestError,
     RequestError,
 )
-from rustinfer.server.grpc.auth import ERROR_CODE_KEY, ApiKeys
+from rustinfer.server.grpc.auth import ERROR_CODE_KEY
 from rustinfer.server.grpc.generated.rustinfer.v1 import inference_pb2 as pb
 from rustinfer.server.grpc.generated.rustinfer.v1 import inference_pb2_grpc as pb_grpc
 from rustinfer.server.grpc.status import status_of
@@ -198,13 +198,11 @@ def _choice_result(out: RequestOutput) -> pb.ChoiceResult:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    """``rustinfer.v1.Inference`` over ``state``'s engine. With ``api_keys`` it checks keys on
-    every call itself; a server that installs ``ApiKeyInterceptor`` (covering all its services)
-    passes none."""
+    """``rustinfer.v1.Inference`` over ``state``'s engine (API keys are the server's
+    ``ApiKeyInterceptor``'s job, for every service at once)."""
 
-    def __init__(self, state: ServerState, api_keys: Sequence[str] = ()) -> None:
+    def __init__(self, state: ServerState) -> None:
         self._state = state
-        self._keys = ApiKeys(api_keys)
         self._live: dict[str, RequestStream] = {}  # this service's requests in flight, for Abort
 
     # -- the RPCs: statuses around the work ------------------------------------------------------
@@ -239,8 +237,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     # -- shared checks -----------------------------------------------------------------------------
 
     async def _serving(self, context: grpc.aio.ServicerContext, model: str = "") -> Serving:
-        """The serving object once the key, readiness and model check out."""
-        await self._keys.check(context)
+        """The serving object once readiness and the model check out."""
         serving = self._state.require_serving()  # UNAVAILABLE while loading or shutting down
         check_model(model, serving.model_name, hint=_MODEL_HINT)
         return serving
@@ -394,7 +391,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.AbortResponse:
         # No readiness check: running requests may still be stopped during a graceful shutdown,
         # and before the engine exists nothing is live.
-        await self._keys.check(context)
         if not request.request_id:
             raise InvalidRequestError("request_id", "give the request_id of a Generate call")
         stream = self._live.get(request.request_id)
@@ -405,9 +401,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.AbortResponse(aborted=True)
 
 
-def add_native_service(
-    server: grpc.aio.Server, state: ServerState, api_keys: Sequence[str] = ()
-) -> None:
-    """Serve ``rustinfer.v1.Inference`` on ``server`` over ``state``'s engine (``api_keys``: see
-    ``InferenceServicer``; leave it empty when the server has an ``ApiKeyInterceptor``)."""
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(state, api_keys), server)
+def add_native_service(server: grpc.aio.Server, state: ServerState) -> None:
+    """Serve ``rustinfer.v1.Inference`` on ``server`` over ``state``'s engine."""
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(state), server)

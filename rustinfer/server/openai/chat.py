@@ -23,6 +23,7 @@ from rustinfer.server.openai.tools import (
     finish_reason,
     stream_deltas,
 )
+from rustinfer.server.requests_common import chat_message
 from rustinfer.tool_calls import read_message_tool_calls
 
 __all__ = ["ChatCompletions", "message_dicts"]
@@ -43,13 +44,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             content = "".join(texts)
         else:
             content = m.content or ""
-        # OpenAI's "developer" role is the newer name of "system" for the same instructions.
-        message: dict[str, Any] = {
-            "role": "system" if m.role == "developer" else m.role,
-            "content": content,
-        }
-        if m.name is not None:
-            message["name"] = m.name
+        message = chat_message(m.role, content, m.name)
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
         if m.tool_calls:

@@ -17,6 +17,7 @@ from rustinfer.engine.outputs import TokenLogprob
 from rustinfer.server.openai.errors import ApiError
 from rustinfer.server.openai.protocol import CompletionRequest
 from rustinfer.server.openai.serving import Choice, Serving, finite, now_s, sse, usage_dict
+from rustinfer.server.requests_common import check_token_ids
 
 __all__ = ["Completions"]
 
@@ -67,15 +68,9 @@ class Completions:
                 ids = await asyncio.to_thread(tok.encode, item, add_special_tokens=True)
                 out.append((item, ids))
             else:
-                bad = [t for t in item if not 0 <= t < engine.vocab_size]
-                if bad:
-                    raise ApiError(
-                        400,
-                        f"token ids {bad[:5]} are outside the vocabulary [0, {engine.vocab_size})",
-                        param="prompt",
-                    )
-                text = tok.decode(item, skip_special_tokens=False) if tok else ""
-                out.append((text, list(item)))
+                ids = check_token_ids(item, engine.vocab_size, "prompt")
+                text = tok.decode(ids, skip_special_tokens=False) if tok else ""
+                out.append((text, ids))
         return out
 
     def _check(self, req: CompletionRequest) -> None:

@@ -25,6 +25,7 @@ from rustinfer.server.openai.protocol import (
     TokenizeRequest,
 )
 from rustinfer.server.openai.tools import ChatTools
+from rustinfer.server.requests_common import check_token_ids
 from rustinfer.server.state import ServerState
 
 __all__ = ["add_routes"]
@@ -150,13 +151,8 @@ def add_routes(app: FastAPI, state: ServerState, auth: ApiKeyCheck) -> None:
         engine = serving.engine
         if engine.tokenizer is None:
             raise ApiError(400, "this model has no tokenizer", param="tokens")
-        bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
-        if bad:
-            raise ApiError(
-                400,
-                f"token ids {bad[:5]} are outside the vocabulary [0, {engine.vocab_size})",
-                param="tokens",
-            )
+        if body.tokens:  # nothing to decode is "", not an error
+            check_token_ids(body.tokens, engine.vocab_size, "tokens")
         text = await asyncio.to_thread(engine.tokenizer.decode, body.tokens, False)
         return {"prompt": text}
 
