@@ -477,11 +477,17 @@ def test_a_prompt_beyond_the_context_is_invalid_argument(kserve: KServeServer) -
 
 @pytest.mark.parametrize("flag", ["stream", "streaming"])
 def test_stream_deltas_add_up_to_the_greedy_answer_and_the_last_is_final(
-    kserve: KServeServer, flag: str
+    kserve: KServeServer, steps: Recorder, flag: str
 ) -> None:
     expected = kserve.greedy_answer()
     req = request(sampling=GREEDY, request_id="s1", **{flag: True})
-    responses = stream_call(kserve, req)
+    # The tiny model's steps can outrun the reader, whose unread outputs the engine then merges
+    # into one response: slow the steps so each one reaches the client on its own.
+    steps.delay_s = 0.02
+    try:
+        responses = stream_call(kserve, req)
+    finally:
+        steps.delay_s = 0.0
     assert all(not r.error_message for r in responses)
     infer = [r.infer_response for r in responses]
     assert all(r.id == "s1" and r.model_name == MODEL for r in infer)
