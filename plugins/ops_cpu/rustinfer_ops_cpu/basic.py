@@ -21,6 +21,12 @@ _WT_X_MAX_ROWS = 32
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [T, K], weight [N, K], bias [N] | None -> [T, N] (oneDNN / BLAS, fp32 accumulation)."""
+    if bias is not None and x.dtype in (torch.float16, torch.bfloat16):
+        # A 16-bit F.linear rounds the product, then rounds again after adding the bias; the spec
+        # allows one rounding, so the bias is added in float32 (biased half models are rare on
+        # the CPU: the widening costs nothing elsewhere).
+        out = F.linear(x.float(), weight.float(), bias.float())
+        return out.to(x.dtype)
     if _WT_X_MIN_ROWS <= x.shape[0] <= _WT_X_MAX_ROWS and weight.stride(0) == 1:
         out = torch.mm(weight, x.t()).t().contiguous()  # [T, N]
         return out if bias is None else out.add_(bias)
