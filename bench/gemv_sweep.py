@@ -78,6 +78,30 @@ def _gemv_preload_kernel(
         tl.store(y_ptr + m * stride_ym + rows, acc.to(y_ptr.dtype.element_ty), mask=rows < N)
 
 
+@triton.jit
+def _read_kernel(w_ptr, y_ptr, N, stride_wn, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DEPENDENT: tl.constexpr):  # fmt: skip
+    # The plain read: each program sums its weight rows, nothing else (no activations). A chain
+    # of these is the floor of any design that reads each matrix in a kernel of its own.
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, K)
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=rows[:, None] < N)
+    if DEPENDENT:
+        gdc_wait()
+        gdc_launch_dependents()
+    tl.store(y_ptr + rows, tl.sum(w.to(tl.float32), axis=1), mask=rows < N)
+
+
+def plain_read(x, w, block_n, warps, dependent=True):
+    n, k = w.shape
+    y = torch.empty((n,), dtype=torch.float32, device=w.device)
+    _read_kernel[(triton.cdiv(n, block_n),)](
+        w, y, n, w.stride(0), K=k, BLOCK_N=block_n, DEPENDENT=dependent, num_warps=warps,
+        launch_pdl=dependent,
+    )  # fmt: skip
+    return y
+
+
 def preload_gemv(x, w, block_n, warps, dependent=True):
     m, k = x.shape
     n = w.shape[0]
@@ -184,17 +208,22 @@ def main() -> None:
     xs = {k: torch.randn(args.batch, kk, device="cuda", dtype=torch.bfloat16)
           for k, (_, kk) in layer.items()}  # fmt: skip
     layer_bytes = sum(n * kk * 2 for n, kk in layer.values())
+    from rustinfer_ops_cuda.kernels.gemv import linear as engine_linear
+
     chains = {
         "cublas": lambda x, w: torch.mm(x, w.t()),
         "preload_pdl": lambda x, w: preload_gemv(x, w, 4 if w.shape[1] <= 4096 else 1, 4, True),
         "preload": lambda x, w: preload_gemv(x, w, 4 if w.shape[1] <= 4096 else 1, 4, False),
+        "plain_read_pdl": lambda x, w: plain_read(x, w, 4 if w.shape[1] <= 4096 else 1, 4, True),
+        "plain_read": lambda x, w: plain_read(x, w, 4 if w.shape[1] <= 4096 else 1, 4, False),
+        "engine_linear": engine_linear,
     }
     for cname, f in chains.items():
         try:
             us = graph_time_us(lambda f=f: [f(xs[k], m[k]) for m in mats for k in layer])
             row = {"shape": "layer_chain", "variant": cname, "us": round(us, 2),
                    "gb_s": round(layer_bytes / us / 1e3, 1)}  # fmt: skip
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (one failing variant must not lose the rest)
             row = {"shape": "layer_chain", "variant": cname, "error": str(exc)[:200]}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -1,27 +1,42 @@
 #!/usr/bin/env bash
-# The GPU machine's end-to-end run in one go: install, the CUDA-graph and engine cuda tests, then
-# the engine on Llama-3.2-1B shapes (bf16, random weights) with graphs and eagerly.
-#   bench/gpu_e2e.sh
+# The GPU machine's end-to-end run in one go: install, the cuda lane, then the engine on
+# Llama-3.2-1B shapes (bf16, random weights) with graphs and eagerly, and the peers.
+#   bench/gpu_e2e.sh                  # everything
+#   STAGES="tests diag" bench/gpu_e2e.sh   # parts: tests, diag, engine, peers (bench: the last
+#                                          # three), so that each call stays under a time limit
 # Run from the repo root. Wheels the image lacks may come in .whl/ (installed into /tmp/site).
-# Results go to $OUT (default ./bench_out): cuda_tests.log, summary.txt and raw.tgz (every
+# The SmolLM2 GGUF (98 MB) may come in two halves: .model/part_a copied to /tmp/part_a by an
+# earlier call, .model/part_b in this one; joined, it adds the bf16 real-model tests and the
+# structured-output benchmark.
+# Results go to $OUT (default ./bench_out): cuda_tests.log, summary.txt and raw/ (every
 # command's JSON line and stderr); the summary table is printed last.
 set -uo pipefail
 
 OUT="${OUT:-$PWD/bench_out}"
-RAW=$(mktemp -d)
+RAW="$OUT/raw"  # under $OUT: what a call killed at its time limit wrote still comes back
+mkdir -p "$RAW"
+STAGES=${STAGES:-"tests bench"}  # bench = diag engine peers
 export OUT RAW
 mkdir -p "$OUT"
 
 source bench/device_install.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv,noheader
+if [ -f .model/part_a ]; then cp .model/part_a /tmp/part_a; fi
+if [ -f /tmp/part_a ] && [ -f .model/part_b ]; then
+  cat /tmp/part_a .model/part_b >/tmp/smollm2.gguf
+  export RUSTINFER_SMOLLM2_GGUF=/tmp/smollm2.gguf
+fi
 
-# The cuda lane's end-to-end files (more with CUDA_TESTS=...); the SmolLM2 GGUF, when present at
-# $RUSTINFER_SMOLLM2_GGUF, adds the bf16 real-model tests.
-echo "== cuda tests"
-CUDA_TESTS=${CUDA_TESTS:-"tests/test_cuda_graphs.py tests/test_cuda.py tests/server/test_serve_cuda.py"}
-# shellcheck disable=SC2086
-python3 -m pytest -q -rfE -s -m cuda $CUDA_TESTS -p no:cacheprovider >"$OUT/cuda_tests.log" 2>&1
-grep -E "passed|failed|error|top1" "$OUT/cuda_tests.log" | tail -n 25
+# The cuda lane (all of it but the two-GPU file; more or fewer with CUDA_TESTS=...); the SmolLM2
+# GGUF, when present at $RUSTINFER_SMOLLM2_GGUF, adds the bf16 real-model tests.
+if [[ " $STAGES " == *" tests "* ]]; then
+  echo "== cuda tests"
+  CUDA_TESTS=${CUDA_TESTS:-"tests/kernels tests/test_cuda_graphs.py tests/test_cuda.py tests/server/test_serve_cuda.py tests/test_cuda_bf16_smollm2.py tests/test_cuda_bf16_batches.py"}
+  # shellcheck disable=SC2086
+  timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -rfE -s -m cuda $CUDA_TESTS \
+    -p no:cacheprovider >"$OUT/cuda_tests.log" 2>&1
+  grep -E "passed|failed|error|top1|agree" "$OUT/cuda_tests.log" | tail -n 40
+fi
 
 MODEL=bench/configs/llama-3.2-1b/config.json
 common=(--model "$MODEL" --load-format dummy --device cuda --dtype bfloat16)
@@ -31,35 +46,58 @@ run() {  # name, then rustinfer arguments; the JSON line goes to $RAW/NAME.json
   python3 -m rustinfer "$@" --json >"$RAW/$name.json" 2>"$RAW/$name.err" \
     || { echo "$name failed:"; tail -n 20 "$RAW/$name.err"; }
 }
-echo "== benchmarks"
-for mode in graphs eager; do
-  extra=()
-  [ "$mode" = eager ] && extra=(--enforce-eager)
-  run "latency_ctx128_$mode" bench latency "${common[@]}" --input-len 128 --output-len 256 \
-    --iters 3 "${extra[@]}"
-  run "latency_orig_$mode" bench latency "${common[@]}" --input-len 60 --output-len 256 \
-    --iters 3 "${extra[@]}"
-done
-run prefill_2048 bench latency "${common[@]}" --input-len 2048 --output-len 2 --iters 5
-for b in 1 64 256; do
-  python3 bench/step_profile.py --model "$MODEL" --batch $b >"$RAW/profile_b$b.json" \
-    2>"$RAW/profile_b$b.err" || tail -n 20 "$RAW/profile_b$b.err"
-done
-for b in 1 64; do
-  python3 bench/kernel_profile.py --model "$MODEL" --batch $b >"$RAW/kernels_b$b.json" \
-    2>"$RAW/kernels_b$b.err" || tail -n 20 "$RAW/kernels_b$b.err"
-done
-python3 bench/load_ready.py --config "$MODEL" >"$RAW/load_ready.json" 2>"$RAW/load_ready.err" \
-  || tail -n 20 "$RAW/load_ready.err"
-python3 bench/step_profile.py --model bench/configs/llama-3.1-8b/config.json --batch 1 \
-  >"$RAW/profile_8b_b1.json" 2>"$RAW/profile_8b_b1.err" || tail -n 20 "$RAW/profile_8b_b1.err"
-python3 bench/gemv_sweep.py --config "$MODEL" >"$RAW/gemv.jsonl" 2>"$RAW/gemv.err" \
-  || tail -n 20 "$RAW/gemv.err"
-run throughput_64x128 bench throughput "${common[@]}" --num-prompts 64 --input-len 128 \
-  --output-len 128 --max-num-seqs 64
-run throughput_256x128 bench throughput "${common[@]}" --num-prompts 256 --input-len 128 \
-  --output-len 128 --max-num-seqs 256
-if [ -f bench/peers_gpu.py ]; then
+script() {  # name, then a bench/ script and its arguments; its output goes to $RAW/NAME.json
+  local name=$1
+  shift
+  python3 "$@" >"$RAW/$name.json" 2>"$RAW/$name.err" || tail -n 20 "$RAW/$name.err"
+}
+stage() { [[ " $STAGES " == *" $1 "* || " $STAGES " == *" bench "* ]]; }
+
+# diag: what decides the next change (batch-1 decode with and without the Triton GEMV, where a
+# prefill's and a batch-1 step's GPU time goes, where load-to-ready's seconds go, the GEMV sweep).
+if stage diag; then
+  echo "== diagnostics"
+  run latency_ctx128_graphs bench latency "${common[@]}" --input-len 128 --output-len 256 --iters 3
+  # The same with every matmul on cuBLAS (the Triton GEMV pinned off).
+  RUSTINFER_OP_IMPL=linear=torch run latency_ctx128_cublas bench latency "${common[@]}" \
+    --input-len 128 --output-len 256 --iters 3
+  run prefill_2048 bench latency "${common[@]}" --input-len 2048 --output-len 2 --iters 5
+  script kernels_bprefill bench/kernel_profile.py --model "$MODEL" --prefill 2048 --steps 5
+  script kernels_b1 bench/kernel_profile.py --model "$MODEL" --batch 1
+  script load_ready bench/load_ready.py --config "$MODEL"
+  script gemv bench/gemv_sweep.py --config "$MODEL"
+fi
+# engine: the rest of rustinfer's figures.
+if stage engine; then
+  echo "== engine"
+  run latency_ctx128_eager bench latency "${common[@]}" --input-len 128 --output-len 256 \
+    --iters 3 --enforce-eager
+  for mode in graphs eager; do
+    extra=()
+    [ "$mode" = eager ] && extra=(--enforce-eager)
+    run "latency_orig_$mode" bench latency "${common[@]}" --input-len 60 --output-len 256 \
+      --iters 3 "${extra[@]}"
+  done
+  for b in 1 64 256; do
+    script "profile_b$b" bench/step_profile.py --model "$MODEL" --batch $b
+  done
+  script kernels_b64 bench/kernel_profile.py --model "$MODEL" --batch 64
+  script profile_8b_b1 bench/step_profile.py --model bench/configs/llama-3.1-8b/config.json --batch 1
+  run throughput_64x128 bench throughput "${common[@]}" --num-prompts 64 --input-len 128 \
+    --output-len 128 --max-num-seqs 64
+  run throughput_256x128 bench throughput "${common[@]}" --num-prompts 256 --input-len 128 \
+    --output-len 128 --max-num-seqs 256
+  if [ -n "${RUSTINFER_SMOLLM2_GGUF:-}" ]; then
+    run structured bench structured --model "$RUSTINFER_SMOLLM2_GGUF" --device cuda \
+      --dtype bfloat16 --batch 1 16 --output-len 128 --repeat 3
+  fi
+fi
+# peers: the card's copy and matmul rates, plain PyTorch under a graph, torch.compile + graph,
+# HF transformers eager; with the engine's batch-1 decode again in the same call.
+if stage peers; then
+  echo "== peers"
+  [ -f "$RAW/latency_ctx128_graphs.json" ] || run latency_ctx128_graphs bench latency \
+    "${common[@]}" --input-len 128 --output-len 256 --iters 3
   python3 bench/peers_gpu.py --config "$MODEL" --json >"$RAW/peers.jsonl" 2>"$RAW/peers.err" \
     || tail -n 20 "$RAW/peers.err"
 fi
@@ -73,7 +111,7 @@ def load(name):
     except Exception:
         return None
 print(f"{'run':<26}{'load s':>8}{'prefill ms':>12}{'decode ms/tok':>15}{'decode tok/s':>14}")
-for name in ("latency_ctx128_graphs", "latency_ctx128_eager", "latency_orig_graphs", "latency_orig_eager"):
+for name in ("latency_ctx128_graphs", "latency_ctx128_cublas", "latency_ctx128_eager", "latency_orig_graphs", "latency_orig_eager"):
     r = load(name)
     if r:
         print(f"{name:<26}{r['load_s']:>8}{r['prefill_ms']:>12}{r['decode_ms_per_token']:>15}{r['decode_tok_s']:>14}")
@@ -90,17 +128,23 @@ if r:
 r = load("load_ready")
 if r:
     print(f"1B safetensors: load {r['load_s']} s, ready {r['load_to_ready_s']} s; TTFT first {r['first_ttft_ms']} ms, tenth {r['tenth_ttft_ms']} ms; decode first {r['first_decode_ms']} ms, tenth {r['tenth_decode_ms']} ms")
+if r:
+    for t, line in r.get("timeline", []):
+        print(f"   {t:>7.3f} s  {line[:110]}")
+r = load("structured")
+if r:
+    print("structured:", json.dumps(r)[:600])
 for n in (64, 256):
     t = load(f"throughput_{n}x128")
     if t:
         print(f"throughput {n} x (128 -> 128): {t['output_tok_s']} output tok/s, {t['elapsed_s']} s")
-for b in (1, 64):
+for b in (1, 64, "prefill"):
     for line in (out / f"kernels_b{b}.json").read_text().splitlines() if (out / f"kernels_b{b}.json").exists() else []:
         k = json.loads(line)
         print(f"kernels b{b} {k['mode']}: wall {k['wall_us_per_step']} us, kernels {k['kernel_us_per_step']} us, {k['launches_per_step']:.0f} launches")
         for row in k["kernels"][:12]:
             print(f"   {row['us']:>8} us x{row['launches']:>5.1f}  {row['kernel'][:70]}")
-gemv = out / "gemv.jsonl"
+gemv = out / "gemv.json"
 if gemv.exists():
     best = {}
     for line in gemv.read_text().splitlines():
@@ -120,4 +164,4 @@ if peers.exists():
         if line.startswith("{"):
             print("  ", line[:300])
 PY
-tar czf "$OUT/raw.tgz" -C "$RAW" .
+

@@ -1,12 +1,16 @@
 """Which kernels a decode step spends its GPU time in: a profile of captured-graph replays.
 
     python bench/kernel_profile.py --model bench/configs/llama-3.2-1b/config.json [--batch 1]
+    python bench/kernel_profile.py --model ... --prefill 2048
+
 
 Loads random weights at the config's shapes (bf16, cuda), runs ``--batch`` greedy requests into
 decode, then profiles back-to-back replays of the step's graph with torch.profiler (CUPTI reports
 the kernels inside a graph) and, for comparison, the same forward launched eagerly. Prints one JSON
 line per mode: each kernel's time per step (sum over its launches), launches per step, and the
 sum of kernel times against the step's wall time (the gap is idle time between kernels).
+With ``--prefill N`` it profiles instead an eager prefill step of one N-token prompt (the
+matmuls, attention and the rest of a prompt's forward, as ``bench latency`` times it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rustinfer.engine.core import EngineConfig, EngineCore
+from rustinfer.engine.model_runner import ScheduledSequence
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.runtime.loading import load_model
 
@@ -48,14 +53,47 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1e6
 
 
+def report(mode: str, fn, steps: int, **fields) -> None:
+    """Time ``fn`` plainly, then under the profiler; print the kernel table as one JSON line."""
+    wall_us = timed(fn, steps)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = kernel_table(prof, steps)
+    busy = sum(r["us"] for r in rows)
+    line = {
+        "mode": mode,
+        **fields,
+        "wall_us_per_step": round(wall_us, 1),
+        "kernel_us_per_step": round(busy, 1),
+        "launches_per_step": sum(r["launches"] for r in rows),
+        "kernels": rows[:30],
+    }
+    print(json.dumps(line), flush=True)
+
+
+def profile_prefill(loaded, tokens: int, steps: int) -> None:
+    core = EngineCore(loaded, EngineConfig(max_num_seqs=1, enable_prefix_caching=False))
+    bs = core.runner.block_size
+    table = list(range(-(-tokens // bs)))
+    seq = ScheduledSequence([(7 * j) % 1000 + 3 for j in range(tokens)], 0, table)
+    with torch.inference_mode():
+        report("prefill", lambda: core.runner.execute([seq]), steps, tokens=tokens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prefill", type=int, default=0, help="profile an N-token prefill instead")
     args = ap.parse_args()
     loaded = load_model(args.model, "cuda", "bfloat16", "dummy")
+    if args.prefill:
+        profile_prefill(loaded, args.prefill, args.steps)
+        return
     core = EngineCore(loaded, EngineConfig(max_num_seqs=args.batch, enable_prefix_caching=False))
     graphs = core.runner.graphs
     assert graphs is not None, "graph capture failed"
@@ -71,27 +109,7 @@ def main() -> None:
         "eager": lambda: graphs._forward(size),
     }
     for mode, fn in modes.items():
-        wall_us = timed(fn, args.steps)
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
-                fn()
-            torch.cuda.synchronize()
-        rows = kernel_table(prof, args.steps)
-        busy = sum(r["us"] for r in rows)
-        print(
-            json.dumps(
-                {
-                    "mode": mode,
-                    "batch": args.batch,
-                    "context": args.context,
-                    "wall_us_per_step": round(wall_us, 1),
-                    "kernel_us_per_step": round(busy, 1),
-                    "launches_per_step": sum(r["launches"] for r in rows),
-                    "kernels": rows[:30],
-                }
-            ),
-            flush=True,
-        )
+        report(mode, fn, args.steps, batch=args.batch, context=args.context)
 
 
 if __name__ == "__main__":

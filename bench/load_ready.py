@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -38,6 +39,18 @@ def write_checkpoint(config_path: Path, folder: Path) -> None:
     shutil.copy(config_path, folder / "config.json")
 
 
+class Timeline(logging.Handler):
+    """Every rustinfer INFO line with its time since the load began: where ready's seconds go."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.start = time.perf_counter()
+        self.lines: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((round(time.perf_counter() - self.start, 3), record.getMessage()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
@@ -47,7 +60,10 @@ def main() -> None:
     write_checkpoint(Path(args.config), folder)
     torch.cuda.synchronize()
 
-    start = time.perf_counter()
+    timeline = Timeline()
+    logging.getLogger("rustinfer").addHandler(timeline)
+    logging.getLogger("rustinfer").setLevel(logging.INFO)
+    start = timeline.start = time.perf_counter()
     loaded = load_model(str(folder), "cuda", "bfloat16")
     loaded_s = time.perf_counter() - start
     core = EngineCore(loaded, EngineConfig(max_num_seqs=args.max_num_seqs))
@@ -71,6 +87,7 @@ def main() -> None:
                 "tenth_ttft_ms": round(timings[9].ttft_s * 1000, 2),
                 "first_decode_ms": round(timings[0].decode_s * 1000, 2),
                 "tenth_decode_ms": round(timings[9].decode_s * 1000, 2),
+                "timeline": timeline.lines,
             }
         )
     )

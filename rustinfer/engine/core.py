@@ -182,9 +182,11 @@ class EngineCore:
         prompt = [i % self.vocab_size for i in range(min(64, self.context_limit - 8))]
         if len(prompt) < 1:
             return
+        started = time.perf_counter()
         self.add_request("rustinfer-warm-up", prompt, _WARM_UP_PARAMS)
         while self.has_unfinished():
             self.step()
+        logger.info("warm-up request through the engine in %.3f s", time.perf_counter() - started)
         if progress is not None:
             progress.update(1)
         self.blocks.reset_prefix_cache()

@@ -18,6 +18,7 @@ pool (graphs of different sizes never run at once, so they can share it).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -124,6 +125,7 @@ class DecodeGraphs:
         if progress is not None:
             progress.total += len(self.sizes)
             progress.refresh()
+        started = time.perf_counter()
         tables = self.h_tables_flat.numpy()[: self.max_batch].reshape(self.max_batch, 1)
         self._pad_rows(0, self.max_batch, tables)
         self._upload(self.max_batch, 1)
@@ -143,7 +145,11 @@ class DecodeGraphs:
                     progress.update(1)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        logger.info("captured decode graphs for batch sizes %s", self.sizes)
+        logger.info(
+            "captured decode graphs for batch sizes %s in %.3f s",
+            self.sizes,
+            time.perf_counter() - started,
+        )
 
     # -- replay --------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ model, and returns logits only for sequences that sample this step.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -141,6 +142,7 @@ class ModelRunner:
 
         Called before any request exists: every KV block is free to scribble on.
         """
+        started = time.perf_counter()
         bs = self.block_size
         # The decode after each prefill needs one more position and one more slot.
         longest = max(1, min(2048, max_model_len - 1, self.num_blocks * bs - 1))
@@ -170,6 +172,7 @@ class ModelRunner:
                 progress.update(1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        logger.info("warmed the runner's step shapes in %.3f s", time.perf_counter() - started)
 
     def prepare(self, seqs: Sequence[ScheduledSequence]) -> StepInputs:
         bs = self.block_size

@@ -99,15 +99,19 @@ def load_model(
         net.load_weights(dummy_weights(shapes, torch_dtype, seed=seed, device=where))
     else:
         net.load_weights(source.weights(torch_dtype))
+    weights_read = time.perf_counter()
     net = net.to(dev.torch_device).eval()
     dev.synchronize()
     elapsed = time.perf_counter() - start
     logger.info(
-        "loaded %s (%s, %s) on %s in %.2f s",
+        "loaded %s (%s, %s) on %s in %.2f s (weights read and packed %.2f s, moved to the "
+        "device %.2f s)",
         source.path or config.architecture,
         source.format,
         str(torch_dtype).removeprefix("torch."),
         dev,
         elapsed,
+        weights_read - start,
+        elapsed - (weights_read - start),
     )
     return LoadedModel(net, source.tokenizer, config, dev, torch_dtype, source, elapsed)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from model_helpers import incremental_logits, random_weights, tiny_config, write_checkpoint
 from ops.helpers import dtype_id
-from rustinfer_ops_cuda.plugin import DTYPES, TORCH_TARGETS, TRITON_TARGETS
+from rustinfer_ops_cuda.plugin import DTYPES, TORCH_TARGETS, TRITON_PREFERRED, TRITON_TARGETS
 
 from rustinfer.config import config_from_hf
 from rustinfer.engine.model_runner import ModelRunner, ScheduledSequence
@@ -26,8 +26,9 @@ from rustinfer.runtime.loading import load_model
 CUDA_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def _cuda_impls(op: str) -> list[OpImpl]:
-    return [i for i in get_registries().ops.implementations(op) if i.device == "cuda"]
+def _cuda_impls(op: str, name: str | None = None) -> list[OpImpl]:
+    impls = get_registries().ops.implementations(op)
+    return [i for i in impls if i.device == "cuda" and name in (None, i.name)]
 
 
 def _positional(fn: Callable[..., Any]) -> list[str]:
@@ -102,23 +103,27 @@ def test_ops_cuda_registers_only_its_own_targets_and_nothing_unused(llama_ops: s
     # takes its own argmax), hence the one name beyond what the model records.
     registered = {i.op for i in get_registries().ops.implementations() if i.plugin == "ops_cuda"}
     assert registered == llama_ops | {"argmax"}
-    assert registered == set(TORCH_TARGETS) | set(TRITON_TARGETS)
+    assert registered == set(TORCH_TARGETS) | set(TRITON_TARGETS) | set(TRITON_PREFERRED)
+    half = {torch.bfloat16, torch.float16}
     for impl in get_registries().ops.implementations():
         if impl.plugin == "ops_cuda":
-            assert impl.device == "cuda" and impl.dtypes == set(CUDA_DTYPES), impl.describe()
+            # The preferred Triton ops serve the 16-bit dtypes; float32 keeps the torch one.
+            preferred = impl.op in TRITON_PREFERRED and impl.name == "triton"
+            dtypes = half if preferred else set(CUDA_DTYPES)
+            assert impl.device == "cuda" and impl.dtypes == dtypes, impl.describe()
             assert str(impl.target).startswith("rustinfer_ops_cuda."), impl.target
 
 
-@pytest.mark.parametrize("op", sorted(TRITON_TARGETS))
+@pytest.mark.parametrize("op", sorted(TRITON_TARGETS) + sorted(TRITON_PREFERRED))
 def test_triton_kernel_registered_with_spec_signature(op: str) -> None:
-    (impl,) = _cuda_impls(op)
+    (impl,) = _cuda_impls(op, "triton")
     assert impl.name == "triton" and impl.plugin == "ops_cuda"
     assert _positional(impl.load()) == list(inspect.signature(SPECS[op].reference).parameters)
 
 
 @pytest.mark.parametrize("op", sorted(TORCH_TARGETS))
 def test_torch_op_registered_with_spec_signature(op: str) -> None:
-    (impl,) = _cuda_impls(op)
+    (impl,) = _cuda_impls(op, "torch")
     assert impl.name == "torch" and impl.plugin == "ops_cuda"
     assert _positional(impl.load()) == list(inspect.signature(SPECS[op].reference).parameters)
 
@@ -127,8 +132,9 @@ def test_torch_op_registered_with_spec_signature(op: str) -> None:
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("op", sorted(TRITON_TARGETS) + sorted(TORCH_TARGETS))
 def test_cuda_ops_never_picked_without_gpu(op: str, dtype: torch.dtype) -> None:
-    (impl,) = _cuda_impls(op)
-    assert "CUDA" in (impl.unmet_requirement() or "")
+    impls = _cuda_impls(op)
+    assert all("CUDA" in (i.unmet_requirement() or "") for i in impls)
+    impl = impls[0]
     assert get_registries().ops.lookup(op, "cpu", dtype, overrides={}).plugin == "ops_cpu"
     with pytest.raises(RegistryError, match="no CUDA device"):
         get_registries().ops.lookup(op, "cuda", dtype, overrides={})

@@ -33,6 +33,14 @@ TRITON_TARGETS = {
     "attention_decode": "rustinfer_ops_cuda.kernels.decode_attention:attention_decode",
     "attention_prefill": "rustinfer_ops_cuda.kernels.prefill_attention:attention_prefill",
 }
+# Ops with a Triton implementation beside the torch one, in the 16-bit dtypes only, chosen over it
+# (higher priority); ``RUSTINFER_OP_IMPL=linear=torch`` pins cuBLAS back.
+TRITON_PREFERRED = {
+    # The register-tile GEMV for decode's few rows (cuBLAS for the rest): it loads its weights
+    # while the kernel ahead still runs (kernels/gemv.py).
+    "linear": "rustinfer_ops_cuda.kernels.gemv:linear",
+}
+TRITON_PREFERRED_PRIORITY = 10
 
 
 def cuda_available() -> str | None:
@@ -66,7 +74,7 @@ def rustinfer_register_devices(register: RegisterDevice) -> None:
 
 @hookimpl
 def rustinfer_register_ops(register: RegisterOp) -> None:
-    # One implementation per op, so no priorities: the ops of rustinfer.ops that no model calls
+    # One implementation per op but those of TRITON_PREFERRED: the ops of rustinfer.ops that no model calls
     # on cuda (``rope``, ``kv_cache_store``: Llama runs ``rope_kv_store``) are not registered.
     for op, target in TORCH_TARGETS.items():
         register(op, "torch", target, device="cuda", dtypes=DTYPES, requires=[cuda_available])
@@ -77,5 +85,15 @@ def rustinfer_register_ops(register: RegisterOp) -> None:
             target,
             device="cuda",
             dtypes=DTYPES,
+            requires=[triton_importable, compute_capability_supported],
+        )
+    for op, target in TRITON_PREFERRED.items():
+        register(
+            op,
+            "triton",
+            target,
+            device="cuda",
+            dtypes=(torch.bfloat16, torch.float16),
+            priority=TRITON_PREFERRED_PRIORITY,
             requires=[triton_importable, compute_capability_supported],
         )

@@ -16,6 +16,10 @@ import triton
 import triton.language as tl
 
 from rustinfer_ops_cuda.kernels.checks import check_device, check_tensor
+from rustinfer_ops_cuda.kernels.dependent_launch import (
+    dependent_launch_supported,
+    gdc_launch_dependents,
+)
 from rustinfer_ops_cuda.kernels.launch import launch_on
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -36,7 +40,11 @@ def _silu_and_mul_kernel(
     stride_out,
     SILU_DTYPE: tl.constexpr,
     BLOCK: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:
+        # The next kernel (the down projection's GEMV) may launch and load its weights now.
+        gdc_launch_dependents()
     # int64: rows * stride overflows int32 for long prefills of wide MLPs (T * 2I > 2^31).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -83,6 +91,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             out.stride(0),
             SILU_DTYPE=_silu_dtype(x.dtype),
             BLOCK=block,
+            TRIGGER=dependent_launch_supported(x.device),
             num_warps=num_warps,
         )
     return out

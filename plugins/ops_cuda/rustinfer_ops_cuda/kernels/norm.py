@@ -19,6 +19,10 @@ import triton
 import triton.language as tl
 
 from rustinfer_ops_cuda.kernels.checks import check_device, check_tensor
+from rustinfer_ops_cuda.kernels.dependent_launch import (
+    dependent_launch_supported,
+    gdc_launch_dependents,
+)
 from rustinfer_ops_cuda.kernels.launch import launch_on
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -65,7 +69,11 @@ def _rmsnorm_kernel(
     ONE_PASS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
+    TRIGGER: tl.constexpr,
 ):
+    if TRIGGER:
+        # The next kernel (a GEMV that loads its weights before waiting) may launch at once.
+        gdc_launch_dependents()
     # int64 row index: T * row stride overflows int32 for long prefills of wide rows.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
     row_ok = rows < n_rows
@@ -152,6 +160,7 @@ def _launch(
             ONE_PASS=one_pass,
             ROWS=rows,
             BLOCK=block,
+            TRIGGER=dependent_launch_supported(x.device),
             num_warps=num_warps,
         )
     return out

@@ -1,0 +1,132 @@
+"""The Triton GEMV behind cuda ``linear`` for a few 16-bit rows, against the float64 spec
+reference; on the GPU also as a programmatic dependent inside a captured graph, behind the
+kernels that let it launch early (its weights are loaded before it waits, its activations after)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ops.helpers import assert_matches_spec, dtype_id, maybe_strided, randn
+from rustinfer_ops_cuda.kernels.gemv import MAX_ROWS, gemv, gemv_applies, linear
+
+from rustinfer.ops import LINEAR
+
+from .lanes import LANE_DEVICE
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+# (rows, K, N): K of 7 and 576 pad the tile's K (power of two) with masked columns; N of 1, 127
+# and 1537 leave the last program's columns partly out of range; 2048 and 8192 are Llama-3.2-1B's
+# hidden and MLP widths (the 8192-wide tile is the narrow-program path).
+INTERPRET_CASES = [(1, 7, 1), (2, 576, 127), (MAX_ROWS, 576, 1537), (1, 2048, 33), (3, 8192, 5)]
+
+
+def check_gemv(rows: int, k: int, n: int, dtype: torch.dtype, bias: bool, strided: bool) -> None:
+    x = randn(rows, k, dtype=dtype)
+    # 1/sqrt(K) like trained weights: outputs are O(1), the scale the spec's tolerance assumes.
+    weight = randn(n, k, dtype=dtype, scale=k**-0.5)
+    b = randn(n, dtype=dtype) if bias else None
+    xd = maybe_strided(x.to(LANE_DEVICE), strided)
+    assert gemv_applies(xd, weight.to(LANE_DEVICE))
+    out = gemv(xd, weight.to(LANE_DEVICE), None if b is None else b.to(LANE_DEVICE))
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert_matches_spec("linear", out.cpu(), LINEAR.reference(x, weight, b), dtype)
+
+
+def _case_id(case: tuple[int, int, int]) -> str:
+    return "M{}-K{}-N{}".format(*case)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gemv_interpret(case: tuple[int, int, int], dtype: torch.dtype, bias: bool) -> None:
+    rows, k, n = case
+    check_gemv(rows, k, n, dtype, bias, strided=rows > 1)
+
+
+@pytest.mark.interpret
+def test_linear_takes_cublas_past_the_gemv() -> None:
+    """More rows than a tile serves, float32, or a K too wide for registers: not the GEMV."""
+    w = torch.zeros(8, 64, dtype=torch.bfloat16)
+    assert gemv_applies(torch.zeros(MAX_ROWS, 64, dtype=torch.bfloat16), w)
+    assert not gemv_applies(torch.zeros(MAX_ROWS + 1, 64, dtype=torch.bfloat16), w)
+    assert not gemv_applies(torch.zeros(1, 64), torch.zeros(8, 64))
+    wide = torch.zeros(2, 40000, dtype=torch.bfloat16)
+    assert not gemv_applies(torch.zeros(1, 40000, dtype=torch.bfloat16), wide)
+    with pytest.raises(ValueError, match="at most"):
+        gemv(torch.zeros(MAX_ROWS + 1, 64, dtype=torch.bfloat16), w, None)
+
+
+CUDA_CASES = [
+    *INTERPRET_CASES,
+    (1, 2048, 3072),
+    (4, 2048, 16384),
+    (1, 8192, 2048),
+    (2, 14336, 4096),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_gemv_cuda(case: tuple[int, int, int], dtype: torch.dtype, bias: bool) -> None:
+    rows, k, n = case
+    check_gemv(rows, k, n, dtype, bias, strided=rows > 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, MAX_ROWS])
+def test_dependent_gemvs_in_a_graph_read_their_predecessors_outputs(rows: int) -> None:
+    """A layer's chain as decode runs it (add+RMSNorm -> GEMV -> SwiGLU -> GEMV, twice), captured
+    and replayed back to back: equal to the same kernels run one at a time with a sync between
+    each. A GEMV that read its activations before its predecessor finished would differ."""
+    from rustinfer_ops_cuda.kernels.activation import silu_and_mul
+    from rustinfer_ops_cuda.kernels.norm import fused_add_rmsnorm
+
+    hidden, inter = 2048, 8192
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(torch.bfloat16)
+
+    layers = [
+        (rand(hidden, scale=1.0), rand(2 * inter, hidden, scale=hidden**-0.5),
+         rand(hidden, inter, scale=inter**-0.5))
+        for _ in range(2)
+    ]  # fmt: skip
+
+    def chain(x: torch.Tensor, residual: torch.Tensor, sync: bool) -> torch.Tensor:
+        for norm_w, gate_up, down in layers:
+            normed, residual = fused_add_rmsnorm(x, residual, norm_w, 1e-5)
+            steps = [
+                lambda t, w=gate_up: linear(t, w, None),
+                silu_and_mul,
+                lambda t, w=down: linear(t, w, None),
+            ]
+            t = normed
+            for step in steps:
+                t = step(t)
+                if sync:
+                    torch.cuda.synchronize()
+            x = t
+        return x + residual
+
+    x0, r0 = rand(rows, hidden, scale=1.0), rand(rows, hidden, scale=1.0)
+    expected = chain(x0.clone(), r0.clone(), sync=True)
+    x, residual = x0.clone(), r0.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(x.clone(), residual.clone(), sync=False)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = chain(x, residual, sync=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):  # replays back to back, each from the same inputs
+        x.copy_(x0)
+        residual.copy_(r0)
+        graph.replay()
+        assert torch.equal(out, expected)
