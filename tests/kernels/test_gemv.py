@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from ops.helpers import assert_matches_spec, dtype_id, maybe_strided, randn
-from rustinfer_ops_cuda.kernels.gemv import MAX_ROWS, gemv, gemv_applies, linear
+from rustinfer_ops_cuda.kernels.gemv import MAX_ROWS, gemv, gemv_applies, linear, logits
 
-from rustinfer.ops import LINEAR
+from rustinfer.ops import LINEAR, LOGITS
 
 from .lanes import LANE_DEVICE
 
@@ -44,6 +44,33 @@ def _case_id(case: tuple[int, int, int]) -> str:
 def test_gemv_interpret(case: tuple[int, int, int], dtype: torch.dtype, bias: bool) -> None:
     rows, k, n = case
     check_gemv(rows, k, n, dtype, bias, strided=rows > 1)
+
+
+def check_logits(rows: int, k: int, n: int, dtype: torch.dtype) -> None:
+    x = randn(rows, k, dtype=dtype)
+    weight = randn(n, k, dtype=dtype, scale=k**-0.5)
+    out = logits(x.to(LANE_DEVICE), weight.to(LANE_DEVICE))
+    assert out.shape == (rows, n) and out.dtype == torch.float32
+    ref = LOGITS.reference(x, weight)
+    tol = LOGITS.tolerance(dtype)  # float32 out, held to the input dtype's tolerance
+    torch.testing.assert_close(out.cpu().double(), ref, atol=tol.atol, rtol=tol.rtol)
+    # The float32 accumulator itself, never a result rounded through bf16/fp16 (off by up to
+    # 2^-9 / 2^-12 relative).
+    rel = ((out.cpu().double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+    assert rel < 2.0**-14, rel
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_logits_gemv_interpret(dtype: torch.dtype) -> None:
+    check_logits(2, 576, 1031, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_ROWS + 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_logits_cuda(rows: int, dtype: torch.dtype) -> None:
+    check_logits(rows, 2048, 128256, dtype)
 
 
 @pytest.mark.interpret

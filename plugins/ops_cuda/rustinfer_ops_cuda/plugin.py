@@ -39,6 +39,7 @@ TRITON_PREFERRED = {
     # The register-tile GEMV for decode's few rows (cuBLAS for the rest): it loads its weights
     # while the kernel ahead still runs (kernels/gemv.py).
     "linear": "rustinfer_ops_cuda.kernels.gemv:linear",
+    "logits": "rustinfer_ops_cuda.kernels.gemv:logits",
 }
 TRITON_PREFERRED_PRIORITY = 10
 
