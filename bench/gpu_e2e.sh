@@ -67,17 +67,18 @@ if stage diag; then
   script load_ready bench/load_ready.py --config "$MODEL"
   script gemv bench/gemv_sweep.py --config "$MODEL"
 fi
+# ready: load to ready twice (the second start reads Triton's disk cache), and where an eager
+# prefill's host time goes.
+if stage ready; then
+  echo "== ready"
+  script load_ready bench/load_ready.py --config "$MODEL"
+  script load_ready_warm bench/load_ready.py --config "$MODEL"
+  script kernels_bprefill bench/kernel_profile.py --model "$MODEL" --prefill 2048 --steps 5 --host
+fi
 # engine: the rest of rustinfer's figures.
 if stage engine; then
   echo "== engine"
-  run latency_ctx128_eager bench latency "${common[@]}" --input-len 128 --output-len 256 \
-    --iters 3 --enforce-eager
-  for mode in graphs eager; do
-    extra=()
-    [ "$mode" = eager ] && extra=(--enforce-eager)
-    run "latency_orig_$mode" bench latency "${common[@]}" --input-len 60 --output-len 256 \
-      --iters 3 "${extra[@]}"
-  done
+  run latency_orig_graphs bench latency "${common[@]}" --input-len 60 --output-len 256 --iters 3
   for b in 1 64 256; do
     script "profile_b$b" bench/step_profile.py --model "$MODEL" --batch $b
   done
@@ -98,6 +99,8 @@ if stage peers; then
   echo "== peers"
   [ -f "$RAW/latency_ctx128_graphs.json" ] || run latency_ctx128_graphs bench latency \
     "${common[@]}" --input-len 128 --output-len 256 --iters 3
+  [ -f "$RAW/prefill_2048.json" ] || run prefill_2048 bench latency "${common[@]}" \
+    --input-len 2048 --output-len 2 --iters 5
   python3 bench/peers_gpu.py --config "$MODEL" --json >"$RAW/peers.jsonl" 2>"$RAW/peers.err" \
     || tail -n 20 "$RAW/peers.err"
 fi
@@ -125,12 +128,12 @@ for b in (1, 64, 256):
 r = load("profile_8b_b1")
 if r:
     print(f"8B batch 1: step {r['step_ms']} ms = replay {r['replay_ms']} ms + host {r['host_ms']} ms; {r['tok_s']} tok/s")
-r = load("load_ready")
-if r:
-    print(f"1B safetensors: load {r['load_s']} s, ready {r['load_to_ready_s']} s; TTFT first {r['first_ttft_ms']} ms, tenth {r['tenth_ttft_ms']} ms; decode first {r['first_decode_ms']} ms, tenth {r['tenth_decode_ms']} ms")
-if r:
-    for t, line in r.get("timeline", []):
-        print(f"   {t:>7.3f} s  {line[:110]}")
+for name in ("load_ready", "load_ready_warm"):
+    r = load(name)
+    if r:
+        print(f"{name} 1B safetensors: load {r['load_s']} s, ready {r['load_to_ready_s']} s; TTFT first {r['first_ttft_ms']} ms, tenth {r['tenth_ttft_ms']} ms; decode first {r['first_decode_ms']} ms, tenth {r['tenth_decode_ms']} ms")
+        for t, line in r.get("timeline", []):
+            print(f"   {t:>7.3f} s  {line[:110]}")
 r = load("structured")
 if r:
     print("structured:", json.dumps(r)[:600])
@@ -141,6 +144,11 @@ for n in (64, 256):
 for b in (1, 64, "prefill"):
     for line in (out / f"kernels_b{b}.json").read_text().splitlines() if (out / f"kernels_b{b}.json").exists() else []:
         k = json.loads(line)
+        if k["mode"] == "prefill_host":
+            print("prefill host, own time per step:")
+            for f in k["functions"][:20]:
+                print(f"   {f['own_us']:>9} us own {f['cum_us']:>9} us cum x{f['calls']:>6.1f}  {f['fn'][:80]}")
+            continue
         print(f"kernels b{b} {k['mode']}: wall {k['wall_us_per_step']} us, kernels {k['kernel_us_per_step']} us, {k['launches_per_step']:.0f} launches")
         for row in k["kernels"][:12]:
             print(f"   {row['us']:>8} us x{row['launches']:>5.1f}  {row['kernel'][:70]}")

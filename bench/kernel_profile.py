@@ -19,6 +19,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -73,13 +74,38 @@ def report(mode: str, fn, steps: int, **fields) -> None:
     print(json.dumps(line), flush=True)
 
 
-def profile_prefill(loaded, tokens: int, steps: int) -> None:
+def host_profile(fn, steps: int) -> list[dict]:
+    """The host functions ``steps`` calls of ``fn`` spend the most time in (own time, cProfile)."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, prim, tottime, cumtime, _)}
+    rows = [
+        {"fn": f"{Path(k[0]).name}:{k[1]}:{k[2]}", "calls": v[0] / steps,
+         "own_us": round(v[2] / steps * 1e6, 1), "cum_us": round(v[3] / steps * 1e6, 1)}
+        for k, v in stats.items()
+    ]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["own_us"])[:30]
+
+
+def profile_prefill(loaded, tokens: int, steps: int, host: bool = False) -> None:
     core = EngineCore(loaded, EngineConfig(max_num_seqs=1, enable_prefix_caching=False))
     bs = core.runner.block_size
     table = list(range(-(-tokens // bs)))
     seq = ScheduledSequence([(7 * j) % 1000 + 3 for j in range(tokens)], 0, table)
     with torch.inference_mode():
         report("prefill", lambda: core.runner.execute([seq]), steps, tokens=tokens)
+        if host:
+            rows = host_profile(lambda: core.runner.execute([seq]), steps)
+            print(json.dumps({"mode": "prefill_host", "tokens": tokens, "functions": rows}))
 
 
 def main() -> None:
@@ -89,10 +115,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefill", type=int, default=0, help="profile an N-token prefill instead")
+    ap.add_argument(
+        "--host", action="store_true", help="with --prefill: where the host's time goes (cProfile)"
+    )
     args = ap.parse_args()
     loaded = load_model(args.model, "cuda", "bfloat16", "dummy")
     if args.prefill:
-        profile_prefill(loaded, args.prefill, args.steps)
+        profile_prefill(loaded, args.prefill, args.steps, args.host)
         return
     core = EngineCore(loaded, EngineConfig(max_num_seqs=args.batch, enable_prefix_caching=False))
     graphs = core.runner.graphs
