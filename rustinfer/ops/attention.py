@@ -127,12 +127,14 @@ _ATTENTION_TOLERANCES = {
         "most on O(1) values",
     ),
     torch.float32: Tolerance(
-        2.0**-17,
+        2.0**-16,
         2.0**-20,
         "full fp32 (no TF32): scores, D <= 128 term dot products times scale ~1/sqrt(D), are off "
         "by ~12 u32 = 2^-20 (rounding errors of the running sums add like a random walk); "
         "softmax passes that on as relative error of each probability, times |v| <= ~4: 2^-18; "
-        "P@V over ctx terms adds ~sqrt(ctx) u32: < 2^-17 absolute",
+        "P@V over ctx terms adds ~sqrt(ctx) u32, 2^-17 at a 16k context, and the largest of a "
+        "million outputs sits a few of those steps out (measured on an H200: 8.7e-6 = 2^-16.8 "
+        "at 16.9k): 2^-16 absolute",
     ),
     torch.bfloat16: Tolerance(
         2.0**-8,

@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from ops.helpers import assert_matches_spec, dtype_id, maybe_strided, randn
-from rustinfer_ops_cuda.kernels.gemv import MAX_ROWS, gemv, gemv_applies, linear, logits
+from rustinfer_ops_cuda.kernels.gemv import (
+    KERNEL_MAX_ROWS,
+    MAX_ROWS,
+    gemv,
+    gemv_applies,
+    linear,
+    logits,
+)
 
 from rustinfer.ops import LINEAR, LOGITS
 
@@ -18,7 +25,13 @@ DTYPES = [torch.bfloat16, torch.float16]
 # (rows, K, N): K of 7 and 576 pad the tile's K (power of two) with masked columns; N of 1, 127
 # and 1537 leave the last program's columns partly out of range; 2048 and 8192 are Llama-3.2-1B's
 # hidden and MLP widths (the 8192-wide tile is the narrow-program path).
-INTERPRET_CASES = [(1, 7, 1), (2, 576, 127), (MAX_ROWS, 576, 1537), (1, 2048, 33), (3, 8192, 5)]
+INTERPRET_CASES = [
+    (1, 7, 1),
+    (2, 576, 127),
+    (KERNEL_MAX_ROWS, 576, 1537),
+    (1, 2048, 33),
+    (3, 8192, 5),
+]
 
 
 def check_gemv(rows: int, k: int, n: int, dtype: torch.dtype, bias: bool, strided: bool) -> None:
@@ -27,7 +40,7 @@ def check_gemv(rows: int, k: int, n: int, dtype: torch.dtype, bias: bool, stride
     weight = randn(n, k, dtype=dtype, scale=k**-0.5)
     b = randn(n, dtype=dtype) if bias else None
     xd = maybe_strided(x.to(LANE_DEVICE), strided)
-    assert gemv_applies(xd, weight.to(LANE_DEVICE))
+    assert gemv_applies(xd, weight.to(LANE_DEVICE), KERNEL_MAX_ROWS)
     out = gemv(xd, weight.to(LANE_DEVICE), None if b is None else b.to(LANE_DEVICE))
     assert out.shape == (rows, n) and out.dtype == dtype
     assert_matches_spec("linear", out.cpu(), LINEAR.reference(x, weight, b), dtype)
@@ -63,11 +76,11 @@ def check_logits(rows: int, k: int, n: int, dtype: torch.dtype) -> None:
 @pytest.mark.interpret
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_logits_gemv_interpret(dtype: torch.dtype) -> None:
-    check_logits(2, 576, 1031, dtype)
+    check_logits(1, 576, 1031, dtype)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("rows", [1, MAX_ROWS, MAX_ROWS + 3])
+@pytest.mark.parametrize("rows", [1, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_logits_cuda(rows: int, dtype: torch.dtype) -> None:
     check_logits(rows, 2048, 128256, dtype)
@@ -79,11 +92,12 @@ def test_linear_takes_cublas_past_the_gemv() -> None:
     w = torch.zeros(8, 64, dtype=torch.bfloat16)
     assert gemv_applies(torch.zeros(MAX_ROWS, 64, dtype=torch.bfloat16), w)
     assert not gemv_applies(torch.zeros(MAX_ROWS + 1, 64, dtype=torch.bfloat16), w)
+    assert gemv_applies(torch.zeros(KERNEL_MAX_ROWS, 64, dtype=torch.bfloat16), w, KERNEL_MAX_ROWS)
     assert not gemv_applies(torch.zeros(1, 64), torch.zeros(8, 64))
     wide = torch.zeros(2, 40000, dtype=torch.bfloat16)
     assert not gemv_applies(torch.zeros(1, 40000, dtype=torch.bfloat16), wide)
     with pytest.raises(ValueError, match="at most"):
-        gemv(torch.zeros(MAX_ROWS + 1, 64, dtype=torch.bfloat16), w, None)
+        gemv(torch.zeros(KERNEL_MAX_ROWS + 1, 64, dtype=torch.bfloat16), w, None)
 
 
 CUDA_CASES = [
@@ -105,7 +119,7 @@ def test_gemv_cuda(case: tuple[int, int, int], dtype: torch.dtype, bias: bool) -
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("rows", [1, MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 3])
 def test_dependent_gemvs_in_a_graph_read_their_predecessors_outputs(rows: int) -> None:
     """A layer's chain as decode runs it (add+RMSNorm -> GEMV -> SwiGLU -> GEMV, twice), captured
     and replayed back to back: equal to the same kernels run one at a time with a sync between

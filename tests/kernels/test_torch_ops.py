@@ -85,6 +85,26 @@ def test_linear(
     assert_matches_spec("linear", out.cpu(), LINEAR.reference(x, weight, b), dtype)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("k_n", [(576, 127), (1536, 576), (2048, 8192), (8192, 2048)], ids=str)
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_linear_16bit_on_a_cuda_device_meets_the_spec(
+    tokens: int, k_n: tuple[int, int], dtype: torch.dtype
+) -> None:
+    """With rustinfer's cuda device in the process, cuBLAS reduces split-K sums in float32 (see
+    ``accumulate_matmuls_in_float32``), so 16-bit ``linear`` meets its spec on CUDA too."""
+    from rustinfer_ops_cuda.device import CudaDevice
+
+    CudaDevice(0)
+    k, n = k_n
+    x = randn(tokens, k, dtype=dtype)
+    weight = randn(n, k, dtype=dtype, scale=k**-0.5)
+    b = randn(n, dtype=dtype)
+    out = linear(maybe_strided(x.cuda(), True), weight.cuda(), b.cuda())
+    assert_matches_spec("linear", out.cpu(), LINEAR.reference(x, weight, b), dtype)
+
+
 # torch.mm's out_dtype overload (the float32 accumulator of 16-bit inputs) exists on CUDA only.
 LOGITS_CASES = [pytest.param(torch.float32, "cpu", id="float32-cpu")] + [
     pytest.param(d, "cuda", marks=pytest.mark.cuda, id=f"{dtype_id(d)}-cuda") for d in DTYPES

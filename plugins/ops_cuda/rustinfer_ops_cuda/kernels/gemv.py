@@ -35,12 +35,12 @@ from rustinfer_ops_cuda.kernels.launch import launch_on
 from rustinfer_ops_cuda.kernels.torch_ops import logits as torch_logits
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-# Up to this many rows share one register-resident weight tile (a static loop over rows); past
-# it the tile's reuse makes a tensor-core GEMM the better kernel. Each row's dot products run in
-# the same order whatever the row count, so a sequence decodes to the same bits alone or in a
-# batch of up to 8 (cuBLAS picks other kernels, and split-K orders, per row count: SmolLM2's chat
-# prompts in bf16 decoded alone and six at once agreed on 2 of 6 with cuBLAS past 4 rows).
-MAX_ROWS = 8
+# Rows served by the register-tile GEMV. One: at batch 1 it took Llama-3.2-1B's decode step from
+# 1.09 to 0.94 ms on an H200, but each further row adds a cross-thread reduction over the whole
+# tile, and at 4 and 8 rows the step took 1.37 and 2.12 ms against cuBLAS's 1.09 and 1.11.
+MAX_ROWS = 1
+# What the kernel itself takes (its row loop is unrolled): tested there, not chosen by ``linear``.
+KERNEL_MAX_ROWS = 8
 # Weight elements one program holds in registers: 16k 16-bit values over 4 warps is 128 per
 # thread (64 registers), which leaves room to overlap the loads without spilling.
 MAX_TILE_ELEMENTS = 16384
@@ -101,11 +101,12 @@ def gemv_tile(k: int) -> tuple[int, int] | None:
     return block_n, block_k
 
 
-def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` takes the GEMV for these operands (the host knows every input)."""
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+    """Whether :func:`linear` takes the GEMV for these operands (the host knows every input);
+    ``max_rows``: at most that many rows (the kernel takes up to ``KERNEL_MAX_ROWS``)."""
     return (
         x.dtype in HALF_DTYPES
-        and 0 < x.shape[0] <= MAX_ROWS
+        and 0 < x.shape[0] <= min(max_rows, KERNEL_MAX_ROWS)
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
         and gemv_tile(weight.shape[1]) is not None
@@ -118,17 +119,17 @@ def gemv(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x [M <= MAX_ROWS, K] (rows may be strided), weight [N, K] (unit last stride), bias [N] |
+    """x [M <= KERNEL_MAX_ROWS, K] (rows may be strided), weight [N, K] (unit last stride), bias [N] |
     None -> [M, N] in ``out_dtype`` (default x's dtype), through the register-tile GEMV."""
     check_device(x=x, weight=weight)
     m, k = x.shape
     check_tensor("weight", weight, [None, k], x.dtype)
     if bias is not None:
         check_tensor("bias", bias, [weight.shape[0]], x.dtype)
-    if not gemv_applies(x, weight):
+    if not gemv_applies(x, weight, KERNEL_MAX_ROWS):
         raise ValueError(
             f"gemv: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)}: at most "
-            f"{MAX_ROWS} 16-bit rows with unit last strides and K <= {MAX_TILE_ELEMENTS}"
+            f"{KERNEL_MAX_ROWS} 16-bit rows with unit last strides and K <= {MAX_TILE_ELEMENTS}"
         )
     n = weight.shape[0]
     block_n, block_k = gemv_tile(k)  # type: ignore[misc]  # gemv_applies checked it
