@@ -7,5 +7,5 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-deps --no-build-isolation \
-  . ./plugins/ops_cpu ./plugins/models_llama3 ./plugins/ops_cuda \
+  . ./plugins/ops_cpu ./plugins/models_llama3 ./plugins/models_qwen ./plugins/ops_cuda \
   || { echo "installing rustinfer and its plugins failed" >&2; exit 1; }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+# The version of every distribution in this repository: the root pyproject.toml reads it, and
+# scripts/version.py writes it into the plugins' (a test fails when they drift).
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "__version__"]
 

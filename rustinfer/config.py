@@ -77,6 +77,9 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+_SLIDING_WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers")
+
+
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     """Build a :class:`ModelConfig` from a HF ``config.json`` dict (flat or with ``text_config``)."""
     arch = (raw.get("architectures") or [None])[0]
@@ -119,4 +122,64 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         bos_token_id=text.get("bos_token_id", raw.get("bos_token_id")),
         eos_token_ids=_as_id_tuple(text.get("eos_token_id", raw.get("eos_token_id"))),
         torch_dtype=text.get("torch_dtype") or text.get("dtype") or raw.get("torch_dtype"),
+        # Kept as written so a model can refuse attention it does not implement (the semantics
+        # differ by family: rustinfer.models.decoder.sliding_window_refusal reads them).
+        extra={key: text[key] for key in _SLIDING_WINDOW_KEYS if key in text},
     )
+
+
+# ---- quantization ------------------------------------------------------------------------------
+
+QUANTIZATION_METHODS = ("auto", "none", "gguf", "int8", "int4")
+DEFAULT_GROUP_SIZE = 32  # the finest group torch's CPU kernel takes, and GGUF's block size
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How matmul weights are held: ``none`` (dequantized to the model dtype), ``gguf`` (a GGUF
+    file's Q8_0/Q4_0/Q4_1 tensors kept as shipped), ``int8``/``int4`` (a float checkpoint
+    quantized group-wise at load, weight-only), or ``auto`` (``gguf`` for GGUF files, else
+    ``none``). Written ``int4`` or ``int4-g64`` (group size 32, 64 or 128; default 32)."""
+
+    method: str = "auto"
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.method in ("gguf", "int8", "int4")
+
+    def __str__(self) -> str:
+        if self.method in ("int8", "int4"):
+            return f"{self.method}-g{self.group_size}"
+        return self.method
+
+    def for_format(self, source_format: str) -> QuantizationConfig:
+        """``auto`` made concrete for a checkpoint of ``source_format`` ("gguf", "safetensors",
+        "dummy"); a combination that cannot work raises ValueError naming what would."""
+        if self.method == "auto":
+            return dataclasses.replace(self, method="gguf" if source_format == "gguf" else "none")
+        if self.method == "gguf" and source_format != "gguf":
+            raise ValueError(
+                f"--quantization gguf keeps a GGUF file's quantized tensors, but this is a "
+                f"{source_format} checkpoint: use --quantization int8 or int4 to quantize it at "
+                "load, or none"
+            )
+        return self
+
+
+def parse_quantization(spec: str | QuantizationConfig | None) -> QuantizationConfig:
+    """``"int4"``, ``"int8-g128"``, ``"gguf"``, ``"none"``, ``"auto"`` or None (auto)."""
+    if isinstance(spec, QuantizationConfig):
+        return spec
+    text = "auto" if spec is None else str(spec).strip().lower()
+    method, sep, group = text.partition("-g")
+    known = "auto, none, gguf, int8, int4 (optionally -g32, -g64 or -g128, e.g. int4-g64)"
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization {spec!r}; use one of: {known}")
+    if not sep:
+        return QuantizationConfig(method)
+    if method not in ("int8", "int4") or group not in ("32", "64", "128"):
+        raise ValueError(
+            f"bad quantization {spec!r}: a group size goes with int8/int4 only; {known}"
+        )
+    return QuantizationConfig(method, int(group))

@@ -57,10 +57,20 @@ class LLM:
         dtype: str = "auto",
         load_format: str = "auto",
         seed: int = 0,
+        quantization: str = "auto",
         **engine_options: Any,
     ) -> None:
-        """Load ``model`` (None: the embedded default); ``engine_options`` are EngineConfig fields."""
-        loaded = load_model(model, device=device, dtype=dtype, load_format=load_format, seed=seed)
+        """Load ``model`` (None: the embedded default); ``engine_options`` are EngineConfig fields.
+        ``quantization``: auto, none, gguf, int8 or int4 (``int4-g64``: group size), see
+        :class:`rustinfer.config.QuantizationConfig`."""
+        loaded = load_model(
+            model,
+            device=device,
+            dtype=dtype,
+            load_format=load_format,
+            seed=seed,
+            quantization=quantization,
+        )
         self._attach(loaded, EngineCore(loaded, EngineConfig(**engine_options)))
 
     def _attach(self, loaded: LoadedModel, engine: EngineCore) -> None:

@@ -7,7 +7,7 @@ The hot path never touches pluggy: models resolve their ops once, when they are 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,13 +59,24 @@ class OpImpl:
 
     def load(self) -> Callable[..., Any]:
         if self._fn is None:
-            self._fn = resolve(self.target)
+            try:
+                self._fn = resolve(self.target)
+            except Exception as exc:
+                # A mistyped "module:attr" only shows when a model first needs the op: say whose.
+                raise RegistryError(
+                    f"op {self.op!r} implementation {self.name!r} of plugin {self.plugin!r}: its "
+                    f"target {self.target!r} cannot be loaded ({exc!r}); fix the 'module:attr' "
+                    "string the plugin registers, or the import error inside that module"
+                ) from exc
         return self._fn
 
     def unmet_requirement(self) -> str | None:
         """``None`` when every requirement holds here, else the first reason it cannot run."""
         for req in self.requires:
-            check = resolve(req)
+            try:
+                check = resolve(req)
+            except Exception as exc:  # a requirement that cannot even be imported cannot hold
+                return f"requirement {req!r} cannot be loaded: {exc!r}"
             try:
                 reason = check()
             except Exception as exc:  # a requirement check that crashes means "cannot run here"
@@ -93,23 +104,32 @@ def parse_op_overrides(text: str | None) -> dict[str, str]:
     return overrides
 
 
+def plugin_label(plugin: str, labels: Mapping[str, str]) -> str:
+    """``plugin 'name' (distribution version)`` where the distribution is known, for messages."""
+    return labels.get(plugin, f"plugin {plugin!r}")
+
+
 class OpRegistry:
-    def __init__(self) -> None:
+    def __init__(self, labels: Mapping[str, str] | None = None) -> None:
         self._impls: dict[str, list[OpImpl]] = {}
+        # plugin name -> "plugin 'x' (dist version)": messages name the package to act on.
+        self.labels: Mapping[str, str] = labels if labels is not None else {}
 
     def add(self, impl: OpImpl) -> None:
         from rustinfer.ops import SPECS  # the op must be one the core specifies
 
+        who = plugin_label(impl.plugin, self.labels)
         if impl.op not in SPECS:
             raise RegistryError(
-                f"plugin {impl.plugin!r} registers an implementation of unknown op {impl.op!r}; "
+                f"{who} registers an implementation of unknown op {impl.op!r}; "
                 f"known ops: {', '.join(sorted(SPECS))}"
             )
         for other in self._impls.get(impl.op, []):
             if other.name == impl.name and other.device == impl.device:
                 raise RegistryError(
                     f"op {impl.op!r} implementation {impl.name!r} for device {impl.device!r} is "
-                    f"registered twice: by plugin {other.plugin!r} and by plugin {impl.plugin!r}"
+                    f"registered twice: by {plugin_label(other.plugin, self.labels)} and by {who}; "
+                    "uninstall one of them, or give one implementation another name"
                 )
         self._impls.setdefault(impl.op, []).append(impl)
 
@@ -155,7 +175,7 @@ class OpRegistry:
             reason = impl.unmet_requirement()
             if reason is None:
                 return impl
-            unmet.append(f"{impl.name}: {reason}")
+            unmet.append(f"{impl.name} from {impl.plugin}: {reason}")
         detail = f" (unmet requirements: {'; '.join(unmet)})" if unmet else ""
         raise RegistryError(
             f"no implementation of op {op!r} for device {device_type!r} dtype {dtype}{detail}; "
@@ -179,19 +199,22 @@ class Entry:
 class NamedRegistry:
     """Name -> lazily imported object (model classes, device classes)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, labels: Mapping[str, str] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
         self._loaded: dict[str, Any] = {}
+        self.labels: Mapping[str, str] = labels if labels is not None else {}
 
     def add(self, key: str, target: Any, plugin: str) -> None:
+        who = plugin_label(plugin, self.labels)
         if not isinstance(key, str) or not key:
-            raise RegistryError(f"plugin {plugin!r} registers a {self.kind} with an empty name")
+            raise RegistryError(f"{who} registers a {self.kind} with an empty name")
         if key in self._entries:
             other = self._entries[key]
             raise RegistryError(
-                f"{self.kind} {key!r} is registered twice: by plugin {other.plugin!r} and by "
-                f"plugin {plugin!r}"
+                f"{self.kind} {key!r} is registered twice: by "
+                f"{plugin_label(other.plugin, self.labels)} and by {who}; uninstall one of them, "
+                "or have one register another name"
             )
         self._entries[key] = Entry(key, target, plugin)
 
@@ -209,7 +232,15 @@ class NamedRegistry:
             known = ", ".join(self.keys()) or "none (is a plugin package installed?)"
             raise RegistryError(f"unknown {self.kind} {key!r}; registered: {known}")
         if key not in self._loaded:
-            self._loaded[key] = resolve(self._entries[key].target)
+            entry = self._entries[key]
+            try:
+                self._loaded[key] = resolve(entry.target)
+            except Exception as exc:
+                raise RegistryError(
+                    f"{self.kind} {key!r} of {plugin_label(entry.plugin, self.labels)}: its "
+                    f"target {entry.target!r} cannot be loaded ({exc!r}); fix the 'module:attr' "
+                    "string the plugin registers, or the import error inside that module"
+                ) from exc
         return self._loaded[key]
 
 
@@ -227,3 +258,8 @@ class Registries:
     models: NamedRegistry = field(default_factory=lambda: NamedRegistry("model architecture"))
     devices: NamedRegistry = field(default_factory=lambda: NamedRegistry("device type"))
     plugins: list[PluginInfo] = field(default_factory=list)
+    # plugin name -> "plugin 'x' (dist version)", shared by the three registries' messages.
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ops.labels = self.models.labels = self.devices.labels = self.labels

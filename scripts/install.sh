@@ -26,4 +26,11 @@ if [ "${1:-}" = "--test" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
   fi
 fi
-$PIP install -e ".${extras}" -e plugins/ops_cpu -e plugins/models_llama3 -e plugins/ops_cuda
+# Every plugin folder of this checkout, so a new plugin is installed without editing this line.
+plugins=()
+for dir in plugins/*/; do
+  if [ -f "${dir}pyproject.toml" ]; then
+    plugins+=(-e "${dir%/}")
+  fi
+done
+$PIP install -e ".${extras}" "${plugins[@]}"

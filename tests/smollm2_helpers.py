@@ -47,11 +47,11 @@ river twice, but the water that touches you will have travelled on toward the se
 # Bounds. Measured on an H200 (2026-11-28) over these 509 tokens, with the LM head still rounding
 # its output to bf16: prefill top-1 0.9725, decode steps 0.9691 (graphs and eager identical),
 # float32's top-1 inside bf16's top-5 everywhere, mean |logit difference| 0.10 on logits spanning
-# ~35. With the float32-output LM head (the ``logits`` op): prefill 0.9804, decode above this
-# bound (its value was not printed in that run). The project's goal is 0.97: raise the bound to
-# it once a GPU run has printed the decode figure. A broken kernel lands far below: the graph
-# path with a race on its inputs scored 0.064 here.
-MIN_TOP1_AGREEMENT = 0.965
+# ~35. With the float32-output LM head (the ``logits`` op) and the one-row GEMV (run 11): prefill
+# 0.9804, decode steps 0.9753 (graphs and eager identical), ragged prefill 0.983, mixed-batch
+# decode 0.990. The bound is the project's goal. A broken kernel lands far below: the graph path
+# with a race on its inputs scored 0.064 here.
+MIN_TOP1_AGREEMENT = 0.97
 MIN_TOP1_IN_TOP5 = 0.995
 MAX_MEAN_ABS_LOGIT_DIFF = 0.25
 # Each engine below takes a small KV pool (5k float32 tokens of this model), not 90% of the card.

@@ -13,6 +13,7 @@ from pathlib import Path
 import pluggy
 import pytest
 import torch
+from plugin_helpers import install_fake_distribution
 
 from rustinfer.cli.main import main
 from rustinfer.errors import PluginLoadError, RegistryError
@@ -34,19 +35,6 @@ def rustinfer_register_ops(register):
 def rustinfer_register_models(register):
     register("FakeForCausalLM", "{mod}:my_rmsnorm")
 """
-
-
-def install_fake_distribution(
-    root: Path, dist: str, version: str, module: str, source: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Lay out ``module.py`` plus a ``.dist-info`` declaring it as a rustinfer entry point."""
-    (root / f"{module}.py").write_text(source)
-    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[rustinfer]\n{module} = {module}\n")
-    monkeypatch.syspath_prepend(str(root))
-    monkeypatch.delitem(sys.modules, module, raising=False)
 
 
 def test_fake_distribution_is_discovered_and_outranks_torch(tmp_path, monkeypatch):
@@ -177,18 +165,33 @@ def test_misspelled_hook_fails_at_registration():
         def rustinfer_register_opz(self, register):
             pass
 
-    with pytest.raises(pluggy.PluginValidationError, match="rustinfer_register_opz"):
+    with pytest.raises(
+        PluginLoadError,
+        match=r"plugin 'typo' implements unknown hook 'rustinfer_register_opz'; "
+        r"did you mean 'rustinfer_register_ops'\?",
+    ):
         collect_registries(_manager(typo=Typo()))
 
 
 def test_plugins_command_json(capsys):
     assert main(["plugins", "--json"]) == 0
-    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
+    listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)["plugins"]}
     cpu = listed["ops_cpu"]
     assert cpu["distribution"] == "rustinfer-ops-cpu"
     assert "rmsnorm:torch@cpu" in cpu["registered"]["ops"]
     assert cpu["registered"]["devices"] == ["cpu"]
-    assert listed["models_llama3"]["registered"]["models"] == ["LlamaForCausalLM", "llama"]
+    assert listed["models_llama3"]["registered"]["models"] == [
+        "LlamaForCausalLM",
+        "llama",
+        "MistralForCausalLM",
+    ]
+    assert listed["models_qwen"]["distribution"] == "rustinfer-models-qwen"
+    assert listed["models_qwen"]["registered"]["models"] == [
+        "Qwen2ForCausalLM",
+        "qwen2",
+        "Qwen3ForCausalLM",
+        "qwen3",
+    ]
     assert listed["ops_cuda"]["registered"]["devices"] == ["cuda"]
     cuda_ops = set(listed["ops_cuda"]["registered"]["ops"])
     assert {"linear:torch@cuda", "rmsnorm:triton@cuda"} <= cuda_ops
@@ -198,7 +201,7 @@ def test_plugins_command_text(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     assert textwrap.dedent("models_llama3  [rustinfer-models-llama3 0.1.0]") in out
-    assert "  models: LlamaForCausalLM, llama" in out
+    assert "  models: LlamaForCausalLM, llama, MistralForCausalLM" in out
 
 
 # In a fresh interpreter: import every module of rustinfer-ops-cuda, run its hooks and load every

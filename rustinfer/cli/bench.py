@@ -91,7 +91,9 @@ def emit(result: dict[str, object], as_json: bool) -> int:
 
 def run_latency(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
-    loaded = load_model(args.model, args.device, args.dtype, args.load_format)
+    loaded = load_model(
+        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+    )
     prompt = random_prompt(loaded, args.input_len, args.seed)
     llm = LLM.for_single_request(loaded, args.input_len + args.output_len, args.enforce_eager)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -146,7 +148,9 @@ def run_throughput(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
-    loaded = load_model(args.model, args.device, args.dtype, args.load_format)
+    loaded = load_model(
+        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+    )
     engine = EngineCore(
         loaded,
         EngineConfig(

@@ -86,7 +86,9 @@ def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
     from rustinfer.cli.bench import random_prompt
     from rustinfer.runtime.loading import load_model
 
-    loaded = load_model(args.model, args.device, args.dtype, args.load_format)
+    loaded = load_model(
+        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+    )
     prompts = [
         random_prompt(loaded, args.input_len, args.seed + i) for i in range(args.num_prompts)
     ]

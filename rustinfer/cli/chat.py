@@ -383,7 +383,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.model or "the embedded SmolLM2-135M-Instruct"
     err.write(style.dim(f"loading {name} ...") + "\n")
     err.flush()
-    loaded = load_model(args.model, args.device, args.dtype, args.load_format)
+    loaded = load_model(
+        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+    )
     engine = AsyncEngine.from_loaded(loaded, chat_engine_config(loaded))
     session = ChatSession(engine, loaded, params, args.system, sys.stdout, err)
     dtype = str(loaded.dtype).removeprefix("torch.")

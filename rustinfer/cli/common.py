@@ -27,7 +27,26 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         choices=["auto", "safetensors", "gguf", "dummy"],
         help="dummy: random weights at the config's shapes (benchmarks)",
     )
+    p.add_argument(
+        "--quantization",
+        default="auto",
+        type=_quantization,
+        metavar="{auto,none,gguf,int8,int4}[-gGROUP]",
+        help="matmul weights: gguf keeps a GGUF file's Q8_0/Q4_0/Q4_1 tensors as shipped; none "
+        "dequantizes them to --dtype; int8/int4 quantize a float checkpoint at load, group-wise "
+        "(int4-g64: groups of 64; 32, 64 or 128, default 32); auto (default): gguf for GGUF "
+        "files, none otherwise",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def _quantization(text: str) -> str:
+    from rustinfer.config import parse_quantization
+
+    try:
+        return str(parse_quantization(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def apply_threads(threads: int | None) -> None:

@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
     )
-    loaded = load_model(args.model, args.device, args.dtype, args.load_format)
+    loaded = load_model(
+        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+    )
     ids = prompt_token_ids(loaded, args.prompt, args.raw)
     llm = LLM.for_single_request(loaded, len(ids) + args.max_tokens)
     out = sys.stdout

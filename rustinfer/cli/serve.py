@@ -145,12 +145,19 @@ async def _announce_when_ready(server: Any, state: Any, settings: Any) -> None:
     if state.ready.is_set():
         engine = state.engine
         print(
-            f"rustinfer: ready: {state.model_name} on {engine.core.device}\n"
+            f"rustinfer: ready: {state.model_name} on {engine.core.device} "
+            f"({_weights_text(engine.core.loaded)})\n"
             f"  web UI:      {base}/\n"
             f"  OpenAI API:  {base}/v1  (e.g. {base}/v1/chat/completions)\n"
             f"  metrics:     {base}/metrics" + _grpc_line(server, shown),
             flush=True,
         )
+
+
+def _weights_text(loaded: Any) -> str:  # a rustinfer.runtime.loading.LoadedModel
+    """The compute dtype and how the matmul weights are held, e.g. "float32, quantization gguf"."""
+    dtype = str(loaded.dtype).removeprefix("torch.")
+    return f"{dtype}, quantization {loaded.quantization}"
 
 
 def _grpc_line(server: Any, host: str) -> str:

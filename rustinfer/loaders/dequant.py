@@ -22,8 +22,15 @@ from gguf import GGMLQuantizationType as QT
 from gguf.gguf_reader import ReaderTensor
 
 from rustinfer.errors import ModelLoadError
+from rustinfer.ops.quant import QuantizedWeight
 
-__all__ = ["SUPPORTED_TYPES", "dequantize_tensor", "tensor_shape"]
+__all__ = [
+    "KEEPABLE_TYPES",
+    "SUPPORTED_TYPES",
+    "dequantize_tensor",
+    "quantized_tensor",
+    "tensor_shape",
+]
 
 _BLOCK = 32
 # numpy has no bfloat16: BF16 bits travel as int16 and are reinterpreted by torch.
@@ -38,6 +45,8 @@ _BLOCKS = {
     QT.Q4_1: np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))]),
 }
 SUPPORTED_TYPES = tuple(t.name for t in (*_FLOAT_TYPES, *_BLOCKS))
+# Block types a matrix can stay in (rustinfer.ops.quant formats of the same name).
+KEEPABLE_TYPES = {QT.Q8_0: "q8_0", QT.Q4_0: "q4_0", QT.Q4_1: "q4_1"}
 
 
 def tensor_shape(tensor: ReaderTensor) -> tuple[int, ...]:
@@ -98,3 +107,33 @@ def dequantize_tensor(tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
             f"{_BLOCK}-value blocks; the file is damaged"
         )
     return torch.from_numpy(_dequantize_blocks(kind, raw)).reshape(shape).to(dtype)
+
+
+def _field(blocks: np.ndarray, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    # ascontiguousarray copies the strided field out of the read-only file mapping.
+    return torch.from_numpy(np.ascontiguousarray(blocks[name]).reshape(shape))
+
+
+def quantized_tensor(tensor: ReaderTensor) -> QuantizedWeight | None:
+    """A 2-D Q8_0/Q4_0/Q4_1 tensor as a canonical :class:`QuantizedWeight` (its block bytes
+    copied, not decoded: llama.cpp's layout is the canonical one), else None."""
+    kind = QT(int(tensor.tensor_type))
+    shape = tensor_shape(tensor)
+    if kind not in KEEPABLE_TYPES or len(shape) != 2:
+        return None
+    n, k = shape
+    raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+    if k % _BLOCK or raw.size != n * (k // _BLOCK) * _BLOCKS[kind].itemsize:
+        raise ModelLoadError(
+            f"tensor {tensor.name!r} ({kind.name}, shape {shape}) does not split into whole "
+            f"{_BLOCK}-value blocks; the file is damaged"
+        )
+    blocks = raw.view(_BLOCKS[kind])
+    groups = (n, k // _BLOCK)
+    tensors = {
+        "codes": _field(blocks, "qs", (n, k if kind == QT.Q8_0 else k // 2)),
+        "scales": _field(blocks, "d", groups),
+    }
+    if kind == QT.Q4_1:
+        tensors["mins"] = _field(blocks, "m", groups)
+    return QuantizedWeight(KEEPABLE_TYPES[kind], (n, k), _BLOCK, **tensors)

@@ -105,6 +105,9 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
         for key in ("eos_token_id", "eot_token_id", "eom_token_id")
     ]
     file_type = field(reader, "general.file_type")
+    # llama.cpp's converters write a window for the families that use one; the model refuses a
+    # window it cannot run (rustinfer.models.decoder.sliding_window_refusal).
+    window = _int_field(reader, f"{arch}.attention.sliding_window")
     return ModelConfig(
         architecture=arch,
         vocab_size=vocab,
@@ -130,5 +133,6 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
             "gguf_file_type": file_type,
             "rope_dim": rope_dim,
             "rope_freqs_tensor": raw_rope_freqs,
+            **({"sliding_window": window} if window is not None else {}),
         },
     )

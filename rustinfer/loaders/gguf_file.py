@@ -12,10 +12,12 @@ import torch
 
 from rustinfer.config import ModelConfig
 from rustinfer.errors import ModelLoadError
-from rustinfer.loaders.dequant import dequantize_tensor, tensor_shape
+from rustinfer.loaders.dequant import dequantize_tensor, quantized_tensor, tensor_shape
 from rustinfer.loaders.gguf_config import config_from_gguf
 from rustinfer.loaders.gguf_meta import field, open_gguf
+from rustinfer.loaders.quantize import is_linear_weight
 from rustinfer.loaders.source import ModelSource
+from rustinfer.ops.quant import QuantizedWeight
 from rustinfer.tokenizer import Tokenizer
 
 __all__ = ["GGUFWeights", "load_gguf", "unpermute_qk"]
@@ -60,12 +62,29 @@ class GGUFWeights:
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {t.name: tensor_shape(t) for t in self._reader.tensors}
 
-    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(
+        self, dtype: torch.dtype, keep_quantized: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """Tensors in ``dtype``; with ``keep_quantized``, the projection matrices stored as
+        Q8_0/Q4_0/Q4_1 come as :class:`QuantizedWeight` instead (their blocks copied as is)."""
         for tensor in self._reader.tensors:
-            value = dequantize_tensor(tensor, dtype)
+            kept = (
+                quantized_tensor(tensor)
+                if keep_quantized and is_linear_weight(tensor.name)
+                else None
+            )
+            value: torch.Tensor | QuantizedWeight = (
+                kept if kept is not None else dequantize_tensor(tensor, dtype)
+            )
             match = _QK_NAME.fullmatch(tensor.name) if self._heads else None
             if match:
-                value = unpermute_qk(value, self._heads[match.group(1)])
+                heads = self._heads[match.group(1)]
+                if isinstance(value, QuantizedWeight):
+                    # Rows are quantized one by one, so the permutation moves whole rows.
+                    rows = unpermute_qk(torch.arange(value.shape[0]), heads)
+                    value = value.select_rows(rows)
+                else:
+                    value = unpermute_qk(value, heads)
             yield tensor.name, value
 
 

@@ -38,6 +38,10 @@ _LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# Qwen2/2.5/3's split (their tokenizer.json, llama.cpp's "qwen2"): Llama 3's, except that numbers
+# are cut into single digits rather than runs of up to three.
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
 
 def _gpt2() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -58,6 +62,15 @@ def _llama3() -> pre_tokenizers.PreTokenizer:
     )
 
 
+def _qwen2() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
 _PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
     "default": _gpt2,
     "gpt2": _gpt2,
@@ -66,6 +79,7 @@ _PRE_TOKENIZERS: dict[str, Callable[[], pre_tokenizers.PreTokenizer]] = {
     "llama-bpe": _llama3,
     "llama3": _llama3,
     "llama-v3": _llama3,
+    "qwen2": _qwen2,  # what llama.cpp names Qwen2, Qwen2.5 and Qwen3 files' split
 }
 SUPPORTED_PRE_TOKENIZERS = tuple(sorted(_PRE_TOKENIZERS))
 

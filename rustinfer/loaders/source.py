@@ -9,8 +9,10 @@ from typing import Protocol
 
 import torch
 
-from rustinfer.config import ModelConfig
+from rustinfer.config import ModelConfig, QuantizationConfig
 from rustinfer.errors import ModelLoadError
+from rustinfer.loaders.quantize import quantize_weights
+from rustinfer.ops.quant import QuantizedWeight
 from rustinfer.progress import track
 from rustinfer.tokenizer import Tokenizer
 
@@ -74,11 +76,16 @@ class ModelSource:
         """Torch-layout shape of every stored tensor, read from headers only (nothing loads)."""
         return {} if self.store is None else self.store.tensor_shapes()
 
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(
+        self, dtype: torch.dtype, quantization: QuantizationConfig | None = None
+    ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Yield ``(name, tensor)`` on CPU in ``dtype`` and torch layout, one tensor at a time.
 
         Names keep the file's spelling (HF ``model.layers.0.self_attn.q_proj.weight``, GGUF
         ``blk.0.attn_q.weight``); mapping them onto parameters is the model's job.
+        ``quantization`` (concrete, not ``auto``; default none): ``gguf`` yields a GGUF file's
+        block-quantized projections as :class:`QuantizedWeight`; ``int8``/``int4`` reads every
+        tensor in float32 and quantizes the projections group-wise.
         """
         if self.store is None:
             raise ModelLoadError(
@@ -86,5 +93,17 @@ class ModelSource:
                 "rustinfer.loaders.dummy_weights(shapes, dtype) from the model's parameter shapes"
             )
         dtype = parse_dtype(dtype)
+        method = "none" if quantization is None else quantization.method
         where = self.path.name if self.path is not None else self.format
-        yield from track(self.store.iter_tensors(dtype), self.num_tensors, f"Loading {where}")
+        if method == "gguf":
+            if self.format != "gguf":
+                raise ModelLoadError(f"quantization 'gguf' needs a GGUF file, not {self.format}")
+            pairs = self.store.iter_tensors(dtype, keep_quantized=True)  # type: ignore[call-arg]
+        elif method in ("int8", "int4"):
+            assert quantization is not None
+            pairs = quantize_weights(self.store.iter_tensors(torch.float32), quantization, dtype)
+        elif method == "none":
+            pairs = self.store.iter_tensors(dtype)
+        else:
+            raise ModelLoadError(f"quantization {method!r} must be made concrete before loading")
+        yield from track(pairs, self.num_tensors, f"Loading {where}")

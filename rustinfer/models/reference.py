@@ -1,7 +1,10 @@
 """A float64 pure-torch Llama forward: the oracle end-to-end tests compare models against.
 
 Written for clarity, not speed: no KV cache, no packing, no ops registry; one full causal pass over
-the token ids. It reads HF-spelled weights (``model.layers.N.self_attn.q_proj.weight`` ...).
+the token ids. It reads HF-spelled weights (``model.layers.N.self_attn.q_proj.weight`` ...), and
+the optional ones where the weights have them, as the families on the dense decoder do: biases on
+any projection (Qwen2: q/k/v), and per-head RMSNorm scales ``self_attn.q_norm.weight`` /
+``k_norm.weight`` applied to q and k before rope (Qwen3).
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class ReferenceLlama:
         q = self._linear(x, p + "q_proj").view(n, c.num_attention_heads, d).transpose(0, 1)
         k = self._linear(x, p + "k_proj").view(n, c.num_key_value_heads, d).transpose(0, 1)
         v = self._linear(x, p + "v_proj").view(n, c.num_key_value_heads, d).transpose(0, 1)
+        # Per-head norms run over each head's own D values (the last axis of [heads, T, D]).
+        q_norm, k_norm = self._get(p + "q_norm.weight"), self._get(p + "k_norm.weight")
+        q = q if q_norm is None else self._rmsnorm(q, q_norm)
+        k = k if k_norm is None else self._rmsnorm(k, k_norm)
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         group = c.num_attention_heads // c.num_key_value_heads
         k = k.repeat_interleave(group, dim=0)  # [Hq, T, D]: query head h reads kv head h // group

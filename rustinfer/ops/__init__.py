@@ -10,6 +10,7 @@ from rustinfer.ops.activation import SILU_AND_MUL
 from rustinfer.ops.attention import ATTENTION_DECODE, ATTENTION_PREFILL, KV_CACHE_STORE
 from rustinfer.ops.basic import ARGMAX, EMBEDDING, LINEAR, LOGITS, PREPARE_LINEAR_WEIGHT
 from rustinfer.ops.norm import FUSED_ADD_RMSNORM, RMSNORM
+from rustinfer.ops.quant import PREPARE_QUANTIZED_WEIGHT, QUANTIZED_LINEAR, QuantizedWeight
 from rustinfer.ops.rope import ROPE, build_cos_sin_cache, llama3_inv_freq
 from rustinfer.ops.rope_store import ROPE_KV_STORE
 from rustinfer.ops.spec import EXACT, OpSpec, Tolerance
@@ -26,6 +27,8 @@ SPECS: dict[str, OpSpec] = {
         LINEAR,
         LOGITS,
         PREPARE_LINEAR_WEIGHT,
+        QUANTIZED_LINEAR,
+        PREPARE_QUANTIZED_WEIGHT,
         ARGMAX,
         KV_CACHE_STORE,
         ATTENTION_PREFILL,
@@ -44,12 +47,15 @@ __all__ = [
     "LINEAR",
     "LOGITS",
     "PREPARE_LINEAR_WEIGHT",
+    "PREPARE_QUANTIZED_WEIGHT",
+    "QUANTIZED_LINEAR",
     "RMSNORM",
     "ROPE",
     "ROPE_KV_STORE",
     "SILU_AND_MUL",
     "SPECS",
     "OpSpec",
+    "QuantizedWeight",
     "Tolerance",
     "build_cos_sin_cache",
     "llama3_inv_freq",

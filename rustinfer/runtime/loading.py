@@ -10,15 +10,17 @@ from pathlib import Path
 
 import torch
 
-from rustinfer.config import ModelConfig
+from rustinfer.config import ModelConfig, QuantizationConfig, parse_quantization
 from rustinfer.default_model import DEFAULT_MODEL_NAME, default_model_path
 from rustinfer.device import Device, resolve_device
-from rustinfer.errors import DefaultModelMissingError, UnsupportedArchitectureError
+from rustinfer.errors import DefaultModelMissingError, ModelLoadError, UnsupportedArchitectureError
 from rustinfer.loaders import ModelSource, dummy_weights, load_model_source, parse_dtype
+from rustinfer.loaders.quantize import quantize_weights
 from rustinfer.models.base import Model
 from rustinfer.models.op_table import OpTable
+from rustinfer.ops.quant import quantized_op_table
 from rustinfer.plugins import get_registries
-from rustinfer.registry import Registries
+from rustinfer.registry import Registries, RegistryError
 from rustinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class LoadedModel:
     dtype: torch.dtype
     source: ModelSource
     load_seconds: float
+    quantization: str = "none"  # how matmul weights are held: none, gguf, int8-g32, int4-g64...
 
     @property
     def name(self) -> str:
@@ -70,6 +73,28 @@ def _checkpoint_dtype(config: ModelConfig, source: ModelSource) -> torch.dtype |
     return parse_dtype(config.torch_dtype) if config.torch_dtype else None
 
 
+def with_quantized_ops(
+    ops: OpTable, regs: Registries, device_type: str, dtype: torch.dtype
+) -> OpTable:
+    """``ops`` plus the device's quantized ops, its ``linear`` taking quantized weights too (a
+    device without them fails here, with the registry's list of what is registered)."""
+    quantized = OpTable.resolve(
+        regs.ops, device_type, dtype, ("quantized_linear", "prepare_quantized_weight")
+    )
+    fns = {name: getattr(ops, name) for name in ops.chosen}
+    fns = quantized_op_table(fns, quantized.quantized_linear)
+    fns["prepare_quantized_weight"] = quantized.prepare_quantized_weight
+    return OpTable(fns, {**ops.chosen, **quantized.chosen})
+
+
+def _serves_quantized(regs: Registries, device_type: str, dtype: torch.dtype) -> bool:
+    try:
+        regs.ops.lookup("quantized_linear", device_type, dtype)
+    except RegistryError:
+        return False
+    return True
+
+
 def load_model(
     model: str | os.PathLike[str] | None = None,
     device: str = "auto",
@@ -77,12 +102,18 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     registries: Registries | None = None,
+    quantization: str | QuantizationConfig | None = "auto",
 ) -> LoadedModel:
-    """Load ``model`` (None: the embedded default) onto ``device`` in ``dtype``."""
+    """Load ``model`` (None: the embedded default) onto ``device`` in ``dtype``; ``quantization``
+    (see :class:`QuantizationConfig`): auto keeps a GGUF file's quantized matrices quantized."""
     start = time.perf_counter()
     regs = registries or get_registries()
     dev = resolve_device(device, regs)
     source = load_model_source(model, load_format=load_format)
+    try:
+        quant = parse_quantization(quantization).for_format(source.format)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     config = source.config
     cls = model_class_for(config, regs)
     if dtype == "auto":
@@ -90,28 +121,44 @@ def load_model(
     else:
         torch_dtype = parse_dtype(dtype)
     ops = OpTable.resolve(regs.ops, dev.type, torch_dtype, cls.ops_used)
+    if (
+        quant.is_quantized
+        and str(quantization) == "auto"
+        and not _serves_quantized(regs, dev.type, torch_dtype)
+    ):
+        # auto asks for what runs fastest here; explicit gguf/int8/int4 fail below instead.
+        logger.info(
+            "no quantized matmul for %s/%s: dequantizing the GGUF's tensors", dev.type, torch_dtype
+        )
+        quant = QuantizationConfig("none")
+    if quant.is_quantized:
+        ops = with_quantized_ops(ops, regs, dev.type, torch_dtype)
     logger.debug("ops for %s/%s: %s", dev.type, torch_dtype, ops.chosen)
     net = cls(config, ops, torch_dtype)
     if source.format == "dummy":
         # Drawn on a GPU when there is one: 8B random numbers take a minute on a CPU.
         where = dev.torch_device if dev.type == "cuda" else "cpu"
         shapes = cls.weight_shapes(config)
-        net.load_weights(dummy_weights(shapes, torch_dtype, seed=seed, device=where))
+        drawn = dummy_weights(shapes, torch_dtype, seed=seed, device=where)
+        if quant.is_quantized:  # random weights at real shapes, quantized: benchmarks
+            drawn = quantize_weights(drawn, quant, torch_dtype)
+        net.load_weights(drawn)
     else:
-        net.load_weights(source.weights(torch_dtype))
+        net.load_weights(source.weights(torch_dtype, quant))
     weights_read = time.perf_counter()
     net = net.to(dev.torch_device).eval()
     dev.synchronize()
     elapsed = time.perf_counter() - start
     logger.info(
-        "loaded %s (%s, %s) on %s in %.2f s (weights read and packed %.2f s, moved to the "
+        "loaded %s (%s, %s, quantization %s) on %s in %.2f s (weights read and packed %.2f s, moved to the "
         "device %.2f s)",
         source.path or config.architecture,
         source.format,
         str(torch_dtype).removeprefix("torch."),
+        quant,
         dev,
         elapsed,
         weights_read - start,
         elapsed - (weights_read - start),
     )
-    return LoadedModel(net, source.tokenizer, config, dev, torch_dtype, source, elapsed)
+    return LoadedModel(net, source.tokenizer, config, dev, torch_dtype, source, elapsed, str(quant))

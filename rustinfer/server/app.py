@@ -32,7 +32,13 @@ def engine_factory(settings: ServeSettings) -> EngineFactory:
     def build() -> AsyncEngine:
         from rustinfer.runtime.loading import load_model  # torch and plugins: not at import
 
-        loaded = load_model(settings.model, settings.device, settings.dtype, settings.load_format)
+        loaded = load_model(
+            settings.model,
+            settings.device,
+            settings.dtype,
+            settings.load_format,
+            quantization=settings.quantization,
+        )
         config = EngineConfig(
             max_num_seqs=settings.max_num_seqs,
             max_waiting=settings.max_queue,

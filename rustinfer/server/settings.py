@@ -32,6 +32,11 @@ class ServeSettings(BaseSettings):
     load_format: Literal["auto", "safetensors", "gguf", "dummy"] = Field(
         "auto", description="dummy: random weights at the config's shapes"
     )
+    quantization: str = Field(
+        "auto",
+        description="matmul weights: auto (a GGUF's quantized tensors kept where the device has "
+        "kernels for them), none, gguf, int8, int4 (optionally -g32/-g64/-g128)",
+    )
     served_model_name: str | None = Field(
         None, description="the model id clients send and /v1/models lists (default: its name)"
     )
@@ -78,6 +83,13 @@ class ServeSettings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("quantization")
+    @classmethod
+    def _known_quantization(cls, value: str) -> str:
+        from rustinfer.config import parse_quantization
+
+        return str(parse_quantization(value))  # ValueError names the accepted spellings
 
     @field_validator("tool_call_parser")
     @classmethod

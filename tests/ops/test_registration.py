@@ -6,9 +6,11 @@ import inspect
 
 import pytest
 import torch
+from rustinfer_ops_cpu.plugin import QUANTIZED_DTYPES, QUANTIZED_TARGETS
 
 from rustinfer.ops import SPECS
 from rustinfer.plugins import get_registries
+from rustinfer.registry import RegistryError
 
 from .helpers import FLOAT_DTYPES, dtype_id
 
@@ -28,6 +30,11 @@ def test_spec_is_complete(op: str) -> None:
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("op", sorted(SPECS))
 def test_cpu_kernel_registered(op: str, dtype: torch.dtype) -> None:
+    if op in QUANTIZED_TARGETS and dtype not in QUANTIZED_DTYPES:
+        # Quantized weights run in float32/bfloat16 on the CPU; others are refused, loudly.
+        with pytest.raises(RegistryError, match=op):
+            get_registries().ops.lookup(op, "cpu", dtype, overrides={})
+        return
     impl = get_registries().ops.lookup(op, "cpu", dtype, overrides={})
     assert impl.name == "torch" and impl.plugin == "ops_cpu"
     kernel = impl.load()

@@ -158,3 +158,35 @@ def test_a_bad_model_path_exits_nonzero_with_the_reason(tmp_path) -> None:
         server.stop(signal.SIGKILL)
     assert code != 0
     assert "missing" in server.log()
+
+
+def test_a_bad_quantization_is_refused_before_loading(tmp_path) -> None:
+    server = start_server(tmp_path, "--quantization", "int3", wait=False)
+    try:
+        code = server.process.wait(120)
+    finally:
+        server.stop(signal.SIGKILL)
+    assert code != 0
+    assert "unknown quantization" in server.log() and "int4" in server.log()
+
+
+@pytest.mark.parametrize(
+    "args, shown", [((), "float32, quantization gguf"), (("--quantization", "none"), "none")]
+)
+def test_serve_keeps_the_gguf_quantized_unless_asked(tmp_path, args, shown) -> None:
+    """By default the embedded GGUF is served from its quantized tensors; --quantization none
+    serves float weights; both answer, and the ready line says which."""
+    server = start_server(tmp_path, *args)
+    try:
+        body = {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        }
+        with server.client() as c:
+            reply = c.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+        assert f"{shown})" in server.log()
+    finally:
+        server.stop()

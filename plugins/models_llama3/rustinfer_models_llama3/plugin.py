@@ -11,4 +11,7 @@ LLAMA = "rustinfer_models_llama3.model:LlamaForCausalLM"
 @hookimpl
 def rustinfer_register_models(register: RegisterModel) -> None:
     register("LlamaForCausalLM", LLAMA)  # HF config.json architectures[0]
-    register("llama", LLAMA)  # GGUF general.architecture
+    register("llama", LLAMA)  # GGUF general.architecture (llama.cpp converts Mistral to it too)
+    # Mistral (7B v0.2+, Nemo and the like) is Llama's tensors and math; an active sliding window
+    # is refused at build. gguf's "mistral3" is another family (MoE tensors), not registered here.
+    register("MistralForCausalLM", LLAMA)

@@ -30,12 +30,22 @@ TARGETS = {
     "attention_prefill": "rustinfer_ops_cpu.attention:attention_prefill",
     "attention_decode": "rustinfer_ops_cpu.attention:attention_decode",
 }
+# Quantized weights run through torch's packed int4 kernel in bf16 (quant.py says why and what it
+# measured); it serves float32 activations too, rounded to bf16 as the spec allows. float16 and
+# float64 have no fast kernel and are refused at load with the registry's error.
+QUANTIZED_TARGETS = {
+    "quantized_linear": "rustinfer_ops_cpu.quant:quantized_linear",
+    "prepare_quantized_weight": "rustinfer_ops_cpu.quant:prepare_quantized_weight",
+}
+QUANTIZED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @hookimpl
 def rustinfer_register_ops(register: RegisterOp) -> None:
     for op, target in TARGETS.items():
         register(op, IMPL_NAME, target, device="cpu", dtypes=DTYPES)
+    for op, target in QUANTIZED_TARGETS.items():
+        register(op, IMPL_NAME, target, device="cpu", dtypes=QUANTIZED_DTYPES)
 
 
 @hookimpl

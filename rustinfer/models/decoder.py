@@ -1,0 +1,291 @@
+"""A dense decoder-only transformer over a paged KV cache: the forward Llama-like families share.
+
+GQA attention with rope (optionally Llama 3 scaled), a SwiGLU MLP and RMSNorm, with the optional
+parts a family switches on through its :class:`DecoderLayout`: q/k/v and output biases (Qwen2,
+Llama with ``attention_bias``), MLP biases, and a per-head RMSNorm of q and k before rope (Qwen3).
+A model plugin subclasses :class:`DenseDecoderForCausalLM`, says its layout in
+``decoder_layout`` (refusing configs it cannot run there) and registers its architecture names.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Iterable
+
+import torch
+
+from rustinfer.config import ModelConfig
+from rustinfer.errors import ModelLoadError
+from rustinfer.models.base import AttentionMetadata, KVCaches, Model
+from rustinfer.models.decoder_weights import (
+    IGNORED,
+    DecoderLayout,
+    decoder_weight_shapes,
+    slot_for,
+    to_hf_name,
+)
+from rustinfer.models.op_table import OpTable
+from rustinfer.models.quantized_params import QuantizedPacker
+from rustinfer.ops import build_cos_sin_cache
+
+__all__ = ["DecoderLayout", "DenseDecoderForCausalLM", "sliding_window_refusal"]
+
+logger = logging.getLogger(__name__)
+
+# Per-layer tensors the forward reads; the optional ones are None when the layout lacks them.
+_LAYER_KEYS = (
+    "qkv_weight",
+    "qkv_bias",
+    "q_norm",
+    "k_norm",
+    "o_weight",
+    "o_bias",
+    "gate_up_weight",
+    "gate_up_bias",
+    "down_weight",
+    "down_bias",
+    "input_norm",
+    "post_attn_norm",
+)
+
+
+def sliding_window_refusal(config: ModelConfig) -> str | None:
+    """Why ``config`` needs sliding-window attention (which this forward lacks), or None.
+
+    HF semantics: Mistral slides whenever ``sliding_window`` is set; Qwen2/Qwen3 only with
+    ``use_sliding_window`` true, and then only layers from ``max_window_layers`` on. A window that
+    covers ``max_position_embeddings`` never cuts anything off, so it is plain causal attention.
+    """
+    extra = config.extra
+    window = extra.get("sliding_window")
+    use = extra.get("use_sliding_window")
+    if window is None or use is False:
+        return None
+    if int(window) >= config.max_position_embeddings:
+        return None
+    first_sliding = extra.get("max_window_layers")
+    if use is True and first_sliding is not None and first_sliding >= config.num_hidden_layers:
+        return None
+    setting = f"sliding_window={window}"
+    if use is True:
+        setting = f"use_sliding_window=true with {setting}"
+    return (
+        f"{config.architecture} config sets {setting}, smaller than "
+        f"max_position_embeddings={config.max_position_embeddings}: sliding-window attention is "
+        "not supported yet (a checkpoint with sliding_window null, or use_sliding_window false, "
+        "loads)"
+    )
+
+
+class DenseDecoderForCausalLM(Model):
+    """GQA attention, rope, SwiGLU MLP, RMSNorm, optionally tied embeddings.
+
+    Parameters are packed: per layer one QKV matrix ``[(Hq + 2 Hkv) * D, H]`` and one gate/up matrix
+    ``[2 I, H]``, so each layer runs 4 matmuls.
+    """
+
+    ops_used = (
+        "embedding",
+        "rmsnorm",
+        "fused_add_rmsnorm",
+        "linear",
+        "prepare_linear_weight",
+        "rope_kv_store",
+        "attention_decode",
+        "attention_prefill",
+        "silu_and_mul",
+        "logits",
+    )
+
+    @classmethod
+    @abc.abstractmethod
+    def decoder_layout(cls, config: ModelConfig) -> DecoderLayout:
+        """The optional tensors this family has under ``config``; raise ModelLoadError for a
+        config the forward cannot run (it is called before any weight is read)."""
+
+    def __init__(self, config: ModelConfig, ops: OpTable, dtype: torch.dtype) -> None:
+        super().__init__(config, ops, dtype)
+        refusal = sliding_window_refusal(config)
+        if refusal is not None:
+            raise ModelLoadError(refusal)
+        self.layout = type(self).decoder_layout(config)
+        c, layout = config, self.layout
+        h, d = c.hidden_size, c.head_dim
+        self.q_size = c.num_attention_heads * d
+        self.kv_size = c.num_key_value_heads * d
+        self.scale = d**-0.5
+
+        def empty(*shape: int) -> torch.nn.Parameter:
+            return torch.nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.embed_tokens = empty(c.vocab_size, h)
+        for i in range(c.num_hidden_layers):
+            p = f"layers.{i}."
+            params = {
+                "qkv_weight": empty(self.q_size + 2 * self.kv_size, h),
+                "o_weight": empty(h, self.q_size),
+                "gate_up_weight": empty(2 * c.intermediate_size, h),
+                "down_weight": empty(h, c.intermediate_size),
+                "input_norm": empty(h),
+                "post_attn_norm": empty(h),
+            }
+            if layout.qkv_bias:
+                params["qkv_bias"] = empty(self.q_size + 2 * self.kv_size)
+            if layout.o_bias:
+                params["o_bias"] = empty(h)
+            if layout.qk_norm:
+                params["q_norm"] = empty(d)  # one scale per head dimension, shared by all heads
+                params["k_norm"] = empty(d)
+            if layout.mlp_bias:
+                params["gate_up_bias"] = empty(2 * c.intermediate_size)
+                params["down_bias"] = empty(h)
+            for name, param in params.items():
+                self.register_parameter((p + name).replace(".", "_"), param)
+        self.norm = empty(h)
+        self.lm_head = self.embed_tokens if c.tie_word_embeddings else empty(c.vocab_size, h)
+        # float32 for every half/single dtype (the rope op rotates in fp32, see its spec); float64
+        # models keep float64 angles so they stay an exact oracle.
+        cache_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        cos_sin = build_cos_sin_cache(
+            d, c.max_position_embeddings, c.rope_theta, c.rope_scaling, dtype=cache_dtype
+        )
+        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
+        self._layers: list[dict[str, torch.Tensor | None]] = []
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    @classmethod
+    def weight_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        return decoder_weight_shapes(config, cls.decoder_layout(config))
+
+    def _param(self, packed_name: str) -> torch.nn.Parameter | None:
+        param = getattr(self, packed_name.replace(".", "_"), None)
+        return param if isinstance(param, torch.nn.Parameter) else None
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        expected = set(self.weight_shapes(self.config))
+        seen: set[str] = set()
+        packer = QuantizedPacker(self)
+        for name, tensor in weights:
+            hf_name = to_hf_name(name)
+            if IGNORED.search(name):
+                continue
+            if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
+                # Some tied checkpoints also store a copy of the embedding; the model reads one.
+                continue
+            slot = slot_for(hf_name, self.config)
+            param = None if slot is None else self._param(slot.param)
+            if slot is None or param is None:
+                raise ModelLoadError(
+                    f"checkpoint tensor {name!r} has no place in {self.config.architecture} "
+                    f"(num_hidden_layers={self.config.num_hidden_layers}, {self.layout}); "
+                    "is the config right?"
+                )
+            target = (
+                param if slot.rows is None else param[slot.row_start : slot.row_start + slot.rows]
+            )
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ModelLoadError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the config implies "
+                    f"{tuple(target.shape)}"
+                )
+            if not packer.take(slot.param, slot.row_start, tensor):  # quantized: stacked below
+                target.copy_(tensor)
+            seen.add(hf_name)
+        missing = sorted(expected - seen)
+        if missing:
+            shown = ", ".join(missing[:5]) + (
+                f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            )
+            raise ModelLoadError(f"checkpoint lacks tensors: {shown}")
+        packer.install(getattr(self.ops, "prepare_quantized_weight", None))
+        self._prepare_linear_weights()
+        self._bind_layers()
+
+    def _prepare_linear_weights(self) -> None:
+        """Give every matmul weight the layout this device's ``linear`` reads fastest (once, here).
+
+        A tied ``lm_head`` is the embedding table itself, so the embedding reads the same tensor.
+        """
+        for name, param in self.named_parameters():
+            if param.dim() == 2 and not (
+                name == "embed_tokens" and not self.config.tie_word_embeddings
+            ):
+                param.data = self.ops.prepare_linear_weight(param.data)
+
+    def _bind_layers(self) -> None:
+        """Per-layer tensor lookups done once, so the forward loop does no string work."""
+        self._layers = [
+            {key: getattr(self, f"layers_{i}_{key}", None) for key in _LAYER_KEYS}
+            for i in range(self.config.num_hidden_layers)
+        ]
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to(device) replaces parameter tensors: re-bind the per-layer lookups afterwards.
+        out = super()._apply(fn, recurse)
+        if self._layers:
+            self._bind_layers()
+        return out
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: KVCaches,
+        attn: AttentionMetadata,
+    ) -> torch.Tensor:
+        ops, c = self.ops, self.config
+        eps = c.rms_norm_eps
+        n_tokens = input_ids.shape[0]
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        hidden = ops.embedding(input_ids, self.embed_tokens)  # [T, H]
+        residual: torch.Tensor | None = None
+        for layer, (k_cache, v_cache) in zip(self._layers, kv_caches, strict=True):
+            if residual is None:
+                residual = hidden
+                x = ops.rmsnorm(hidden, layer["input_norm"], eps)
+            else:
+                x, residual = ops.fused_add_rmsnorm(hidden, residual, layer["input_norm"], eps)
+            qkv = ops.linear(x, layer["qkv_weight"], layer["qkv_bias"])  # [T, (Hq + 2 Hkv) * D]
+            q = qkv[:, : self.q_size].view(n_tokens, hq, d)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n_tokens, hkv, d)
+            v = qkv[:, self.q_size + self.kv_size :].view(n_tokens, hkv, d)
+            if layer["q_norm"] is not None:
+                # Each head's vector is normalised on its own: rows of [T * heads, D].
+                q = ops.rmsnorm(q.reshape(n_tokens * hq, d), layer["q_norm"], eps)
+                k = ops.rmsnorm(k.reshape(n_tokens * hkv, d), layer["k_norm"], eps)
+                q, k = q.view(n_tokens, hq, d), k.view(n_tokens, hkv, d)
+            q = ops.rope_kv_store(
+                q, k, v, positions, self.cos_sin_cache, k_cache, v_cache, attn.slot_mapping
+            )
+            if attn.is_decode:
+                o = ops.attention_decode(
+                    q, k_cache, v_cache, attn.block_tables, attn.seq_lens, self.scale
+                )
+            else:
+                o = ops.attention_prefill(
+                    q,
+                    k_cache,
+                    v_cache,
+                    attn.block_tables,
+                    attn.cu_seqlens_q,
+                    attn.seq_lens,
+                    attn.max_query_len,
+                    self.scale,
+                )
+            hidden = ops.linear(o.reshape(n_tokens, hq * d), layer["o_weight"], layer["o_bias"])
+            x, residual = ops.fused_add_rmsnorm(hidden, residual, layer["post_attn_norm"], eps)
+            gate_up = ops.linear(x, layer["gate_up_weight"], layer["gate_up_bias"])
+            hidden = ops.linear(ops.silu_and_mul(gate_up), layer["down_weight"], layer["down_bias"])
+        assert residual is not None, "a model has at least one layer"
+        out, _ = ops.fused_add_rmsnorm(hidden, residual, self.norm, eps)
+        return out
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # float32 out (samplers work in it; float64 models keep float64, the exact oracle).
+        return self.ops.logits(hidden, self.lm_head)
