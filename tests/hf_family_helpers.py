@@ -144,3 +144,34 @@ def gguf_tokenizer_fields(hf_tokenizer: Any, specials: list[str]) -> dict[str, A
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to(torch.float32).contiguous().numpy()
+
+
+def check_float32_against_hf(path: Path, hf: torch.nn.Module, prompt: list[int]) -> Any:
+    """HF's float32 logits equal the float64 reference's (the two oracles agree), and ours equal
+    them through a prefill and through decode over a shuffled paged cache. Returns our model."""
+    from model_helpers import incremental_logits, prefill_logits
+
+    from rustinfer.runtime.loading import load_model
+
+    expected = hf_logits(hf, prompt)
+    torch.testing.assert_close(expected, reference_for(path, hf).logits(prompt), **FLOAT32_TOL)
+    ours = load_model(str(path), device="cpu", dtype=torch.float32)
+    torch.testing.assert_close(prefill_logits(ours.model, prompt).double(), expected, **FLOAT32_TOL)
+    torch.testing.assert_close(
+        incremental_logits(ours.model, prompt, prefill_len=1).double(), expected, **FLOAT32_TOL
+    )
+    return ours
+
+
+def check_float64_against_reference(path: Path, hf: torch.nn.Module, prompt: list[int]) -> None:
+    """Our float64 model equals the float64 reference, prefilled and decoded."""
+    from model_helpers import incremental_logits, prefill_logits
+
+    from rustinfer.runtime.loading import load_model
+
+    ours = load_model(str(path), device="cpu", dtype=torch.float64)
+    ref = reference_for(path, hf).logits(prompt)
+    torch.testing.assert_close(prefill_logits(ours.model, prompt).double(), ref, **FLOAT64_TOL)
+    torch.testing.assert_close(
+        incremental_logits(ours.model, prompt, prefill_len=7).double(), ref, **FLOAT64_TOL
+    )

@@ -5,21 +5,18 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-import torch
 from hf_family_helpers import (
-    FLOAT32_TOL,
-    FLOAT64_TOL,
     PROMPT,
     PROMPTS,
     build_hf,
+    check_float32_against_hf,
+    check_float64_against_reference,
     hf_greedy,
-    hf_logits,
     llm_greedy,
     reference_for,
     save_hf,
 )
 from loader_helpers import TINY_LLAMA, write_gguf
-from model_helpers import incremental_logits, prefill_logits
 
 from rustinfer.errors import ModelLoadError
 from rustinfer.llm import LLM
@@ -57,24 +54,13 @@ def checkpoint(request, tmp_path_factory):
 
 def test_float32_logits_match_hf_transformers_and_reference(checkpoint):
     hf, path = checkpoint
-    expected = hf_logits(hf, PROMPT)
-    torch.testing.assert_close(expected, reference_for(path, hf).logits(PROMPT), **FLOAT32_TOL)
-    ours = load_model(str(path), device="cpu", dtype=torch.float32)
+    ours = check_float32_against_hf(path, hf, PROMPT)
     assert ours.config.architecture == "MistralForCausalLM"
-    torch.testing.assert_close(prefill_logits(ours.model, PROMPT).double(), expected, **FLOAT32_TOL)
-    torch.testing.assert_close(
-        incremental_logits(ours.model, PROMPT, prefill_len=1).double(), expected, **FLOAT32_TOL
-    )
 
 
 def test_float64_model_matches_reference(checkpoint):
     hf, path = checkpoint
-    ours = load_model(str(path), device="cpu", dtype=torch.float64)
-    ref = reference_for(path, hf).logits(PROMPT)
-    torch.testing.assert_close(prefill_logits(ours.model, PROMPT).double(), ref, **FLOAT64_TOL)
-    torch.testing.assert_close(
-        incremental_logits(ours.model, PROMPT, prefill_len=7).double(), ref, **FLOAT64_TOL
-    )
+    check_float64_against_reference(path, hf, PROMPT)
 
 
 def test_greedy_generation_matches_hf_generate(checkpoint):

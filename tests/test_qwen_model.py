@@ -12,11 +12,12 @@ import pytest
 import torch
 from hf_family_helpers import (
     FLOAT32_TOL,
-    FLOAT64_TOL,
     PROMPT,
     PROMPTS,
     as_numpy,
     build_hf,
+    check_float32_against_hf,
+    check_float64_against_reference,
     gguf_tokenizer_fields,
     hf_greedy,
     hf_logits,
@@ -26,7 +27,7 @@ from hf_family_helpers import (
     save_hf,
 )
 from loader_helpers import TINY_SPECIALS, tiny_trained_tokenizer, write_gguf
-from model_helpers import incremental_logits, prefill_logits
+from model_helpers import prefill_logits
 
 from rustinfer.errors import ModelLoadError
 from rustinfer.llm import LLM
@@ -94,26 +95,13 @@ def checkpoint(request, tmp_path_factory):
 
 def test_float32_logits_match_hf_transformers_and_reference(checkpoint):
     hf, path = checkpoint
-    expected = hf_logits(hf, PROMPT)
-    # The two oracles agree: the float64 reference covers biases and q/k norms as HF runs them.
-    torch.testing.assert_close(expected, reference_for(path, hf).logits(PROMPT), **FLOAT32_TOL)
-    ours = load_model(str(path), device="cpu", dtype=torch.float32)
+    ours = check_float32_against_hf(path, hf, PROMPT)
     assert type(ours.model).__name__ == hf.config.architectures[0]
-    torch.testing.assert_close(prefill_logits(ours.model, PROMPT).double(), expected, **FLOAT32_TOL)
-    # Decode over a shuffled paged cache of odd-sized blocks gives the same logits.
-    torch.testing.assert_close(
-        incremental_logits(ours.model, PROMPT, prefill_len=1).double(), expected, **FLOAT32_TOL
-    )
 
 
 def test_float64_model_matches_reference(checkpoint):
     hf, path = checkpoint
-    ours = load_model(str(path), device="cpu", dtype=torch.float64)
-    ref = reference_for(path, hf).logits(PROMPT)
-    torch.testing.assert_close(prefill_logits(ours.model, PROMPT).double(), ref, **FLOAT64_TOL)
-    torch.testing.assert_close(
-        incremental_logits(ours.model, PROMPT, prefill_len=7).double(), ref, **FLOAT64_TOL
-    )
+    check_float64_against_reference(path, hf, PROMPT)
 
 
 def test_greedy_generation_matches_hf_generate(checkpoint):
