@@ -74,6 +74,8 @@ if stage ready; then
   script load_ready bench/load_ready.py --config "$MODEL"
   script load_ready_warm bench/load_ready.py --config "$MODEL"
   script kernels_bprefill bench/kernel_profile.py --model "$MODEL" --prefill 2048 --steps 5 --host
+  [ -f "$RAW/prefill_2048.json" ] || run prefill_2048 bench latency "${common[@]}" \
+    --input-len 2048 --output-len 2 --iters 5
 fi
 # engine: the rest of rustinfer's figures.
 if stage engine; then

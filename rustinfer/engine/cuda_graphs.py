@@ -136,8 +136,18 @@ class DecodeGraphs:
                 # One eager run first: Triton compiles (and autotunes) outside the capture.
                 self._forward(size)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                # capture_begin/end rather than ``torch.cuda.graph``: that context also empties
+                # torch's device and pinned-host caches before every capture, so each of the
+                # ladder's graphs paid cudaFree/cudaFreeHost and the next eager run paid the
+                # cudaMalloc back. The side stream is already current here.
+                if self._pool is None:
+                    graph.capture_begin()
+                else:
+                    graph.capture_begin(pool=self._pool)
+                try:
                     logits = self._forward(size)
+                finally:
+                    graph.capture_end()
                 if self._pool is None:
                     self._pool = graph.pool()
                 self._graphs[size] = _Graph(graph, logits)

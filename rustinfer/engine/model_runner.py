@@ -8,6 +8,7 @@ model, and returns logits only for sequences that sample this step.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rustinfer.engine.host_copy import copy_rows, upload
+from rustinfer.engine.host_copy import copy_rows, upload_packed
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ class StepInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     attn: AttentionMetadata
-    cu_seqlens_q: list[int]  # host copy of attn.cu_seqlens_q: picks logits rows without a sync
+    cu_seqlens_q: list[int]  # host copy of attn.cu_seqlens_q
+    # The last new token's row of each sequence that samples this step, in order, on the device.
+    logit_rows: torch.Tensor
 
 
 def allocate_kv_caches(
@@ -175,45 +178,56 @@ class ModelRunner:
         logger.info("warmed the runner's step shapes in %.3f s", time.perf_counter() - started)
 
     def prepare(self, seqs: Sequence[ScheduledSequence]) -> StepInputs:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        cu_q = [0]
-        width = max(len(s.block_table) for s in seqs)
-        if self.decode_table_width is not None and all(len(s.token_ids) == 1 for s in seqs):
+        """The step's flat inputs, built with array ops (a 2,048-token prompt is a few numpy
+        calls, not a Python loop per token) and uploaded as two packed copies (int64, int32)."""
+        bs, n = self.block_size, len(seqs)
+        lens_q = np.fromiter((len(s.token_ids) for s in seqs), np.int64, n)
+        starts = np.fromiter((s.start_pos for s in seqs), np.int64, n)
+        covered = np.fromiter((len(s.block_table) for s in seqs), np.int64, n) * bs
+        ends = starts + lens_q
+        bad = np.flatnonzero((lens_q == 0) | (covered < ends))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"scheduled sequence needs {int(ends[i])} slots but its block table covers "
+                f"{int(covered[i])} (and at least one token per step)"
+            )
+        width = int(covered.max()) // bs
+        if self.decode_table_width is not None and bool((lens_q == 1).all()):
             width = max(width, self.decode_table_width)
         # Padding entries are never read: attention stops at each sequence's seq_len.
-        tables = np.zeros((len(seqs), width), dtype=np.int32)
+        tables = np.zeros((n, width), dtype=np.int32)
         for row, s in enumerate(seqs):
-            n = len(s.token_ids)
-            end = s.start_pos + n
-            if n == 0 or len(s.block_table) * bs < end:
-                raise ValueError(
-                    f"scheduled sequence needs {end} slots but its block table covers "
-                    f"{len(s.block_table) * bs} (and at least one token per step)"
-                )
-            ids.extend(s.token_ids)
-            for pos in range(s.start_pos, end):
-                positions.append(pos)
-                slots.append(s.block_table[pos // bs] * bs + pos % bs)
-            seq_lens.append(end)
-            cu_q.append(cu_q[-1] + n)
             tables[row, : len(s.block_table)] = s.block_table
+        cu_q = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens_q, out=cu_q[1:])
+        total = int(cu_q[-1])
+        row_of = np.repeat(np.arange(n), lens_q)  # [T] the sequence of each token
+        positions = np.arange(total, dtype=np.int64) + np.repeat(starts - cu_q[:-1], lens_q)
+        slots = tables[row_of, positions // bs].astype(np.int64) * bs + positions % bs
+        ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs), np.int64, total)
         dev = self.device
+        samples = np.fromiter((s.needs_logits for s in seqs), bool, n)
+        logit_rows = cu_q[1:][samples] - 1
+        ids_d, pos_d, slots_d, rows_d = upload_packed(
+            [ids, positions, slots, logit_rows], torch.int64, dev
+        )
+        lens_d, cu_d, tables_d = upload_packed(
+            [ends.astype(np.int32), cu_q.astype(np.int32), tables.reshape(-1)], torch.int32, dev
+        )
         attn = AttentionMetadata(
-            slot_mapping=upload(slots, torch.int64, dev),
-            block_tables=upload(tables, torch.int32, dev),
-            seq_lens=upload(seq_lens, torch.int32, dev),
-            cu_seqlens_q=upload(cu_q, torch.int32, dev),
-            max_query_len=max(len(s.token_ids) for s in seqs),
+            slot_mapping=slots_d,
+            block_tables=tables_d.view(n, width),
+            seq_lens=lens_d,
+            cu_seqlens_q=cu_d,
+            max_query_len=int(lens_q.max()),
         )
         return StepInputs(
-            input_ids=upload(ids, torch.int64, dev),
-            positions=upload(positions, torch.int64, dev),
+            input_ids=ids_d,
+            positions=pos_d,
             attn=attn,
-            cu_seqlens_q=cu_q,
+            cu_seqlens_q=cu_q.tolist(),
+            logit_rows=rows_d,
         )
 
     @torch.inference_mode()
@@ -252,11 +266,6 @@ class ModelRunner:
             rows = [step.cu_seqlens_q[i] for i, _ in pending]
             copy_rows(step.input_ids, rows, prev_token_ids, [r for _, r in pending])
         hidden = self.model(step.input_ids, step.positions, self.kv_caches, step.attn)  # [T, H]
-        # The last new token of each sequence that samples: row cu_q[i + 1] - 1 (host-side list,
-        # so no device sync here).
-        ends = step.cu_seqlens_q[1:]
-        last_rows = [end - 1 for s, end in zip(seqs, ends, strict=True) if s.needs_logits]
-        if not last_rows:
+        if step.logit_rows.numel() == 0:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        index = upload(last_rows, torch.int64, self.device)
-        return self.model.compute_logits(hidden.index_select(0, index))
+        return self.model.compute_logits(hidden.index_select(0, step.logit_rows))
