@@ -3,9 +3,11 @@ and aborts, over the same ``ServerState`` (and engine) as REST.
 
 A call's life mirrors REST's: checked (key, readiness, model, fields), tokenized off the loop,
 turned into ``SamplingParams`` (which validate), submitted (the engine refuses before any work),
-then streamed. Refusals are statuses whose message names the field; the field's path in this
-service's messages (``sampling.temperature``, ``token_ids``) and the error's stable code ride in
-the trailing metadata. A call that ends early, by cancel or deadline (grpc.aio cancels the
+then streamed. Tools, tool choice and past calls go through the same shared code as REST's
+(``native_tools``), and so do structured outputs (``native_params``). Refusals are statuses
+whose message names the field; the field's path in this service's messages
+(``sampling.temperature``, ``tools[0].parameters``) and the error's stable code ride in the
+trailing metadata. A call that ends early, by cancel or deadline (grpc.aio cancels the
 handler's task), aborts its request in the engine at the next step.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 import uuid
@@ -25,7 +26,6 @@ import grpc
 from rustinfer.engine.async_engine import AsyncEngine, RequestStream
 from rustinfer.engine.outputs import RequestOutput, RequestTimings, TokenLogprob
 from rustinfer.engine.sampling_params import SamplingParams
-from rustinfer.engine.structured import StructuredOutput
 from rustinfer.errors import (
     ChatTemplateError,
     DuplicateRequestError,
@@ -35,15 +35,18 @@ from rustinfer.errors import (
 from rustinfer.server.grpc.auth import ERROR_CODE_KEY
 from rustinfer.server.grpc.generated.rustinfer.v1 import inference_pb2 as pb
 from rustinfer.server.grpc.generated.rustinfer.v1 import inference_pb2_grpc as pb_grpc
+from rustinfer.server.grpc.native_params import sampling_params_of
+from rustinfer.server.grpc.native_tools import (
+    CallReaders,
+    chat_messages,
+    request_tools,
+    wire_path,
+)
 from rustinfer.server.grpc.status import status_of
 from rustinfer.server.openai.serving import Serving
-from rustinfer.server.requests_common import (
-    build_sampling_params,
-    chat_message,
-    check_model,
-    check_token_ids,
-)
+from rustinfer.server.requests_common import check_model, check_token_ids
 from rustinfer.server.state import ServerState
+from rustinfer.tool_calls import RequestTools
 
 __all__ = ["InferenceServicer", "add_native_service", "sampling_params_of"]
 
@@ -53,62 +56,8 @@ logger = logging.getLogger(__name__)
 ERROR_FIELD_KEY = "rustinfer-error-field"
 _MODEL_HINT = " (see GetModelInfo)"
 
-# SamplingParams fields the message carries as proto3 `optional` scalars (n and max_tokens, whose
-# unset values differ from the engine's defaults, are read apart).
-_OPTIONAL_SCALARS = (
-    "min_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "ignore_eos",
-    "logprobs",
-    "skip_special_tokens",
-    "include_stop_str_in_output",
-)
+# The engine's errors name its parameters bare; on this wire they sit under `sampling.`.
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-
-
-def sampling_params_of(msg: pb.SamplingParams) -> SamplingParams:
-    """Engine parameters from the wire: unset fields take the engine's defaults, except an unset
-    ``max_tokens``, which (as in REST) means up to the context limit."""
-    fields: dict[str, Any] = {
-        name: getattr(msg, name) if msg.HasField(name) else None for name in _OPTIONAL_SCALARS
-    }
-    fields["stop"] = list(msg.stop) or None
-    fields["stop_token_ids"] = list(msg.stop_token_ids) or None
-    fields["logit_bias"] = dict(msg.logit_bias) or None
-    fields["structured"] = _structured_of(msg)
-    n = msg.n if msg.HasField("n") else 1
-    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else None
-    return build_sampling_params(n, max_tokens, fields)
-
-
-def _structured_of(msg: pb.SamplingParams) -> StructuredOutput | None:
-    if not msg.HasField("structured"):
-        return None
-    so = msg.structured
-    kind = so.WhichOneof("kind")
-    field = f"sampling.structured.{kind}"
-    if kind == "json_schema":
-        try:
-            schema = json.loads(so.json_schema)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(field, f"not JSON: {exc}") from exc
-        return StructuredOutput.json_schema(schema, field)
-    if kind == "json_object":
-        return StructuredOutput("json_object", "", field)
-    if kind == "regex":
-        return StructuredOutput("regex", so.regex, field)
-    if kind == "choice":
-        return StructuredOutput.choice(list(so.choice.choices), field)
-    if kind == "grammar":
-        return StructuredOutput("grammar", so.grammar, field)
-    raise InvalidRequestError("sampling.structured", "set one of its kinds")
 
 
 def _wire_field(field: str | None, prompt_field: str | None) -> str | None:
@@ -119,7 +68,7 @@ def _wire_field(field: str | None, prompt_field: str | None) -> str | None:
         return f"sampling.{field}"
     if field in ("prompt", "messages"):  # the engine's names for whichever input was given
         return prompt_field or field
-    return field
+    return wire_path(field) if field is not None else None
 
 
 T = TypeVar("T")
@@ -136,7 +85,11 @@ async def _guarded(
         raise  # the call was ended on purpose already
     except RequestError as exc:
         field = _wire_field(exc.field, prompt_field)
-        await _abort(context, status_of(exc), str(exc), exc.code, field)
+        message = str(exc)
+        if exc.field and wire_path(exc.field) != exc.field:
+            # A tool's part, named by the shared readers' OpenAI path: named as this wire does.
+            message = message.replace(repr(exc.field), repr(field), 1)
+        await _abort(context, status_of(exc), message, exc.code, field)
     except ChatTemplateError as exc:
         code = grpc.StatusCode.INVALID_ARGUMENT
         await _abort(context, code, str(exc), "chat_template_error", "chat")
@@ -243,24 +196,32 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return serving
 
     @staticmethod
+    def _tools(
+        serving: Serving, request: pb.GenerateRequest | pb.TokenizeRequest
+    ) -> RequestTools | None:
+        """The request's tools, checked before any work (None: it has none)."""
+        tok = serving.engine.tokenizer
+        template = tok.chat_template if tok is not None else None
+        return request_tools(request, template, serving.tool_call_parser)
+
+    @staticmethod
     async def _prompt_ids(
-        engine: AsyncEngine, request: Any, which: str | None, inputs: str
+        engine: AsyncEngine,
+        request: Any,
+        which: str | None,
+        inputs: str,
+        tools: RequestTools | None = None,
     ) -> list[int]:
         """Token ids of a request's input (``which``: its oneof case; ``inputs``: the cases it
-        has, for the message when none is set)."""
+        has, for the message when none is set; ``tools``: what a chat prompt offers)."""
         if which == "token_ids":
             return check_token_ids(request.token_ids.ids, engine.vocab_size, "token_ids")
         if which == "chat":
-            messages = []
-            for i, m in enumerate(request.chat.messages):
-                if not m.role:
-                    raise InvalidRequestError(f"chat.messages[{i}].role", "give the role")
-                name = m.name if m.HasField("name") else None
-                messages.append(chat_message(m.role, m.content, name))
-            if not messages:
-                raise InvalidRequestError("chat.messages", "no messages: give at least one")
+            messages, template_vars = chat_messages(request.chat), {}
+            if tools is not None:
+                messages, template_vars = tools.prompt(messages)
             # Rendering and encoding a long history takes milliseconds: keep it off the loop.
-            return await asyncio.to_thread(engine.render_chat, messages)
+            return await asyncio.to_thread(engine.render_chat, messages, **template_vars)
         if which == "text":
             tok = engine.tokenizer
             if tok is None:
@@ -274,10 +235,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, arrival: float
     ) -> None:
-        engine = (await self._serving(context, request.model)).engine
+        serving = await self._serving(context, request.model)
+        engine = serving.engine
         params = sampling_params_of(request.sampling)
+        tools = self._tools(serving, request)
+        if tools is not None:
+            tools.constrain(params)  # a forced call is the request's output constraint
         which = request.WhichOneof("input")
-        ids = await self._prompt_ids(engine, request, which, "'text', 'token_ids' or 'chat'")
+        inputs = "'text', 'token_ids' or 'chat'"
+        ids = await self._prompt_ids(engine, request, which, inputs, tools)
         rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
         if rid in self._live:
             raise DuplicateRequestError(
@@ -288,7 +254,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         stream = await self._submit(engine, ids, params, rid, arrival)
         self._live[rid] = stream
         try:
-            await self._stream(context, rid, stream, len(ids))
+            readers = CallReaders(tools, params.n)
+            await self._stream(context, rid, stream, len(ids), readers)
         finally:
             # Cancelled (client gone, deadline) or failed: abort in the engine at once.
             if self._live.get(rid) is stream:
@@ -315,17 +282,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @staticmethod
     async def _stream(
-        context: grpc.aio.ServicerContext, rid: str, stream: RequestStream, prompt_tokens: int
+        context: grpc.aio.ServicerContext,
+        rid: str,
+        stream: RequestStream,
+        prompt_tokens: int,
+        readers: CallReaders,
     ) -> None:
         finals: dict[int, RequestOutput] = {}
         cached_tokens = 0
         async for out in stream:
-            if out.new_token_ids or out.text_delta or out.logprobs:
+            content, calls = readers.read(out)
+            # A call's last piece may come with the final output, which brings no new token.
+            if out.new_token_ids or out.text_delta or out.logprobs or content or calls:
                 chunk = pb.GenerateChunk(
                     index=out.index,
                     text=out.text_delta,
                     token_ids=out.new_token_ids,
                     logprobs=_logprobs(out.logprobs or []),
+                    content=content,
+                    tool_calls=calls,
                 )
                 await context.write(pb.GenerateResponse(request_id=rid, chunk=chunk))
             if out.index == 0:
@@ -333,6 +308,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if out.finished:
                 finals[out.index] = out
         choices = [_choice_result(finals[k]) for k in sorted(finals)]
+        for choice in choices:
+            readers.complete(choice)
         completion = sum(c.completion_tokens for c in choices)
         usage = pb.Usage(
             prompt_tokens=prompt_tokens,
@@ -348,9 +325,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
-        engine = (await self._serving(context, request.model)).engine
+        serving = await self._serving(context, request.model)
+        tools = self._tools(serving, request)
         which = request.WhichOneof("input")
-        ids = await self._prompt_ids(engine, request, which, "'text' or 'chat'")
+        ids = await self._prompt_ids(serving.engine, request, which, "'text' or 'chat'", tools)
+        engine = serving.engine
         return pb.TokenizeResponse(token_ids=ids, max_model_len=engine.max_model_len)
 
     async def _detokenize(

@@ -3,42 +3,25 @@ call's constraint, and answers in OpenAI's ``tool_calls`` shapes (whole and stre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from rustinfer.engine.sampling_params import SamplingParams
-from rustinfer.errors import InvalidRequestError
 from rustinfer.server.openai.protocol import ChatCompletionRequest, TokenizeRequest
 from rustinfer.tool_calls import (
     ArgumentsDelta,
     CallStart,
     ContentDelta,
-    ForcedCallParser,
-    Tool,
-    ToolChoice,
+    RequestTools,
     ToolParser,
-    chat_prompt,
-    choose_parser,
-    forced_call,
+    finish_reason,
     parse_output,
-    read_tool_choice,
-    read_tools,
-    renders_tools,
 )
 from rustinfer.tool_calls.parsers import ToolEvent
 
 __all__ = ["ChatTools", "assistant_message", "finish_reason", "stream_deltas"]
 
 
-@dataclass
-class ChatTools:
-    """One request's tools (possibly none) and what they change."""
-
-    tools: list[Tool]
-    choice: ToolChoice
-    parser: type[ToolParser]
-    template: str | None
-    parallel: bool = True
+class ChatTools(RequestTools):
+    """One chat request's tools (the checks, prompt, constraint and parsers every face shares)."""
 
     @classmethod
     def from_request(
@@ -48,38 +31,8 @@ class ChatTools:
         configured_parser: str | None,
     ) -> ChatTools:
         """Checked before any work: a bad tool or choice is a 400 naming it."""
-        tools = read_tools(req.tools)
-        choice = read_tool_choice(req.tool_choice, tools)
-        # The template's own format when it renders tools; rustinfer's default when it writes
-        # the tools into the prompt itself.
-        parser = choose_parser(configured_parser, template if renders_tools(template) else None)
         parallel = getattr(req, "parallel_tool_calls", None) is not False
-        return cls(tools, choice, parser, template, parallel)
-
-    def prompt(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Messages and extra template variables for ``engine.render_chat``."""
-        return chat_prompt(messages, self.tools, self.choice, self.parser, self.template)
-
-    def constrain(self, params: SamplingParams) -> None:
-        """A forced call becomes the request's output constraint."""
-        constraint = forced_call(self.tools, self.choice, self.parser.arguments_key)
-        if constraint is None:
-            return
-        if params.structured is not None:
-            raise InvalidRequestError(
-                "tool_choice",
-                f"a forced tool call constrains the output already: drop {params.structured.field}",
-            )
-        params.structured = constraint
-
-    def new_parser(self) -> ToolParser | None:
-        """A parser for one choice's output, or None when the output is plain content."""
-        if not self.tools or self.choice.mode == "none":
-            return None
-        names = [t.name for t in self.tools]
-        if self.choice.forced:
-            return ForcedCallParser(self.parser.arguments_key, names)
-        return self.parser(names, None if self.parallel else 1)
+        return cls.read(req.tools, req.tool_choice, template, configured_parser, parallel)
 
 
 def _call_dicts(parsed_calls: list[Any]) -> list[dict[str, Any]]:
@@ -98,11 +51,6 @@ def assistant_message(text: str, parser: ToolParser | None) -> dict[str, Any]:
     if parsed.calls:
         out["tool_calls"] = _call_dicts(parsed.calls)
     return out
-
-
-def finish_reason(reason: str | None, parser: ToolParser | None) -> str | None:
-    """OpenAI says "tool_calls" when an answer that ended by itself made calls."""
-    return "tool_calls" if reason == "stop" and parser is not None and parser.calls else reason
 
 
 def stream_deltas(parser: ToolParser, text: str, finished: bool) -> list[dict[str, Any]]:

@@ -68,9 +68,10 @@ class InferenceServicer:
     """
 
     def Generate(self, request, context):
-        """Generate from text, token ids or chat messages. The stream holds GenerateChunk messages as
-        tokens are made (the n sequences of the request interleaved, told apart by `index`), then
-        one GenerateComplete. Refusals (bad field, queue full, ...) come before any message.
+        """Generate from text, token ids or chat messages (with tools the model may call). The stream
+        holds GenerateChunk messages as tokens are made (the n sequences of the request interleaved,
+        told apart by `index`), then one GenerateComplete. Refusals (bad field, queue full, ...) come
+        before any message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
