@@ -103,8 +103,12 @@ def write_gguf(
     hp: Mapping[str, int] = TINY_LLAMA,
     extra: Mapping[str, Any] | None = None,
     tokenizer: Mapping[str, Any] | None = None,
+    raw: Mapping[str, tuple[np.ndarray, gguf.GGMLQuantizationType]] | None = None,
 ) -> Path:
-    """Write a GGUF with llama-style hyper-parameters, the given tensors, an optional tokenizer."""
+    """Write a GGUF with llama-style hyper-parameters, the given tensors, an optional tokenizer.
+
+    ``raw`` tensors are given as their stored bytes (uint8 ``[rows, bytes per row]``, e.g. from
+    :func:`random_blocks`): for the types gguf's package cannot quantize (the k-quants)."""
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(hp["layers"])
     writer.add_embedding_length(hp["hidden"])
@@ -138,11 +142,55 @@ def write_gguf(
             writer.add_chat_template(tokenizer["chat_template"])
     for name, (values, kind) in tensors.items():
         writer.add_tensor(name, encode_tensor(values, kind), raw_dtype=kind)
+    for name, (stored, kind) in (raw or {}).items():
+        writer.add_tensor(name, stored, raw_dtype=kind)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# Byte offsets of the fp16 fields (d, and dmin or m) in one block, from llama.cpp's ggml-common.h.
+# Every other byte of a block is codes or small sub-scales: valid whatever its bits.
+_FP16_FIELDS = {
+    gguf.GGMLQuantizationType.Q8_0: (0,),
+    gguf.GGMLQuantizationType.Q4_0: (0,),
+    gguf.GGMLQuantizationType.Q4_1: (0, 2),
+    gguf.GGMLQuantizationType.Q5_0: (0,),
+    gguf.GGMLQuantizationType.Q5_1: (0, 2),
+    gguf.GGMLQuantizationType.Q2_K: (80, 82),
+    gguf.GGMLQuantizationType.Q3_K: (108,),
+    gguf.GGMLQuantizationType.Q4_K: (0, 2),
+    gguf.GGMLQuantizationType.Q5_K: (0, 2),
+    gguf.GGMLQuantizationType.Q6_K: (208,),
+}
+
+
+def random_blocks(
+    kind: gguf.GGMLQuantizationType,
+    rows: int,
+    cols: int,
+    rng: np.random.Generator,
+    fp16_scales: tuple[float, ...] | None = None,
+) -> np.ndarray:
+    """uint8 ``[rows, bytes per row]``: ``kind`` blocks of random bits with finite fp16 fields.
+
+    ``fp16_scales`` None: each fp16 field is any finite half (subnormals and 65504 included);
+    else field i is ``fp16_scales[i]`` times a uniform factor in [0.5, 1.5) (a usable weight).
+    """
+    values, size = gguf.constants.GGML_QUANT_SIZES[kind]
+    assert cols % values == 0, f"{kind.name} rows hold whole {values}-value blocks"
+    stored = rng.integers(0, 256, size=(rows * cols // values, size), dtype=np.uint8)
+    for i, offset in enumerate(_FP16_FIELDS[kind]):
+        if fp16_scales is None:
+            bits = rng.integers(0, 1 << 16, size=len(stored), dtype=np.uint16)
+            bits[(bits & 0x7C00) == 0x7C00] &= 0xBFFF  # an all-ones exponent is inf/NaN
+            halves = bits.view(np.float16)
+        else:
+            halves = (fp16_scales[i] * rng.uniform(0.5, 1.5, len(stored))).astype(np.float16)
+        stored[:, offset : offset + 2] = halves.reshape(-1, 1).view(np.uint8)
+    return stored.reshape(rows, -1)
 
 
 # ---- HF directories ---------------------------------------------------------------------------

@@ -135,13 +135,13 @@ def test_unpermute_inverts_permute_property(heads, half, cols):
 def test_unsupported_type_names_tensor_type_and_supported_types(tmp_path):
     tensors = {
         "output_norm.weight": (_rand((64,)), QT.F32),
-        "blk.0.ffn_up.weight": (_rand((4, 64)), QT.Q5_0),
+        "blk.0.ffn_up.weight": (_rand((4, 64)), QT.MXFP4),
     }
     source = load_model_source(write_gguf(tmp_path / "m.gguf", tensors))
     with pytest.raises(ModelLoadError) as info:
         list(source.weights(torch.float32))
     message = str(info.value)
-    assert "blk.0.ffn_up.weight" in message and "Q5_0" in message
+    assert "blk.0.ffn_up.weight" in message and "MXFP4" in message
     assert all(t in message for t in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"))
 
 

@@ -66,7 +66,8 @@ class GGUFWeights:
         self, dtype: torch.dtype, keep_quantized: bool = False
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Tensors in ``dtype``; with ``keep_quantized``, the projection matrices stored as
-        Q8_0/Q4_0/Q4_1 come as :class:`QuantizedWeight` instead (their blocks copied as is)."""
+        Q8_0/Q4_0/Q4_1 (blocks copied as is) or Q4_K (as int4 with groups of 32, exact) come as
+        :class:`QuantizedWeight` instead. Other types, Q6_K included, are dequantized."""
         for tensor in self._reader.tensors:
             kept = (
                 quantized_tensor(tensor)
