@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from rustinfer.registry import RegisterDevice, RegisterModel, RegisterOp
+    from rustinfer.registry import RegisterDevice, RegisterModel, RegisterOp, RegisterToolParser
 
 PROJECT_NAME = "rustinfer"
 
@@ -52,4 +52,18 @@ def rustinfer_register_devices(register: RegisterDevice) -> None:
     Called once per process. Call ``register(device_type, target)`` where ``device_type`` is a torch
     device type (``"cpu"``, ``"cuda"``) and ``target`` is ``"module:Class"`` of a
     :class:`rustinfer.device.Device` subclass.
+    """
+
+
+@hookspec
+def rustinfer_register_tool_parsers(register: RegisterToolParser) -> None:
+    """Register tool-call output parsers (a model family brings the parser of its format).
+
+    Called once per process. Call ``register(name, target, template_markers=..., priority=...)``:
+    ``name`` is what ``rustinfer serve --tool-call-parser`` accepts, ``target`` is ``"module:Class"``
+    of a :class:`rustinfer.tool_calls.ToolParser` subclass, and ``template_markers`` say how a chat
+    template that renders tools asks for this format: alternatives, each a string the template
+    contains or a tuple of strings it contains all of. With no parser configured, the template
+    selects the matching registration of highest ``priority`` (then the largest matching group,
+    then the first name); with none matching, the core's ``hermes`` parser reads the output.
     """

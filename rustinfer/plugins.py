@@ -14,7 +14,7 @@ import torch
 
 from rustinfer import hookspecs
 from rustinfer.errors import PluginLoadError, RegistryError
-from rustinfer.registry import OpImpl, PluginInfo, Registries, plugin_label
+from rustinfer.registry import OpImpl, PluginInfo, Registries, TemplateMarkers, plugin_label
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +183,26 @@ def collect_registries(pm: pluggy.PluginManager) -> Registries:
 
         return register
 
+    def register_tool_parsers(plugin: str) -> Callable[..., None]:
+        def register(
+            name: str,
+            target: Any,
+            *,
+            template_markers: TemplateMarkers = (),
+            priority: int = 0,
+        ) -> None:
+            regs.tool_parsers.add(
+                name, target, plugin, template_markers=template_markers, priority=priority
+            )
+            infos[plugin].registered.setdefault("tool_parsers", []).append(name)
+
+        return register
+
     hooks = [
         ("rustinfer_register_devices", lambda p: register_named("devices", p)),
         ("rustinfer_register_ops", register_ops),
         ("rustinfer_register_models", lambda p: register_named("models", p)),
+        ("rustinfer_register_tool_parsers", register_tool_parsers),
     ]
     for hook_name, make_register in hooks:
         caller = getattr(pm.hook, hook_name)

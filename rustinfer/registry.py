@@ -1,4 +1,4 @@
-"""Plain registries for ops, models and devices, filled once from the plugin hooks.
+"""Plain registries for ops, models, devices and tool-call parsers, filled once from plugin hooks.
 
 The hot path never touches pluggy: models resolve their ops once, when they are built, through
 :meth:`OpRegistry.lookup`.
@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from rustinfer.errors import RegistryError
 from rustinfer.lazy import resolve
+
+if TYPE_CHECKING:
+    from rustinfer.tool_calls.parser_registry import ToolParserRegistry
 
 OP_OVERRIDE_ENV = "RUSTINFER_OP_IMPL"
 
@@ -41,6 +44,22 @@ class RegisterModel(Protocol):
 
 class RegisterDevice(Protocol):
     def __call__(self, device_type: str, target: str | type) -> None: ...
+
+
+# How a chat template asks for a tool-call format: alternatives, each a string the template
+# contains or a tuple of strings it contains all of.
+TemplateMarkers = Iterable[str | Iterable[str]]
+
+
+class RegisterToolParser(Protocol):
+    def __call__(
+        self,
+        name: str,
+        target: str | type,
+        *,
+        template_markers: TemplateMarkers = (),
+        priority: int = 0,
+    ) -> None: ...
 
 
 @dataclass
@@ -252,14 +271,24 @@ class PluginInfo:
     registered: dict[str, list[str]] = field(default_factory=dict)
 
 
+def _tool_parser_registry() -> ToolParserRegistry:
+    # Imported when registries are built, not with this module: the tool_calls package imports
+    # rustinfer.plugins, which imports this module.
+    from rustinfer.tool_calls.parser_registry import ToolParserRegistry
+
+    return ToolParserRegistry()
+
+
 @dataclass
 class Registries:
     ops: OpRegistry = field(default_factory=OpRegistry)
     models: NamedRegistry = field(default_factory=lambda: NamedRegistry("model architecture"))
     devices: NamedRegistry = field(default_factory=lambda: NamedRegistry("device type"))
+    tool_parsers: ToolParserRegistry = field(default_factory=_tool_parser_registry)
     plugins: list[PluginInfo] = field(default_factory=list)
-    # plugin name -> "plugin 'x' (dist version)", shared by the three registries' messages.
+    # plugin name -> "plugin 'x' (dist version)", shared by the registries' messages.
     labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ops.labels = self.models.labels = self.devices.labels = self.labels
+        self.tool_parsers.labels = self.labels

@@ -48,8 +48,8 @@ def test_misspelled_hook_names_distribution_and_the_hook_meant(tmp_path, monkeyp
     assert str(err.value) == (
         "plugin 'typo_plugin_mod' (typo-plugin 1.0) implements unknown hook "
         "'rustinfer_register_model'; did you mean 'rustinfer_register_models'? the hooks are: "
-        "rustinfer_register_devices, rustinfer_register_models, rustinfer_register_ops "
-        "(rustinfer/hookspecs.py)"
+        "rustinfer_register_devices, rustinfer_register_models, rustinfer_register_ops, "
+        "rustinfer_register_tool_parsers (rustinfer/hookspecs.py)"
     )
 
 

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import pytest
+from rustinfer_models_llama3.tool_parser import Llama3JsonParser
 
 from rustinfer.chat_template import render_chat_template
 from rustinfer.engine.sampling_params import SamplingParams
@@ -24,7 +25,7 @@ from rustinfer.tool_calls import (
     parse_output,
     read_message_tool_calls,
 )
-from rustinfer.tool_calls.parsers import HermesParser, Llama3JsonParser, ParsedOutput, collect
+from rustinfer.tool_calls.parsers import HermesParser, ParsedOutput, collect
 
 # Llama 3.1+: tools as JSON in the first user turn, a call as the whole assistant turn
 # ({"name": ..., "parameters": ...}; one per turn), its result in an "ipython" turn.

@@ -1,5 +1,6 @@
-"""``rustinfer plugins``: what each installed plugin registered, what cannot run here and why, and
-which implementation of each op a model built on this machine would get."""
+"""``rustinfer plugins``: what each installed plugin registered, what cannot run here and why, the
+tool-call parsers and how a chat template selects one, and which implementation of each op a
+model built on this machine would get."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import os
 import sys
 from typing import Any
 
+from rustinfer import __version__
 from rustinfer.device import resolve_device
 from rustinfer.errors import RegistryError
 from rustinfer.loaders import parse_dtype
 from rustinfer.plugins import get_registries
 from rustinfer.registry import OP_OVERRIDE_ENV, Registries
+from rustinfer.tool_calls.parser_registry import CORE_PLUGIN, FALLBACK_TOOL_PARSER
 
 
 def add_parser(sub: Any) -> None:
@@ -53,6 +56,50 @@ def plugin_report(regs: Registries) -> list[dict[str, Any]]:
     return report
 
 
+def tool_parser_report(regs: Registries) -> list[dict[str, Any]]:
+    """Each tool-call parser as a dict: name, the plugin and distribution that registered it,
+    its target, the marker groups by which a chat template selects it, its priority, and whether
+    it is the fallback."""
+    dists = {p.name: (p.distribution, p.version) for p in regs.plugins}
+    dists[CORE_PLUGIN] = ("rustinfer", __version__)
+    report = []
+    for entry in regs.tool_parsers.entries():
+        dist, version = dists.get(entry.plugin, (None, None))
+        report.append(
+            {
+                "name": entry.key,
+                "plugin": entry.plugin,
+                "distribution": dist,
+                "version": version,
+                "target": entry.target_text,
+                "template_markers": [list(group) for group in entry.template_markers],
+                "priority": entry.priority,
+                "fallback": entry.key == FALLBACK_TOOL_PARSER,
+            }
+        )
+    return report
+
+
+def _tool_parser_lines(parsers: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "\ntool-call parsers (chosen by --tool-call-parser, else by the chat template's "
+        f"markers, else {FALLBACK_TOOL_PARSER}):"
+    ]
+    width = max(len(p["name"]) for p in parsers)
+    for parser in parsers:
+        core = parser["plugin"] == CORE_PLUGIN
+        source = "the rustinfer core" if core else f"plugin {parser['plugin']}"
+        if parser["distribution"]:
+            source += f" [{parser['distribution']} {parser['version']}]"
+        # "a | b + c": the template contains a, or both b and c.
+        markers = " | ".join(" + ".join(group) for group in parser["template_markers"])
+        how = "the fallback" if parser["fallback"] else f"template: {markers or '(by name only)'}"
+        if parser["priority"]:
+            how += f", priority {parser['priority']}"
+        lines.append(f"  {parser['name']:<{width}}  {source}; {how}")
+    return lines
+
+
 def op_selection(regs: Registries, device: str, dtype: str) -> dict[str, Any]:
     """The implementation each op resolves to for ``device`` and ``dtype``, honouring
     ``RUSTINFER_OP_IMPL`` exactly as a model build does; an op that cannot resolve carries the
@@ -83,8 +130,13 @@ def op_selection(regs: Registries, device: str, dtype: str) -> dict[str, Any]:
     }
 
 
-def format_text(plugins: list[dict[str, Any]], selection: dict[str, Any]) -> str:
-    """The listing a person reads: :func:`plugin_report` and :func:`op_selection` as text."""
+def format_text(
+    plugins: list[dict[str, Any]],
+    selection: dict[str, Any],
+    tool_parsers: list[dict[str, Any]] | None = None,
+) -> str:
+    """The listing a person reads: :func:`plugin_report`, :func:`tool_parser_report` and
+    :func:`op_selection` as text."""
     lines: list[str] = []
     if not plugins:
         lines.append("no rustinfer plugins installed")
@@ -100,6 +152,8 @@ def format_text(plugins: list[dict[str, Any]], selection: dict[str, Any]) -> str
             by_reason.setdefault(reason, []).append(key)
         for reason, keys in by_reason.items():
             lines.append(f"  cannot run here ({reason}): {', '.join(keys)}")
+    if tool_parsers:
+        lines += _tool_parser_lines(tool_parsers)
     override = selection["override"]
     pinned = f", {OP_OVERRIDE_ENV}={override}" if override else ""
     lines.append(f"\nops on {selection['device']} ({selection['dtype']}{pinned}):")
@@ -121,9 +175,11 @@ def format_text(plugins: list[dict[str, Any]], selection: dict[str, Any]) -> str
 def run(args: argparse.Namespace) -> int:
     regs = get_registries()
     plugins = plugin_report(regs)
+    parsers = tool_parser_report(regs)
     selection = op_selection(regs, args.device, args.dtype)
     if args.json:
-        sys.stdout.write(json.dumps({"plugins": plugins, "ops": selection}, indent=2) + "\n")
+        listing = {"plugins": plugins, "tool_parsers": parsers, "ops": selection}
+        sys.stdout.write(json.dumps(listing, indent=2) + "\n")
     else:
-        sys.stdout.write(format_text(plugins, selection))
+        sys.stdout.write(format_text(plugins, selection, parsers))
     return 0

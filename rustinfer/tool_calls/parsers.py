@@ -6,21 +6,26 @@ might still open a call is held back, as the stop-string matcher holds a possibl
 whole answer is the same parser fed the whole text at once (:func:`parse_output`), so a streamed
 answer's deltas always reassemble into the non-streamed one.
 
-Which parser reads a model's output is a name in :data:`TOOL_PARSERS` (``register_tool_parser``
-adds one): ``rustinfer serve --tool-call-parser`` names it, else the first whose ``detect`` knows
-the model's chat template, else "hermes". A parser also knows how to write its format into a
-prompt, for templates that cannot render tools themselves (``rustinfer.tool_calls.render``).
+Parsers come from plugins: a model family's plugin registers its format's parser through the
+``rustinfer_register_tool_parsers`` hook, with the strings by which a chat template asks for it.
+The core supplies "hermes" (``<tool_call>`` blocks), the fallback. :func:`choose_parser` takes
+the parser ``rustinfer serve --tool-call-parser`` names, else the one the chat template's
+markers select, else "hermes". A parser also knows how to write its format into a prompt, for
+templates that cannot render tools themselves (``rustinfer.tool_calls.render``).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 from rustinfer.errors import RegistryError
+from rustinfer.plugins import get_registries
+from rustinfer.registry import TemplateMarkers
+from rustinfer.tool_calls.parser_registry import FALLBACK_TOOL_PARSER, ToolParserRegistry
 from rustinfer.tool_calls.spec import Tool
 
 __all__ = [
@@ -30,7 +35,6 @@ __all__ = [
     "CallStart",
     "ContentDelta",
     "HermesParser",
-    "Llama3JsonParser",
     "ParsedOutput",
     "ToolCall",
     "ToolEvent",
@@ -38,9 +42,10 @@ __all__ = [
     "choose_parser",
     "parse_output",
     "register_tool_parser",
+    "tool_lines",
 ]
 
-DEFAULT_TOOL_PARSER = "hermes"
+DEFAULT_TOOL_PARSER = FALLBACK_TOOL_PARSER
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,8 @@ class ToolParser:
     dropped (``parallel_tool_calls: false``).
     """
 
+    # The format's usual name: register_tool_parser registers a class under it (a plugin's hook
+    # names its registration itself, so one class may serve under several names).
     name: ClassVar[str] = ""
     # The key of the arguments in the JSON this family writes (forced calls write it too).
     arguments_key: ClassVar[str] = "arguments"
@@ -182,11 +189,6 @@ class ToolParser:
     # -- the prompt side, for chat templates that cannot render tools ----------------------------
 
     @classmethod
-    def detect(cls, template: str) -> bool:
-        """Whether a chat template that renders tools asks for this parser's format."""
-        return False
-
-    @classmethod
     def instructions(cls, tools: list[Tool]) -> str:
         """A system-prompt section listing ``tools`` and how to call them."""
         raise NotImplementedError
@@ -202,43 +204,97 @@ class ToolParser:
         return content
 
 
-TOOL_PARSERS: dict[str, type[ToolParser]] = {}
+def _registry() -> ToolParserRegistry:
+    return get_registries().tool_parsers
 
 
-def register_tool_parser(cls: type[ToolParser]) -> type[ToolParser]:
-    """Add a parser under ``cls.name`` (a class decorator); a second class of that name is an
-    error naming both."""
-    other = TOOL_PARSERS.get(cls.name)
-    if other is not None and other is not cls:
+def load_parser(name: str, registry: ToolParserRegistry | None = None) -> type[ToolParser]:
+    """The parser class registered as ``name``, imported on first use and checked."""
+    registry = _registry() if registry is None else registry
+    cls = registry.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, ToolParser)):
+        entry = registry.entry(name)
         raise RegistryError(
-            f"tool parser {cls.name!r} is registered twice: by {other.__module__}."
-            f"{other.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+            f"tool-call parser {name!r} of {registry.who(entry.plugin)}: its target "
+            f"{entry.target_text!r} is {cls!r}, not a rustinfer.tool_calls.ToolParser subclass; "
+            "fix the 'module:Class' string the plugin registers"
         )
-    TOOL_PARSERS[cls.name] = cls
     return cls
 
 
-def choose_parser(configured: str | None, template: str | None) -> type[ToolParser]:
-    """The parser ``configured`` names, else the first that detects ``template`` (None: a
-    template that cannot render tools, so rustinfer writes the default format itself)."""
-    if configured:
-        if configured not in TOOL_PARSERS:
-            raise ValueError(
-                f"unknown tool-call parser {configured!r}; registered: {sorted(TOOL_PARSERS)}"
-            )
-        return TOOL_PARSERS[configured]
-    if template is not None:
-        for cls in TOOL_PARSERS.values():
-            if cls.detect(template):
-                return cls
-    return TOOL_PARSERS[DEFAULT_TOOL_PARSER]
+def choose_parser(
+    configured: str | None, template: str | None, registry: ToolParserRegistry | None = None
+) -> type[ToolParser]:
+    """The parser ``configured`` names, else the one whose markers ``template`` contains (None:
+    a template that cannot render tools, so rustinfer writes the fallback's format itself), else
+    the fallback. An unknown ``configured`` name raises, listing the registered ones."""
+    registry = _registry() if registry is None else registry
+    return load_parser(registry.select(configured, template).key, registry)
 
 
-def _tool_lines(tools: list[Tool]) -> str:
+class _RegisteredParsers(Mapping[str, type[ToolParser]]):
+    """The process's tool-call parsers by name, read from the registries (which are filled from
+    the installed plugins on first use, not at import)."""
+
+    def __getitem__(self, name: str) -> type[ToolParser]:
+        if name not in self:
+            raise KeyError(name)
+        return load_parser(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in _registry()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_registry().keys())
+
+    def __len__(self) -> int:
+        return len(_registry().keys())
+
+
+TOOL_PARSERS: Mapping[str, type[ToolParser]] = _RegisteredParsers()
+
+
+@overload
+def register_tool_parser(cls: type[ToolParser], /) -> type[ToolParser]: ...
+
+
+@overload
+def register_tool_parser(
+    *, template_markers: TemplateMarkers = (), priority: int = 0
+) -> Callable[[type[ToolParser]], type[ToolParser]]: ...
+
+
+def register_tool_parser(
+    cls: type[ToolParser] | None = None,
+    /,
+    *,
+    template_markers: TemplateMarkers = (),
+    priority: int = 0,
+) -> Any:
+    """Add a parser class to this process's registry under ``cls.name`` (a class decorator, bare
+    or with the hook's keywords), for code that builds an engine itself. A distribution
+    registers through the ``rustinfer_register_tool_parsers`` hook instead, so that every
+    process finds its parser and ``rustinfer plugins`` lists it. A name registered twice is an
+    error naming both."""
+
+    def add(cls: type[ToolParser]) -> type[ToolParser]:
+        regs = get_registries()
+        if cls.name in regs.tool_parsers and load_parser(cls.name) is cls:
+            return cls  # the same class again (a module imported twice): nothing changes
+        regs.labels.setdefault(cls.__module__, f"module {cls.__module__!r}")
+        regs.tool_parsers.add(
+            cls.name, cls, cls.__module__, template_markers=template_markers, priority=priority
+        )
+        return cls
+
+    return add if cls is None else add(cls)
+
+
+def tool_lines(tools: list[Tool]) -> str:
+    """The tools as JSON lines in OpenAI's shape, for a system prompt's tool section."""
     return "\n".join(json.dumps(t.as_openai(), ensure_ascii=False) for t in tools)
 
 
-@register_tool_parser
 class HermesParser(ToolParser):
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks among text (Hermes,
     Qwen 2.5/3). A block whose JSON is no call stays in the content as written."""
@@ -295,15 +351,11 @@ class HermesParser(ToolParser):
         return self._content(self.OPEN + inner + (self.CLOSE if closed else ""))
 
     @classmethod
-    def detect(cls, template: str) -> bool:
-        return cls.OPEN in template
-
-    @classmethod
     def instructions(cls, tools: list[Tool]) -> str:
         return (
             "# Tools\n\nYou may call one or more functions to help with the request. Their "
             "signatures, with JSON schemas of their arguments, are inside <tools></tools>:\n"
-            f"<tools>\n{_tool_lines(tools)}\n</tools>\n\n"
+            f"<tools>\n{tool_lines(tools)}\n</tools>\n\n"
             "To call a function, write its name and arguments as a JSON object inside "
             "<tool_call></tool_call> tags, one block per call:\n"
             '<tool_call>\n{"name": "<function name>", "arguments": {<arguments>}}\n</tool_call>'
@@ -316,78 +368,3 @@ class HermesParser(ToolParser):
     @classmethod
     def render_result(cls, content: str) -> str:
         return f"<tool_response>\n{content}\n</tool_response>"
-
-
-@register_tool_parser
-class Llama3JsonParser(ToolParser):
-    """Llama 3.1+'s JSON calls: an answer that is ``{"name": ..., "parameters": {...}}`` (after
-    an optional ``<|python_tag|>``), several separated by ``;``. An answer that starts with other
-    text is all content; text after the calls is content."""
-
-    name = "llama3_json"
-    arguments_key = "parameters"
-    PYTHON_TAG = "<|python_tag|>"
-    _decoder = json.JSONDecoder()
-
-    def __init__(
-        self, tool_names: Collection[str] | None = None, max_calls: int | None = None
-    ) -> None:
-        super().__init__(tool_names, max_calls)
-        self._buffer = ""
-        self._state = "start"  # then "calls" (reading JSON objects) or "content" (for good)
-
-    def feed(self, delta: str) -> list[ToolEvent]:
-        self._buffer += delta
-        events: list[ToolEvent] = []
-        while True:
-            if self._state == "content":
-                events += self._content(self._buffer)
-                self._buffer = ""
-                return events
-            text = self._buffer.lstrip()
-            if self._state == "start":
-                if text.startswith(self.PYTHON_TAG):
-                    text = text[len(self.PYTHON_TAG) :].lstrip()
-                elif not text or self.PYTHON_TAG.startswith(text):
-                    return events  # nothing yet, or perhaps the tag
-                if not text:
-                    return events
-                self._state = "calls" if text.startswith("{") else "content"
-                self._buffer = text
-                continue
-            text = text.lstrip(" \t\r\n;")
-            self._buffer = text
-            if not text:
-                return events
-            if not text.startswith("{"):
-                self._state = "content"
-                continue
-            try:
-                obj, end = self._decoder.raw_decode(text)
-            except json.JSONDecodeError:
-                return events  # not complete yet (or malformed: content at the end)
-            call = self._read_call(obj)
-            if call is None:
-                self._state = "content"
-                continue
-            events += self._call(*call)
-            self._buffer = text[end:]
-
-    def finish(self) -> list[ToolEvent]:
-        events = self._content(self._buffer)
-        self._buffer, self._state = "", "content"
-        return events
-
-    @classmethod
-    def detect(cls, template: str) -> bool:
-        return cls.PYTHON_TAG in template or (
-            "<|start_header_id|>" in template and '"parameters"' in template
-        )
-
-    @classmethod
-    def instructions(cls, tools: list[Tool]) -> str:
-        return (
-            "You can call the functions below (JSON schemas of their arguments follow). To call "
-            'one, answer with only a JSON object {"name": function name, "parameters": '
-            "{argument name: value}}; otherwise answer in plain text.\n\n" + _tool_lines(tools)
-        )

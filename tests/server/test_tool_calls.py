@@ -17,6 +17,7 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rustinfer_models_llama3.tool_parser import Llama3JsonParser
 from server_helpers import LiveServer
 
 from rustinfer.chat_template import render_chat_template
@@ -34,7 +35,7 @@ from rustinfer.tool_calls import (
     read_tools,
     register_tool_parser,
 )
-from rustinfer.tool_calls.parsers import HermesParser, Llama3JsonParser, ParsedOutput, collect
+from rustinfer.tool_calls.parsers import HermesParser, ParsedOutput, collect
 
 ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 
