@@ -20,7 +20,7 @@ for _ in $(seq "$ROUNDS"); do
       --output-len 2 --iters 5 --json 2>/dev/null | tail -n 1)
     echo "{\"tree\": \"$tree\", \"run\": \"prefill_2048\", \"result\": ${line:-null}}" | tee -a "$results"
     line=$(PYTHONPATH=$pp python3 -m rustinfer bench latency "${common[@]}" --input-len 60 \
-      --output-len 64 --iters 3 --json 2>/dev/null | tail -n 1)
+      --output-len 16 --iters 10 --json 2>/dev/null | tail -n 1)
     echo "{\"tree\": \"$tree\", \"run\": \"ttft_60\", \"result\": ${line:-null}}" | tee -a "$results"
   done
 done

@@ -77,6 +77,28 @@ if stage ready; then
   [ -f "$RAW/prefill_2048.json" ] || run prefill_2048 bench latency "${common[@]}" \
     --input-len 2048 --output-len 2 --iters 5
 fi
+# accuracy: how far cuBLAS's 16-bit linear lands from one rounding (with and without a bias, with
+# reduced-precision reductions allowed and not): the table only.
+if [[ " $STAGES " == *" accuracy "* ]]; then
+  echo "== linear accuracy"
+  python3 bench/linear_accuracy.py 2>&1 | grep -v '^{' | tail -n 60
+fi
+# quant: the Triton quantized_linear on this GPU (its cuda tests, then the kernel against cuBLAS).
+if [[ " $STAGES " == *" quant "* ]]; then
+  echo "== quantized linear"
+  timeout 240 python3 -m pytest -q -rfE -m cuda tests/kernels/test_quant_linear_triton.py \
+    -p no:cacheprovider 2>&1 | tail -n 25
+  # shellcheck disable=SC2086
+  timeout "${QUANT_BENCH_TIMEOUT:-240}" python3 bench/quant_linear.py --device cuda \
+    --json "$RAW/quant_linear.json" ${QUANT_BENCH_ARGS:-} >"$RAW/quant_linear.txt" \
+    2>"$RAW/quant_linear.err" || tail -n 20 "$RAW/quant_linear.err"
+  tail -n 60 "$RAW/quant_linear.txt"
+fi
+# ab: the eager prefill and a 60-token TTFT, this tree against the older one at $AB_OLD.
+if [[ " $STAGES " == *" ab "* ]] && [ -n "${AB_OLD:-}" ]; then
+  echo "== A/B against $AB_OLD"
+  timeout "${AB_TIMEOUT:-240}" bash bench/ab_prefill.sh "$AB_OLD" 2 | tail -n 9
+fi
 # engine: the rest of rustinfer's figures.
 if stage engine; then
   echo "== engine"
@@ -90,10 +112,11 @@ if stage engine; then
     --output-len 128 --max-num-seqs 64
   run throughput_256x128 bench throughput "${common[@]}" --num-prompts 256 --input-len 128 \
     --output-len 128 --max-num-seqs 256
-  if [ -n "${RUSTINFER_SMOLLM2_GGUF:-}" ]; then
-    run structured bench structured --model "$RUSTINFER_SMOLLM2_GGUF" --device cuda \
-      --dtype bfloat16 --batch 1 16 --output-len 128 --repeat 3
-  fi
+fi
+# structured: decode with and without a JSON-schema constraint on SmolLM2 (needs the GGUF).
+if { stage engine || [[ " $STAGES " == *" structured "* ]]; } && [ -n "${RUSTINFER_SMOLLM2_GGUF:-}" ]; then
+  run structured bench structured --model "$RUSTINFER_SMOLLM2_GGUF" --device cuda \
+    --dtype bfloat16 --batch 1 16 --output-len 128 --repeat 3
 fi
 # peers: the card's copy and matmul rates, plain PyTorch under a graph, torch.compile + graph,
 # HF transformers eager; with the engine's batch-1 decode again in the same call.

@@ -179,7 +179,10 @@ def models() -> Models:
         pytest.skip(f"SmolLM2 GGUF not found: {exc}")
     if not Path(path).is_file():
         pytest.skip(f"SmolLM2 GGUF not found at {path}")
-    return Models(load_model(path, DEVICE, LOW), load_model(path, DEVICE, REF))
+    return Models(
+        load_model(path, DEVICE, LOW, quantization="none"),
+        load_model(path, DEVICE, REF, quantization="none"),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,10 @@ def models() -> tuple[LoadedModel, LoadedModel]:
     path = gguf_path()
     if not Path(path).is_file():
         pytest.skip(f"SmolLM2 GGUF not found at {path}")
-    return load_model(path, "cuda", "float32"), load_model(path, "cuda", "bfloat16")
+    return (
+        load_model(path, "cuda", "float32", quantization="none"),
+        load_model(path, "cuda", "bfloat16", quantization="none"),
+    )
 
 
 def test_bf16_prefill_follows_float32_over_real_text(models) -> None:

@@ -6,6 +6,7 @@ Synchronous and single-threaded by design: the asyncio face runs it in its own t
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -172,6 +173,12 @@ class EngineCore:
             finally:
                 progress.close()
             logger.info("kernels warm, graphs captured in %.2f s", time.perf_counter() - started)
+            # Everything alive now (model, tokenizer, graphs, torch's and Triton's caches) lives
+            # as long as the engine: moved out of the collector's view, a full collection no
+            # longer walks it, which otherwise lands as a multi-millisecond pause inside some
+            # request's step.
+            gc.collect()
+            gc.freeze()
 
     def _warm_up(self, progress: tqdm | None = None) -> None:
         """Compile kernels and touch every first-use path before the first request: the runner's

@@ -281,7 +281,7 @@ QUANTIZED_LINEAR = OpSpec(
 
     The reference takes the canonical weight (before preparing): the GGUF block values exactly
     as llama.cpp defines them. The CPU serves float32 and bfloat16 (torch's packed int4 kernel);
-    Triton serves bfloat16 and float16.
+    Triton (CUDA) serves bfloat16, float16 and float32.
     """,
     reference=quantized_linear_reference,
     tolerances={

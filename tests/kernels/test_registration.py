@@ -12,7 +12,13 @@ import pytest
 import torch
 from model_helpers import incremental_logits, random_weights, tiny_config, write_checkpoint
 from ops.helpers import dtype_id
-from rustinfer_ops_cuda.plugin import DTYPES, TORCH_TARGETS, TRITON_PREFERRED, TRITON_TARGETS
+from rustinfer_ops_cuda.plugin import (
+    DTYPES,
+    QUANTIZED_TARGETS,
+    TORCH_TARGETS,
+    TRITON_PREFERRED,
+    TRITON_TARGETS,
+)
 
 from rustinfer.config import config_from_hf
 from rustinfer.engine.model_runner import ModelRunner, ScheduledSequence
@@ -100,10 +106,13 @@ def test_every_llama_op_resolves_to_ops_cuda_on_cuda(
 
 def test_ops_cuda_registers_only_its_own_targets_and_nothing_unused(llama_ops: set[str]) -> None:
     # "argmax" is specified and tested like the others but no model calls it yet (the sampler
-    # takes its own argmax), hence the one name beyond what the model records.
+    # takes its own argmax), hence the one name beyond what the model records; the quantized ops
+    # serve models loaded quantized (the recorder loads a float one).
     registered = {i.op for i in get_registries().ops.implementations() if i.plugin == "ops_cuda"}
-    assert registered == llama_ops | {"argmax"}
-    assert registered == set(TORCH_TARGETS) | set(TRITON_TARGETS) | set(TRITON_PREFERRED)
+    assert registered == llama_ops | {"argmax"} | set(QUANTIZED_TARGETS)
+    assert registered == (
+        set(TORCH_TARGETS) | set(TRITON_TARGETS) | set(TRITON_PREFERRED) | set(QUANTIZED_TARGETS)
+    )
     half = {torch.bfloat16, torch.float16}
     for impl in get_registries().ops.implementations():
         if impl.plugin == "ops_cuda":
@@ -114,7 +123,9 @@ def test_ops_cuda_registers_only_its_own_targets_and_nothing_unused(llama_ops: s
             assert str(impl.target).startswith("rustinfer_ops_cuda."), impl.target
 
 
-@pytest.mark.parametrize("op", sorted(TRITON_TARGETS) + sorted(TRITON_PREFERRED))
+@pytest.mark.parametrize(
+    "op", sorted(TRITON_TARGETS) + sorted(TRITON_PREFERRED) + sorted(QUANTIZED_TARGETS)
+)
 def test_triton_kernel_registered_with_spec_signature(op: str) -> None:
     (impl,) = _cuda_impls(op, "triton")
     assert impl.name == "triton" and impl.plugin == "ops_cuda"

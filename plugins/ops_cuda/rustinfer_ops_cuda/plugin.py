@@ -42,6 +42,14 @@ TRITON_PREFERRED = {
     "logits": "rustinfer_ops_cuda.kernels.gemv:logits",
 }
 TRITON_PREFERRED_PRIORITY = 10
+# Quantized matmul weights (rustinfer.ops.quant): Triton kernels that dequantize inside the
+# matmul, in every cuda dtype (float32 activations included: the GEMV is float32 throughout and the
+# tiles run tf32x3). Registering them is what makes ``--quantization auto`` keep a GGUF file's
+# quantized tensors as shipped on cuda (``rustinfer.runtime.loading`` asks the registry).
+QUANTIZED_TARGETS = {
+    "quantized_linear": "rustinfer_ops_cuda.kernels.quant_linear:quantized_linear",
+    "prepare_quantized_weight": "rustinfer_ops_cuda.kernels.quant_linear:prepare_quantized_weight",
+}
 
 
 def cuda_available() -> str | None:
@@ -96,5 +104,14 @@ def rustinfer_register_ops(register: RegisterOp) -> None:
             device="cuda",
             dtypes=(torch.bfloat16, torch.float16),
             priority=TRITON_PREFERRED_PRIORITY,
+            requires=[triton_importable, compute_capability_supported],
+        )
+    for op, target in QUANTIZED_TARGETS.items():
+        register(
+            op,
+            "triton",
+            target,
+            device="cuda",
+            dtypes=DTYPES,
             requires=[triton_importable, compute_capability_supported],
         )
