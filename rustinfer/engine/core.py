@@ -444,7 +444,9 @@ class EngineCore:
         batch.allowed = None
         if any(r.matcher is not None for r in reqs):
             # The grammar's mask is this step's (its matcher has seen every earlier token).
-            batch.allowed = allowed_tokens([r.matcher for r in reqs], self.vocab_size, self.device)
+            matchers = [r.matcher for r in reqs]
+            executor = self.grammar_compiler().executor if len(reqs) > 1 else None
+            batch.allowed = allowed_tokens(matchers, self.vocab_size, self.device, executor)
         out = self.sampler(logits, batch)
         cached.last_token_ids = out.token_ids
         return out

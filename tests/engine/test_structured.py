@@ -199,3 +199,36 @@ def test_generated_schemas_never_give_invalid_output(llm: LLM, schema: dict, see
         return
     assert out.finish_reason == "stop", out.text
     jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_parallel_masks_equal_the_serial_ones(llm: LLM) -> None:
+    """A batch's masks computed on llguidance's threads equal the one-by-one masks, row for row,
+    with matchers at different points of different grammars and an unconstrained row."""
+    import torch
+
+    from rustinfer.engine.structured import allowed_tokens
+
+    core = llm.engine
+    grammars = core.grammar_compiler()
+    tok = core.tokenizer
+    constraints = [
+        StructuredOutput.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}}),
+        StructuredOutput("regex", r"[a-z]{3}-\d{2,4}"),
+        StructuredOutput.choice(["yes", "no", "maybe later"]),
+        StructuredOutput("json_object"),
+    ]
+    matchers = []
+    for i, so in enumerate(constraints):
+        m = grammars.matcher(so)
+        # Walk each a little way in: a few tokens the grammar allows, different per row.
+        prefix = ['{"a": 1', "abc-1", "may", "{"][i]
+        for t in tok.encode(prefix, add_special_tokens=False)[: i + 1]:
+            assert m.consume_token(t), (so, prefix)
+        matchers.append(m)
+    rows = [matchers[0], None, matchers[1], matchers[2], matchers[3]]
+    cpu = torch.device("cpu")
+    serial = allowed_tokens(rows, core.vocab_size, cpu)
+    parallel = allowed_tokens(rows, core.vocab_size, cpu, grammars.executor)
+    assert torch.equal(serial, parallel)
+    assert serial[1].all() and not serial[0].all()  # the free row allows everything
+    assert len({tuple(r.nonzero().flatten().tolist()) for r in serial}) == len(rows)
