@@ -69,8 +69,8 @@ class ServeSettings(BaseSettings):
     )
     tool_call_parser: str | None = Field(
         None,
-        description="how tool calls are read from the output: hermes, llama3_json "
-        "(default: from the chat template, else hermes)",
+        description="how tool calls are read from the output: hermes, llama3_json, qwen or a "
+        "plugin's parser (default: from the chat template, else hermes)",
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="on SIGTERM/SIGINT, let running requests finish this long"
