@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -87,6 +88,16 @@ def with_quantized_ops(
     return OpTable(fns, {**ops.chosen, **quantized.chosen})
 
 
+# auto on a GPU dequantizes a GGUF whose dense weights take at most this share of the free
+# memory (the rest is for the KV cache and activations).
+_DENSE_FRACTION_OF_FREE = 0.5
+
+
+def _dense_weight_bytes(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(shape) for shape in shapes.values()) * itemsize
+
+
 def _serves_quantized(regs: Registries, device_type: str, dtype: torch.dtype) -> bool:
     try:
         regs.ops.lookup("quantized_linear", device_type, dtype)
@@ -131,6 +142,23 @@ def load_model(
             "no quantized matmul for %s/%s: dequantizing the GGUF's tensors", dev.type, torch_dtype
         )
         quant = QuantizationConfig("none")
+    elif quant.is_quantized and str(quantization) == "auto" and dev.type == "cuda":
+        dense = _dense_weight_bytes(cls.weight_shapes(config), torch_dtype)
+        free, _ = torch.cuda.mem_get_info(dev.torch_device)
+        if dense <= _DENSE_FRACTION_OF_FREE * free:
+            # On a GPU the quantized kernels win only at one row (BENCHMARKS.md, "H200,
+            # quantized weights"); batches and prefill run several times faster on cuBLAS. So
+            # auto dequantizes a model that fits comfortably and keeps quantized one that would
+            # not, where memory, not speed, decides.
+            logger.info(
+                "auto: the GGUF's tensors dequantized to %s take %.1f GiB of %.1f GiB free on "
+                "%s: dequantizing (faster batches; --quantization gguf keeps them quantized)",
+                torch_dtype,
+                dense / 2**30,
+                free / 2**30,
+                dev.torch_device,
+            )
+            quant = QuantizationConfig("none")
     if quant.is_quantized:
         ops = with_quantized_ops(ops, regs, dev.type, torch_dtype)
     logger.debug("ops for %s/%s: %s", dev.type, torch_dtype, ops.chosen)
