@@ -19,6 +19,7 @@ from rustinfer_ops_cuda.kernels.gemv import (
 from rustinfer.ops import LINEAR, LOGITS
 
 from .lanes import LANE_DEVICE
+from .layer_chain import check_layer_chain_in_graph
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -124,9 +125,6 @@ def test_dependent_gemvs_in_a_graph_read_their_predecessors_outputs(rows: int) -
     """A layer's chain as decode runs it (add+RMSNorm -> GEMV -> SwiGLU -> GEMV, twice), captured
     and replayed back to back: equal to the same kernels run one at a time with a sync between
     each. A GEMV that read its activations before its predecessor finished would differ."""
-    from rustinfer_ops_cuda.kernels.activation import silu_and_mul
-    from rustinfer_ops_cuda.kernels.norm import fused_add_rmsnorm
-
     hidden, inter = 2048, 8192
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -138,36 +136,5 @@ def test_dependent_gemvs_in_a_graph_read_their_predecessors_outputs(rows: int) -
          rand(hidden, inter, scale=inter**-0.5))
         for _ in range(2)
     ]  # fmt: skip
-
-    def chain(x: torch.Tensor, residual: torch.Tensor, sync: bool) -> torch.Tensor:
-        for norm_w, gate_up, down in layers:
-            normed, residual = fused_add_rmsnorm(x, residual, norm_w, 1e-5)
-            steps = [
-                lambda t, w=gate_up: linear(t, w, None),
-                silu_and_mul,
-                lambda t, w=down: linear(t, w, None),
-            ]
-            t = normed
-            for step in steps:
-                t = step(t)
-                if sync:
-                    torch.cuda.synchronize()
-            x = t
-        return x + residual
-
     x0, r0 = rand(rows, hidden, scale=1.0), rand(rows, hidden, scale=1.0)
-    expected = chain(x0.clone(), r0.clone(), sync=True)
-    x, residual = x0.clone(), r0.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain(x.clone(), residual.clone(), sync=False)  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            out = chain(x, residual, sync=False)
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(3):  # replays back to back, each from the same inputs
-        x.copy_(x0)
-        residual.copy_(r0)
-        graph.replay()
-        assert torch.equal(out, expected)
+    check_layer_chain_in_graph(lambda t, w: linear(t, w, None), layers, x0, r0)

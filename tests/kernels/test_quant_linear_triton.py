@@ -34,6 +34,7 @@ from rustinfer.ops.quant import QuantizedWeight, pack_nibbles, quantize
 from rustinfer.plugins import get_registries
 
 from .lanes import LANE_DEVICE
+from .layer_chain import check_layer_chain_in_graph
 
 FORMATS = ["q8_0", "q4_0", "q4_1", "int8", "int4"]
 Kernel = Callable[[torch.Tensor, QuantizedWeight, torch.Tensor | None], torch.Tensor]
@@ -344,49 +345,13 @@ def test_in_a_captured_graph_after_the_kernels_ahead(rows: int) -> None:
     between each (a GEMV that read its activations before its predecessor finished would
     differ). No host sync: torch's sync checker raises on one in an eager pass, and a capture
     would fail on one."""
-    from rustinfer_ops_cuda.kernels.activation import silu_and_mul
-    from rustinfer_ops_cuda.kernels.norm import fused_add_rmsnorm
-
     hidden, inter = 2048, 8192
     layers = [
         (randn(hidden, dtype=torch.bfloat16), make_weight(2 * inter, hidden, "q4_1"),
          make_weight(hidden, inter, "q4_0"))
         for _ in range(2)
     ]  # fmt: skip
-
-    def chain(x: torch.Tensor, residual: torch.Tensor, sync: bool) -> torch.Tensor:
-        for norm_w, gate_up, down in layers:
-            normed, residual = fused_add_rmsnorm(x, residual, norm_w, 1e-5)
-            steps = [
-                lambda t, w=gate_up: quantized_linear(t, w, None),
-                silu_and_mul,
-                lambda t, w=down: quantized_linear(t, w, None),
-            ]
-            t = normed
-            for step in steps:
-                t = step(t)
-                if sync:
-                    torch.cuda.synchronize()
-            x = t
-        return x + residual
-
     x0, r0 = randn(rows, hidden, dtype=torch.bfloat16), randn(rows, hidden, dtype=torch.bfloat16)
-    expected = chain(x0.clone(), r0.clone(), sync=True)  # compiles every kernel variant too
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        chain(x0.clone(), r0.clone(), sync=False)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    x, residual = x0.clone(), r0.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            out = chain(x, residual, sync=False)
-    torch.cuda.current_stream().wait_stream(stream)
-    for _ in range(3):  # replays back to back, each from the same inputs
-        x.copy_(x0)
-        residual.copy_(r0)
-        graph.replay()
-        assert torch.equal(out, expected)
+    check_layer_chain_in_graph(
+        lambda t, w: quantized_linear(t, w, None), layers, x0, r0, no_sync_check=True
+    )
