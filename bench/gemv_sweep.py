@@ -7,6 +7,15 @@ that should stream at the card's copy bandwidth. This times, for each of the lay
 shapes and the LM head, cuBLAS (``torch.mm``) and a few launch settings of a Triton GEMV, each as
 a CUDA graph of 16 back-to-back calls on 16 different weight matrices (as a model's layers are,
 so nothing is served from L2), and prints GB/s per variant as JSON lines, then a table.
+
+    python bench/gemv_sweep.py --config bench/configs/llama-3.2-1b/config.json --skinny
+
+``--skinny`` times the batch-invariant skinny kernel (kernels/skinny.py) instead, at 1, 2, 4, 8 and
+16 rows (``--rows``): per shape against cuBLAS and the register-tile GEMV (up to its 8 rows),
+under its default tiles and a few other cuts (``k128``: 128-wide K steps, ``t264``: the split-K
+rule aiming at 264 programs, ``s1``: a K loop prefetched by hand, ...), each row also saying
+whether every row equals the one-row call on it (``invariant``); then a 16-layer chain of a
+layer's four matmuls per row count.
 """
 
 from __future__ import annotations
@@ -151,6 +160,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--skinny", action="store_true", help="time the skinny kernel (see above)")
+    ap.add_argument("--rows", default="1,2,4,8,16", help="row counts for --skinny")
     args = ap.parse_args()
     with open(args.config) as f:
         c = json.load(f)
@@ -164,6 +175,9 @@ def main() -> None:
         "down": (h, inter),
         "lm_head": (c["vocab_size"], h),
     }
+    if args.skinny:
+        skinny_sweep(shapes, [int(r) for r in args.rows.split(",")])
+        return
     configs = [(8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (4, 1024, 4), (8, 1024, 8)]
     rows = []
     for name, (n, k) in shapes.items():
@@ -231,6 +245,123 @@ def main() -> None:
     for r in rows:
         if "us" in r:
             print(f"{r['shape']:<9}{r['variant']:<24}{r['us']:>8}{r['gb_s']:>8}")
+
+
+def skinny_variants(n: int, k: int) -> dict:
+    """The skinny kernel's default tiles for a weight [n, k] and a few other cuts, by name (a cut
+    equal to one already listed is left out)."""
+    from dataclasses import replace
+
+    from rustinfer_ops_cuda.kernels.skinny import skinny_tiles
+
+    default = skinny_tiles(n, k)
+    cuts = {
+        "skinny": default,
+        "skinny_k128": skinny_tiles(n, k, block_k=128),
+        "skinny_k512": skinny_tiles(n, k, block_k=512),
+        "skinny_k128_t1056": skinny_tiles(n, k, block_k=128, target_programs=1056),
+        "skinny_t264": skinny_tiles(n, k, target_programs=264),
+        "skinny_t1056": skinny_tiles(n, k, target_programs=1056),
+        "skinny_t2112": skinny_tiles(n, k, target_programs=2112),
+    }
+    if default.steps >= 3:  # the K loop: hand prefetch (s1) against the pipeliner's depths
+        for stages in (1, 2, 4):
+            cuts[f"skinny_s{stages}"] = replace(default, stages=stages)
+    seen, unique = set(), {}
+    for name, tiles in cuts.items():
+        if tiles not in seen:
+            seen.add(tiles)
+            unique[name] = tiles
+    return unique
+
+
+def skinny_sweep(shapes: dict, row_counts: list[int]) -> None:
+    """cuBLAS, the GEMV and the skinny kernel per shape and row count, then layer chains."""
+    from rustinfer_ops_cuda.kernels import gemv as gemv_kernel
+    from rustinfer_ops_cuda.kernels.skinny import MAX_ROWS, skinny
+    from rustinfer_ops_cuda.kernels.torch_ops import logits as cublas_logits
+
+    rows = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for name, (n, k) in shapes.items():
+        head = name == "lm_head"  # float32 out, as the engine's logits
+        out_dtype = torch.float32 if head else None
+        copies = 16 if not head else 2  # 16 distinct matrices: nothing served from L2
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x_all = torch.randn(max(row_counts), k, device="cuda", dtype=torch.bfloat16)
+        cuts = skinny_variants(n, k)
+        for m in row_counts:
+            x = x_all[:m]
+            ref = x.float() @ ws[0].float().t()
+            variants = {
+                "cublas": cublas_logits if head else (lambda x, w: torch.mm(x, w.t())),
+            }
+            if m <= gemv_kernel.KERNEL_MAX_ROWS:
+                variants["gemv"] = lambda x, w, od=out_dtype: gemv_kernel.gemv(x, w, None, od)
+            if m <= MAX_ROWS:
+                for cut_name, tiles in cuts.items():
+                    variants[cut_name] = lambda x, w, t=tiles, od=out_dtype: skinny(
+                        x, w, None, od, t
+                    )
+            for vname, f in variants.items():
+                try:
+                    out = f(x, ws[0])
+                    us = graph_time_us(
+                        lambda f=f, x=x, ws=ws: [f(x, ws[i % len(ws)]) for i in range(16)]
+                    )
+                    row = {"shape": name, "n": n, "k": k, "rows": m, "variant": vname,
+                           "us": round(us, 2), "gb_s": round(n * k * 2 / us / 1e3, 1),
+                           "max_err": (out.float() - ref).abs().max().item()}  # fmt: skip
+                    if vname.startswith("skinny"):
+                        t = cuts[vname]
+                        row["tiles"] = (
+                            f"n{t.block_n} k{t.block_k} split{t.split} steps{t.steps} "
+                            f"stages{t.stages}"
+                        )
+                        row["invariant"] = all(
+                            torch.equal(out[i], f(x[i : i + 1], ws[0])[0]) for i in range(m)
+                        )
+                except Exception as exc:  # one failing variant must not lose the rest
+                    row = {"shape": name, "rows": m, "variant": vname, "error": str(exc)[:300]}
+                record(row)
+        ws.clear()
+        torch.cuda.empty_cache()
+    # A layer's four matmuls in sequence, 16 layers, per row count: what a decode step's matmuls
+    # cost, kernel boundaries (and the skinny kernel's split-K reductions) included.
+    layer = {key: shapes[key] for key in ("qkv", "o", "gate_up", "down")}
+    mats = [{key: torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02
+             for key, (n, kk) in layer.items()} for _ in range(16)]  # fmt: skip
+    layer_bytes = sum(n * kk * 2 for n, kk in layer.values())
+    for m in row_counts:
+        xs = {key: torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
+              for key, (_, kk) in layer.items()}  # fmt: skip
+        chains = {"cublas": lambda x, w: torch.mm(x, w.t())}
+        if m <= gemv_kernel.KERNEL_MAX_ROWS:
+            chains["gemv"] = lambda x, w: gemv_kernel.gemv(x, w, None)
+        if m <= MAX_ROWS:
+            chains["skinny"] = lambda x, w: skinny(x, w, None)
+        for cname, f in chains.items():
+            try:
+                us = graph_time_us(
+                    lambda f=f, xs=xs: [f(xs[key], w[key]) for w in mats for key in layer]
+                )
+                row = {"shape": "layer_chain", "rows": m, "variant": cname, "us": round(us, 2),
+                       "gb_s": round(layer_bytes / us / 1e3, 1)}  # fmt: skip
+            except Exception as exc:  # one failing variant must not lose the rest
+                row = {"shape": "layer_chain", "rows": m, "variant": cname, "error": str(exc)[:300]}
+            record(row)
+    print(f"{'shape':<12}{'rows':>5} {'variant':<14}{'us':>9}{'GB/s':>8}  invariant  tiles")
+    for r in rows:
+        if "us" in r:
+            inv = {True: "yes", False: "NO"}.get(r.get("invariant"), "")
+            print(f"{r['shape']:<12}{r['rows']:>5} {r['variant']:<14}{r['us']:>9}{r['gb_s']:>8}"
+                  f"  {inv:<9}  {r.get('tiles', '')}")  # fmt: skip
+        else:
+            print(f"{r['shape']:<12}{r['rows']:>5} {r['variant']:<14} error: {r['error'][:80]}")
 
 
 if __name__ == "__main__":
