@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-ids", default=None, help="JSON file of the prompt's token ids")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -74,6 +75,8 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed)
     # Ordinary tokens only: ids past the first few hundred are plain BPE merges in these vocabularies.
     prompt = torch.randint(256, model.config.vocab_size, (args.input_len,), generator=gen).tolist()
+    if args.prompt_ids:  # the very same ids as the engine it is compared with
+        prompt = [int(t) for t in json.loads(Path(args.prompt_ids).read_text())]
     for _ in range(args.warmup):
         one_request(model, prompt, args.output_len)
     runs = [one_request(model, prompt, args.output_len) for _ in range(args.iters)]
@@ -86,11 +89,11 @@ def main() -> None:
             {
                 "peer": f"transformers {transformers.__version__}",
                 "load_s": round(load_s, 4),
-                "prompt_tokens": args.input_len,
+                "prompt_tokens": len(prompt),
                 "prefill_ms": round(prefill_ms, 3),
-                "prefill_tok_s": round(args.input_len / prefill_ms * 1000, 2),
+                "prefill_tok_s": round(len(prompt) / prefill_ms * 1000, 2),
                 "decode_ms_per_token": round(decode_ms, 4),
-                "decode_tok_s": round(1000 / decode_ms, 2),
+                "decode_tok_s": round(1000 / decode_ms, 2) if decode_ms else 0.0,
                 "output_tokens": args.output_len,
                 "device": "cpu",
                 "dtype": args.dtype,

@@ -28,6 +28,12 @@ def add_parser(sub: Any) -> None:
     lat.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     lat.add_argument("--iters", type=int, default=3, help="timed runs; the median is reported")
     lat.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    lat.add_argument(
+        "--prompt-ids",
+        default=None,
+        help="a JSON file with the prompt's token ids (instead of --input-len random ones), so "
+        "peers can be timed on the very same prompt",
+    )
     lat.add_argument("--json", action="store_true", help="print one JSON line with the result last")
     lat.add_argument(
         "--enforce-eager", action="store_true", help="no CUDA graphs: every decode step eager"
@@ -94,8 +100,12 @@ def run_latency(args: argparse.Namespace) -> int:
     loaded = load_model(
         args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
     )
-    prompt = random_prompt(loaded, args.input_len, args.seed)
-    llm = LLM.for_single_request(loaded, args.input_len + args.output_len, args.enforce_eager)
+    if args.prompt_ids:
+        with open(args.prompt_ids, encoding="utf-8") as f:
+            prompt = [int(t) for t in json.load(f)]
+    else:
+        prompt = random_prompt(loaded, args.input_len, args.seed)
+    llm = LLM.for_single_request(loaded, len(prompt) + args.output_len, args.enforce_eager)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
 
     def one_run() -> tuple[float, float]:
@@ -111,9 +121,9 @@ def run_latency(args: argparse.Namespace) -> int:
     decode_ms_tok = statistics.median(r[1] for r in runs)
     result = {
         "load_s": round(loaded.load_seconds, 4),
-        "prompt_tokens": args.input_len,
+        "prompt_tokens": len(prompt),
         "prefill_ms": round(prefill_ms, 3),
-        "prefill_tok_s": round(args.input_len / prefill_ms * 1000, 2),
+        "prefill_tok_s": round(len(prompt) / prefill_ms * 1000, 2),
         "decode_ms_per_token": round(decode_ms_tok, 4),
         "decode_tok_s": round(1000 / decode_ms_tok, 2) if decode_ms_tok else 0.0,
         "output_tokens": args.output_len,

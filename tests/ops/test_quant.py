@@ -151,3 +151,40 @@ def test_wrong_nibble_order_would_fail_the_tolerance() -> None:
         assert_matches_spec(
             "quantized_linear", out, QUANTIZED_LINEAR.reference(x, weight, None), torch.float32
         )
+
+
+def _torch_int4pack(codes: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+
+
+@pytest.mark.parametrize("n", [16, 48, 64, 80, 112, 960])
+@pytest.mark.parametrize("k", [32, 96, 1152])
+def test_int4pack_equals_torchs_converter(n: int, k: int) -> None:
+    """The rebuilt layout is torch's, byte for byte: whole blocks, a partial last block (16-48
+    rows), and a weight that is only a partial block."""
+    from rustinfer_ops_cpu.int4pack import pack_int4
+
+    codes = torch.randint(
+        0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n)
+    )
+    assert torch.equal(pack_int4(codes), _torch_int4pack(codes))
+
+
+def test_int4pack_falls_back_to_torch_when_the_layout_check_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A torch whose layout no longer matches the rebuild gets its own converter, never wrong
+    bytes: the check runs on a probe before any weight is packed."""
+    from rustinfer_ops_cpu import int4pack
+
+    def wrong(codes: torch.Tensor, block: int) -> torch.Tensor:
+        return torch.zeros((codes.shape[0], codes.shape[1] // 2), dtype=torch.uint8)
+
+    monkeypatch.setattr(int4pack, "_fast_pack", wrong)
+    int4pack._block_rows.cache_clear()
+    try:
+        codes = torch.randint(0, 16, (64, 64), dtype=torch.uint8)
+        assert int4pack._block_rows() is None
+        assert torch.equal(int4pack.pack_int4(codes), _torch_int4pack(codes))
+    finally:
+        int4pack._block_rows.cache_clear()

@@ -20,10 +20,11 @@ def kv_cache_store(
     n_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_flat = k_cache.view(-1, n_kv_heads, head_dim)  # [num_slots, Hkv, D]
     v_flat = v_cache.view(-1, n_kv_heads, head_dim)
-    padding = slot_mapping < 0
-    if bool(padding.any()):
+    # The padding check is one reduction read on the host (not a compare, an any() and a read):
+    # it runs in every layer of every step, and the CPU engine never pads.
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:
         # index_copy_ rejects negative indices (and -1 would mean the last slot elsewhere).
-        keep = (~padding).nonzero().squeeze(1)
+        keep = (slot_mapping >= 0).nonzero().squeeze(1)
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
     k_flat.index_copy_(0, slot_mapping, k)
     v_flat.index_copy_(0, slot_mapping, v)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 _WIDE_TYPES = (torch.float32, torch.float64)
 
@@ -15,12 +16,13 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     1-2 us on the CPU hot path).
     """
     dtype = x.dtype
-    xf = x if dtype in _WIDE_TYPES else x.float()
+    if dtype in _WIDE_TYPES:
+        # No rounding between the scaling and the weight here, so torch's own rms_norm computes
+        # the very same ops (checked bit for bit on float32 rows of 64-2048) in one call.
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    xf = x.float()
     inv_rms = xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [T, 1]
-    normed = xf * inv_rms
-    if normed.dtype != dtype:
-        normed = normed.to(dtype)
-    return weight * normed
+    return weight * (xf * inv_rms).to(dtype)
 
 
 def fused_add_rmsnorm(
