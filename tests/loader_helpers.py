@@ -313,3 +313,16 @@ def write_tokenizer_dir(
     if generation_config is not None:
         (folder / "generation_config.json").write_text(json.dumps(generation_config))
     return folder
+
+
+# A GGUF layer's projections: (rows, cols) named by hyperparameter ("heads" and "kv_heads" count
+# heads, to be multiplied by head_dim).
+PROJECTION_DIMS = {
+    "attn_q": ("heads", "hidden"),
+    "attn_k": ("kv_heads", "hidden"),
+    "attn_v": ("kv_heads", "hidden"),
+    "attn_output": ("hidden", "heads"),
+    "ffn_gate": ("ffn", "hidden"),
+    "ffn_up": ("ffn", "hidden"),
+    "ffn_down": ("hidden", "ffn"),
+}

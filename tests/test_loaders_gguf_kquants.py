@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from loader_helpers import random_blocks, write_gguf
+from loader_helpers import PROJECTION_DIMS, random_blocks, write_gguf
 from model_helpers import prefill_logits
 
 from rustinfer.config import QuantizationConfig
@@ -267,15 +267,6 @@ TINY_K_LLAMA = {
     "layers": 2,
     "vocab": 40,
 }
-_SHAPES = {
-    "attn_q": ("heads", "hidden"),
-    "attn_k": ("kv_heads", "hidden"),
-    "attn_v": ("kv_heads", "hidden"),
-    "attn_output": ("hidden", "heads"),
-    "ffn_gate": ("ffn", "hidden"),
-    "ffn_up": ("ffn", "hidden"),
-    "ffn_down": ("hidden", "ffn"),
-}
 
 
 def _dim(key: str) -> int:
@@ -296,7 +287,7 @@ def k_quant_llama(tmp_path_factory):
     for i in range(hp["layers"]):
         for norm in ("attn_norm", "ffn_norm"):
             floats[f"blk.{i}.{norm}.weight"] = 1 + 0.1 * rng.standard_normal(hp["hidden"])
-        for name, (rows, cols) in _SHAPES.items():
+        for name, (rows, cols) in PROJECTION_DIMS.items():
             n, k = _dim(rows), _dim(cols)
             q6 = name == "ffn_down" or (i == 1 and name == "attn_v")
             kind = QT.Q6_K if q6 else QT.Q4_K

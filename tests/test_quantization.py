@@ -7,7 +7,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from loader_helpers import TINY_LLAMA, permute_like_llama_cpp, write_gguf
+from loader_helpers import PROJECTION_DIMS, TINY_LLAMA, permute_like_llama_cpp, write_gguf
 from model_helpers import prefill_logits, random_weights, tiny_config, write_checkpoint
 
 from rustinfer.config import QuantizationConfig
@@ -19,15 +19,6 @@ from rustinfer.runtime.loading import load_model
 
 QT = gguf.GGMLQuantizationType
 GGUF = QuantizationConfig("gguf")
-PROJECTIONS = {
-    "attn_q": ("heads", "hidden"),
-    "attn_k": ("kv_heads", "hidden"),
-    "attn_v": ("kv_heads", "hidden"),
-    "attn_output": ("hidden", "heads"),
-    "ffn_gate": ("ffn", "hidden"),
-    "ffn_up": ("ffn", "hidden"),
-    "ffn_down": ("hidden", "ffn"),
-}
 
 
 def _dim(hp: dict[str, int], key: str) -> int:
@@ -43,7 +34,7 @@ def tiny_llama_tensors(kinds: dict[str, QT], seed: int = 0) -> dict[str, tuple[n
         "output_norm.weight": (1 + 0.1 * rng.standard_normal(hp["hidden"]), QT.F32),
     }
     for i in range(hp["layers"]):
-        for name, (rows, cols) in PROJECTIONS.items():
+        for name, (rows, cols) in PROJECTION_DIMS.items():
             n, k = _dim(hp, rows), _dim(hp, cols)
             w = rng.standard_normal((n, k)) / k**0.5
             if name in ("attn_q", "attn_k"):

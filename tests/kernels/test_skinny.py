@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from ops.helpers import assert_matches_spec, dtype_id, maybe_strided, randn
+from ops.helpers import assert_float32_logits, assert_matches_spec, dtype_id, maybe_strided, randn
 from rustinfer_ops_cuda.kernels.skinny import (
     KERNEL_ROWS,
     LOOP_STAGES,
@@ -154,12 +154,7 @@ def check_logits(rows: int, k: int, n: int, dtype: torch.dtype, tiles: SkinnyTil
         out = skinny(x.to(LANE_DEVICE), weight.to(LANE_DEVICE), None, torch.float32, tiles)
     assert out.shape == (rows, n) and out.dtype == torch.float32
     ref = LOGITS.reference(x, weight)
-    tol = LOGITS.tolerance(dtype)  # float32 out, held to the input dtype's tolerance
-    torch.testing.assert_close(out.cpu().double(), ref, atol=tol.atol, rtol=tol.rtol)
-    # The float32 accumulator itself, never a result rounded through the 16-bit dtype (off by up
-    # to 2^-9 / 2^-12 relative).
-    rel = ((out.cpu().double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
-    assert rel < 2.0**-14, rel
+    assert_float32_logits(out, ref, dtype)
 
 
 @pytest.mark.interpret

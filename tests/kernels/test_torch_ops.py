@@ -12,7 +12,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ops.helpers import assert_exact, assert_matches_spec, dtype_id, maybe_strided, randn
+from ops.helpers import (
+    assert_exact,
+    assert_float32_logits,
+    assert_matches_spec,
+    dtype_id,
+    maybe_strided,
+    randn,
+)
 from rustinfer_ops_cuda.kernels.torch_ops import (
     argmax,
     embedding,
@@ -128,12 +135,7 @@ def test_logits(tokens: int, k_n: tuple[int, int], dtype: torch.dtype, device: s
     out = logits(x.to(device), weight.to(device))
     assert out.dtype == torch.float32 and out.device.type == device
     ref = LOGITS.reference(x, weight)
-    tol = LOGITS.tolerance(dtype)  # float32 out, held to the input dtype's tolerance
-    torch.testing.assert_close(out.cpu().double(), ref, atol=tol.atol, rtol=tol.rtol)
-    # Stricter than the spec: the float32 accumulator itself, never a result rounded through
-    # bf16/fp16 (which would be off by up to 2^-9 / 2^-12 relative).
-    rel = ((out.cpu().double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
-    assert rel < 2.0**-14, rel
+    assert_float32_logits(out, ref, dtype)
 
 
 def test_logits_rejects_mismatched_arguments() -> None:

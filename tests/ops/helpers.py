@@ -67,3 +67,14 @@ def assert_exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape, f"shape {actual.shape} != {expected.shape}"
     # equal_nan: caches hold NaN sentinels in slots nobody may touch.
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+def assert_float32_logits(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """A ``logits`` result against its float64 reference: the spec's tolerance for ``dtype``
+    inputs, and, stricter, the float32 accumulator itself: a result rounded through bf16/fp16 on
+    the way would be off by up to 2^-9 / 2^-12 relative."""
+    got = out.cpu().double()
+    tol = SPECS["logits"].tolerance(dtype)
+    torch.testing.assert_close(got, ref, atol=tol.atol, rtol=tol.rtol)
+    rel = ((got - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
+    assert rel < 2.0**-14, rel

@@ -87,15 +87,9 @@ def rustinfer_register_ops(register: RegisterOp) -> None:
     # on cuda (``rope``, ``kv_cache_store``: Llama runs ``rope_kv_store``) are not registered.
     for op, target in TORCH_TARGETS.items():
         register(op, "torch", target, device="cuda", dtypes=DTYPES, requires=[cuda_available])
-    for op, target in TRITON_TARGETS.items():
-        register(
-            op,
-            "triton",
-            target,
-            device="cuda",
-            dtypes=DTYPES,
-            requires=[triton_importable, compute_capability_supported],
-        )
+    triton_requires = [triton_importable, compute_capability_supported]
+    for op, target in {**TRITON_TARGETS, **QUANTIZED_TARGETS}.items():
+        register(op, "triton", target, device="cuda", dtypes=DTYPES, requires=triton_requires)
     for op, target in TRITON_PREFERRED.items():
         register(
             op,
@@ -104,14 +98,5 @@ def rustinfer_register_ops(register: RegisterOp) -> None:
             device="cuda",
             dtypes=(torch.bfloat16, torch.float16),
             priority=TRITON_PREFERRED_PRIORITY,
-            requires=[triton_importable, compute_capability_supported],
-        )
-    for op, target in QUANTIZED_TARGETS.items():
-        register(
-            op,
-            "triton",
-            target,
-            device="cuda",
-            dtypes=DTYPES,
-            requires=[triton_importable, compute_capability_supported],
+            requires=triton_requires,
         )
