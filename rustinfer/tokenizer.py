@@ -21,7 +21,7 @@ from rustinfer.errors import ModelLoadError
 from rustinfer.token_bytes import TokenBytes
 
 if TYPE_CHECKING:
-    import gguf
+    from rustinfer.loaders.gguf_reader import GGUFFile
 
     from rustinfer.config import ModelConfig
 
@@ -202,7 +202,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_gguf(cls, reader: gguf.GGUFReader) -> Tokenizer:
+    def from_gguf(cls, reader: GGUFFile) -> Tokenizer:
         """Build the tokenizer a GGUF file describes in its ``tokenizer.*`` metadata."""
         # Imported here: the loaders package imports this module.
         from rustinfer.loaders.gguf_tokenizer import build_gguf_tokenizer

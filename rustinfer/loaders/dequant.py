@@ -61,10 +61,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType as QT
-from gguf.gguf_reader import ReaderTensor
 
 from rustinfer.errors import ModelLoadError
+from rustinfer.loaders.gguf_reader import GGMLType as QT
+from rustinfer.loaders.gguf_reader import GGUFTensorInfo
 from rustinfer.ops.quant import QuantizedWeight
 
 __all__ = [
@@ -72,7 +72,6 @@ __all__ = [
     "SUPPORTED_TYPES",
     "dequantize_tensor",
     "quantized_tensor",
-    "tensor_shape",
 ]
 
 # Values per block of the legacy types, and per sub-block of Q4_K (the int4 group it keeps).
@@ -119,11 +118,6 @@ class _Scales(NamedTuple):
 
     scales: np.ndarray  # [blocks, sub-blocks] float32
     minus: np.ndarray | None  # [blocks, sub-blocks] float32, or None for symmetric types
-
-
-def tensor_shape(tensor: ReaderTensor) -> tuple[int, ...]:
-    """Torch shape of a GGUF tensor (GGUF lists dims fastest-first: ne0 is the row length)."""
-    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
 
 
 def _block_values(kind: QT) -> int:
@@ -317,7 +311,7 @@ def _stored_floats(raw: np.ndarray, kind: QT, shape: tuple[int, ...]) -> torch.T
 
 
 def _check_whole_blocks(
-    tensor: ReaderTensor, kind: QT, shape: tuple[int, ...], raw: np.ndarray
+    tensor: GGUFTensorInfo, kind: QT, shape: tuple[int, ...], raw: np.ndarray
 ) -> None:
     values = _block_values(kind)
     rows = int(np.prod(shape[:-1], dtype=np.int64))
@@ -328,11 +322,11 @@ def _check_whole_blocks(
         )
 
 
-def dequantize_tensor(tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_tensor(tensor: GGUFTensorInfo, dtype: torch.dtype) -> torch.Tensor:
     """A new contiguous ``dtype`` tensor in torch layout holding ``tensor``'s values."""
-    kind = QT(int(tensor.tensor_type))
-    shape = tensor_shape(tensor)
-    raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)  # the file's bytes, not copied
+    kind = tensor.tensor_type
+    shape = tensor.shape
+    raw = tensor.data  # the file's bytes, not copied
     if kind in _FLOAT_TYPES:
         # copy=True: never hand out a view of the read-only mapping (writing it would crash).
         return _stored_floats(raw, kind, shape).to(dtype, copy=True)
@@ -380,16 +374,16 @@ def _q4_k_weight(blocks: np.ndarray, n: int, k: int) -> QuantizedWeight:
     )
 
 
-def quantized_tensor(tensor: ReaderTensor) -> QuantizedWeight | None:
+def quantized_tensor(tensor: GGUFTensorInfo) -> QuantizedWeight | None:
     """A 2-D tensor of a :data:`KEEPABLE_TYPES` type as a canonical :class:`QuantizedWeight`, else
     None. Q8_0/Q4_0/Q4_1 blocks are copied, not decoded (llama.cpp's layout is the canonical
     one); Q4_K becomes int4 with groups of 32, its nibbles repacked."""
-    kind = QT(int(tensor.tensor_type))
-    shape = tensor_shape(tensor)
+    kind = tensor.tensor_type
+    shape = tensor.shape
     if kind not in KEEPABLE_TYPES or len(shape) != 2:
         return None
     n, k = shape
-    raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+    raw = tensor.data
     _check_whole_blocks(tensor, kind, shape, raw)
     blocks = raw.view(_BLOCKS[kind])
     if kind == QT.Q4_K:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 
-import gguf
 import numpy as np
 import torch
 
@@ -13,6 +12,7 @@ from rustinfer.config import ModelConfig, RopeScaling
 from rustinfer.errors import ModelLoadError
 from rustinfer.loaders.dequant import dequantize_tensor
 from rustinfer.loaders.gguf_meta import field, require_field
+from rustinfer.loaders.gguf_reader import GGUFFile
 
 __all__ = ["config_from_gguf"]
 
@@ -44,13 +44,13 @@ def _llama3_factors(scaling: RopeScaling, theta: float, rope_dim: int) -> torch.
 
 
 def _rope_scaling(
-    reader: gguf.GGUFReader, arch: str, theta: float, rope_dim: int
+    reader: GGUFFile, arch: str, theta: float, rope_dim: int
 ) -> tuple[RopeScaling | None, bool]:
     """(scaling, whether a rope_freqs tensor is present that no known scaling explains)."""
     kind = field(reader, f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
         raise ModelLoadError(
-            f"GGUF file {reader.data.filename} uses rope scaling {kind!r}; rustinfer supports "
+            f"GGUF file {reader.path} uses rope scaling {kind!r}; rustinfer supports "
             "Llama 3 scaling (stored by llama.cpp as rope_freqs.weight) or none"
         )
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
@@ -65,13 +65,13 @@ def _rope_scaling(
     return None, True
 
 
-def _float32_field(reader: gguf.GGUFReader, key: str, default: float) -> float:
+def _float32_field(reader: GGUFFile, key: str, default: float) -> float:
     # GGUF stores these as float32: 1e-5 reads back as 9.99999974e-06. The shortest decimal that
     # round-trips the float32 is what the converter was given.
     return float(str(np.float32(field(reader, key, default))))
 
 
-def _int_field(reader: gguf.GGUFReader, key: str, default: int | None = None) -> int | None:
+def _int_field(reader: GGUFFile, key: str, default: int | None = None) -> int | None:
     value = field(reader, key, default)
     if isinstance(value, list):  # per-layer values (some hybrid models): only uniform ones work
         if len(set(value)) != 1:
@@ -80,14 +80,14 @@ def _int_field(reader: gguf.GGUFReader, key: str, default: int | None = None) ->
     return None if value is None else int(value)
 
 
-def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
+def config_from_gguf(reader: GGUFFile) -> ModelConfig:
     """Read the hyper-parameters of a decoder-only GGUF model."""
     arch = str(require_field(reader, "general.architecture"))
     names = {t.name for t in reader.tensors}
     hidden = int(require_field(reader, f"{arch}.embedding_length"))
     n_heads = _int_field(reader, f"{arch}.attention.head_count")
     if n_heads is None:
-        raise ModelLoadError(f"GGUF file {reader.data.filename} lacks {arch}.attention.head_count")
+        raise ModelLoadError(f"GGUF file {reader.path} lacks {arch}.attention.head_count")
     n_kv_heads = _int_field(reader, f"{arch}.attention.head_count_kv", n_heads)
     head_dim = _int_field(reader, f"{arch}.attention.key_length") or hidden // n_heads
     rope_dim = _int_field(reader, f"{arch}.rope.dimension_count") or head_dim
@@ -97,8 +97,8 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
     if vocab is None:
         embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         if embd is None:
-            raise ModelLoadError(f"GGUF file {reader.data.filename} states no vocabulary size")
-        vocab = int(embd.shape[-1])
+            raise ModelLoadError(f"GGUF file {reader.path} states no vocabulary size")
+        vocab = int(embd.shape[0])  # torch order: [vocab, hidden]
     scaling, raw_rope_freqs = _rope_scaling(reader, arch, theta, rope_dim)
     eos_ids = [
         field(reader, f"tokenizer.ggml.{key}")

@@ -7,14 +7,14 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import gguf
 import torch
 
 from rustinfer.config import ModelConfig
 from rustinfer.errors import ModelLoadError
-from rustinfer.loaders.dequant import dequantize_tensor, quantized_tensor, tensor_shape
+from rustinfer.loaders.dequant import dequantize_tensor, quantized_tensor
 from rustinfer.loaders.gguf_config import config_from_gguf
 from rustinfer.loaders.gguf_meta import field, open_gguf
+from rustinfer.loaders.gguf_reader import GGUFFile
 from rustinfer.loaders.quantize import is_linear_weight
 from rustinfer.loaders.source import ModelSource
 from rustinfer.ops.quant import QuantizedWeight
@@ -50,7 +50,7 @@ def unpermute_qk(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
 class GGUFWeights:
     """The tensors of one GGUF file, in file order, converted one at a time."""
 
-    def __init__(self, reader: gguf.GGUFReader, config: ModelConfig) -> None:
+    def __init__(self, reader: GGUFFile, config: ModelConfig) -> None:
         self._reader = reader
         self._heads: dict[str, int] = {}
         if config.architecture in QK_PERMUTED_ARCHITECTURES:
@@ -60,7 +60,7 @@ class GGUFWeights:
         return [t.name for t in self._reader.tensors]
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {t.name: tensor_shape(t) for t in self._reader.tensors}
+        return {t.name: t.shape for t in self._reader.tensors}
 
     def iter_tensors(
         self, dtype: torch.dtype, keep_quantized: bool = False
@@ -94,8 +94,6 @@ def load_gguf(path: Path, *, with_weights: bool = True) -> ModelSource:
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
     reader = open_gguf(path)
-    if reader.endianess != gguf.GGUFEndian.LITTLE:
-        raise ModelLoadError(f"{path} is a big-endian GGUF file; only little-endian is supported")
     config = config_from_gguf(reader)
     tokenizer = None
     if field(reader, "tokenizer.ggml.model") is not None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import gguf
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
 from rustinfer.errors import ModelLoadError
 from rustinfer.loaders.gguf_meta import field, require_field
+from rustinfer.loaders.gguf_reader import GGUFFile
 
 __all__ = [
     "SUPPORTED_PRE_TOKENIZERS",
@@ -93,7 +93,7 @@ class GGUFTokenizerSpec:
     chat_template: str | None
 
 
-def build_gguf_tokenizer(reader: gguf.GGUFReader) -> GGUFTokenizerSpec:
+def build_gguf_tokenizer(reader: GGUFFile) -> GGUFTokenizerSpec:
     """Read the tokenizer a GGUF file describes; unsupported kinds raise ModelLoadError."""
     kind = field(reader, "tokenizer.ggml.model")
     tokens: list[str] = list(require_field(reader, "tokenizer.ggml.tokens"))
@@ -107,7 +107,7 @@ def build_gguf_tokenizer(reader: gguf.GGUFReader) -> GGUFTokenizerSpec:
         add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
     else:
         raise ModelLoadError(
-            f"GGUF file {reader.data.filename} uses tokenizer model {kind!r}; rustinfer reads "
+            f"GGUF file {reader.path} uses tokenizer model {kind!r}; rustinfer reads "
             "'gpt2' (byte-level BPE) and 'llama' (SentencePiece BPE) vocabularies"
         )
     add_special_tokens(hf, tokens, token_types)
@@ -128,12 +128,12 @@ def build_gguf_tokenizer(reader: gguf.GGUFReader) -> GGUFTokenizerSpec:
     )
 
 
-def _byte_level_bpe(reader: gguf.GGUFReader, tokens: list[str]) -> HFTokenizer:
+def _byte_level_bpe(reader: GGUFFile, tokens: list[str]) -> HFTokenizer:
     return byte_level_bpe(
         tokens,
         list(require_field(reader, "tokenizer.ggml.merges")),
         field(reader, "tokenizer.ggml.pre", "default"),
-        where=f"GGUF file {reader.data.filename}",
+        where=f"GGUF file {reader.path}",
     )
 
 
@@ -171,9 +171,7 @@ def _sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[
     return [(left, right) for *_, left, right in ranked]
 
 
-def _sentencepiece_bpe(
-    reader: gguf.GGUFReader, tokens: list[str], token_types: list[int]
-) -> HFTokenizer:
+def _sentencepiece_bpe(reader: GGUFFile, tokens: list[str], token_types: list[int]) -> HFTokenizer:
     scores = [float(s) for s in field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens))]
     unk_id = field(reader, "tokenizer.ggml.unknown_token_id")
     if unk_id is None:

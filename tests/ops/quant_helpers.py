@@ -4,13 +4,12 @@ rustinfer.ops.quant.quantize."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import gguf
 import numpy as np
 import torch
 
 from rustinfer.loaders.dequant import quantized_tensor
+from rustinfer.loaders.gguf_reader import GGMLType, GGUFTensorInfo
 from rustinfer.ops.quant import QuantizedWeight, quantize
 
 GGUF_KINDS = {
@@ -28,10 +27,10 @@ def make_weight(values: torch.Tensor, format: str, group_size: int = 32) -> Quan
     kind = GGUF_KINDS[format]
     data = gguf.quants.quantize(values.to(torch.float32).numpy(), kind)
     n, k = values.shape
-    reader_tensor = SimpleNamespace(
-        name="blk.0.ffn_up.weight", tensor_type=kind, shape=np.array([k, n]), data=data
+    info = GGUFTensorInfo(
+        "blk.0.ffn_up.weight", GGMLType(int(kind)), (k, n), data.reshape(-1).view(np.uint8)
     )
-    weight = quantized_tensor(reader_tensor)  # type: ignore[arg-type]
+    weight = quantized_tensor(info)
     assert weight is not None
     return weight
 
