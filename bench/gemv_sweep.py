@@ -264,6 +264,15 @@ def skinny_variants(n: int, k: int) -> dict:
         "skinny_t1056": skinny_tiles(n, k, target_programs=1056),
         "skinny_t2112": skinny_tiles(n, k, target_programs=2112),
     }
+    # Narrow tiles (Ampere-style MMAs): enough 16- or 32-feature tiles to fill the SMs with
+    # little or no split-K, so fewer reduction kernels; warps 1-4, K steps 256-512.
+    for bn in (16, 32):
+        for warps in (1, 2, 4):
+            for bk in (256, 512):
+                for target in (264, 528):
+                    cuts[f"skinny_n{bn}_w{warps}_k{bk}_t{target}"] = skinny_tiles(
+                        n, k, block_n=bn, warps=warps, block_k=bk, target_programs=target
+                    )
     if default.steps >= 3:  # the K loop: hand prefetch (s1) against the pipeliner's depths
         for stages in (1, 2, 4):
             cuts[f"skinny_s{stages}"] = replace(default, stages=stages)

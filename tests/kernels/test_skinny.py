@@ -55,7 +55,20 @@ def forced_pipelined(k: int) -> SkinnyTiles:
     return SkinnyTiles(block_n=64, block_k=32, split=triton.cdiv(chunks, 3), steps=3, stages=3)
 
 
-TILINGS = {"default": lambda k: None, "split": forced_split, "pipelined": forced_pipelined}
+def forced_narrow(k: int) -> SkinnyTiles:
+    """16-feature tiles on one warp (Ampere-style MMAs), two 32-wide steps, pipelined."""
+    chunks = triton.cdiv(k, 32)
+    return SkinnyTiles(
+        block_n=16, block_k=32, split=triton.cdiv(chunks, 3), steps=3, stages=3, warps=1
+    )
+
+
+TILINGS = {
+    "default": lambda k: None,
+    "split": forced_split,
+    "pipelined": forced_pipelined,
+    "narrow": forced_narrow,
+}
 
 
 def weights(
@@ -106,7 +119,13 @@ def _case_id(case: tuple[int, int, int]) -> str:
 
 
 # (tiling, bias): every tiling, the bias through the direct store and through the reduction.
-TILING_BIAS = [("default", False), ("default", True), ("split", True), ("pipelined", False)]
+TILING_BIAS = [
+    ("default", False),
+    ("default", True),
+    ("split", True),
+    ("pipelined", False),
+    ("narrow", True),
+]
 TILING_BIAS_IDS = [f"{tiling}-{'bias' if bias else 'nobias'}" for tiling, bias in TILING_BIAS]
 
 

@@ -111,13 +111,15 @@ class SkinnyTiles:
     step, ``split`` programs along K, each running ``steps`` steps (split * steps * block_k >= K,
     and no split range is empty); ``stages``: 1 prefetches the next step's weights into
     registers by hand, more hands all but the first step to Triton's pipeliner, that many
-    stages deep."""
+    stages deep; ``warps`` per program (64 features fill a warpgroup MMA over 4 warps; 16 or 32
+    features run Ampere-style MMAs, for which fewer warps avoid duplicated work)."""
 
     block_n: int
     block_k: int
     split: int
     steps: int
     stages: int = 1
+    warps: int = 4
 
     def check(self, k: int) -> None:
         span = self.steps * self.block_k
@@ -139,17 +141,19 @@ def skinny_tiles(
     block_k: int = BLOCK_K,
     target_programs: int = TARGET_PROGRAMS,
     loop_stages: int = LOOP_STAGES,
+    block_n: int = BLOCK_N,
+    warps: int = NUM_WARPS,
 ) -> SkinnyTiles:
     """The tiles for a weight [n, k]: a function of the weight's shape alone, never of the row
     count (keyword arguments: other settings, for sweeps)."""
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     chunks = triton.cdiv(k, block_k)
-    tiles = triton.cdiv(n, BLOCK_N)
+    tiles = triton.cdiv(n, block_n)
     wanted = max(1, target_programs // tiles)
     split = min(chunks, 1 << (wanted.bit_length() - 1))  # a power of two, at most one per chunk
     steps = triton.cdiv(chunks, split)
     split = triton.cdiv(chunks, steps)  # ranges that would start past K are dropped
-    return SkinnyTiles(BLOCK_N, block_k, split, steps, loop_stages if steps >= 3 else 1)
+    return SkinnyTiles(block_n, block_k, split, steps, loop_stages if steps >= 3 else 1, warps)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE, do_not_specialize_on_alignment=_NO_SPECIALIZE)
@@ -342,7 +346,7 @@ def skinny(
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             WAIT_PRIOR=dependent,
             TRIGGER=dependent,
-            num_warps=NUM_WARPS,
+            num_warps=tiles.warps,
             num_stages=tiles.stages,
             launch_pdl=dependent,
         )
