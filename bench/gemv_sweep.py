@@ -345,6 +345,7 @@ def skinny_sweep(shapes: dict, row_counts: list[int]) -> None:
     mats = [{key: torch.randn(n, kk, device="cuda", dtype=torch.bfloat16) * 0.02
              for key, (n, kk) in layer.items()} for _ in range(16)]  # fmt: skip
     layer_bytes = sum(n * kk * 2 for n, kk in layer.values())
+
     for m in row_counts:
         xs = {key: torch.randn(m, kk, device="cuda", dtype=torch.bfloat16)
               for key, (_, kk) in layer.items()}  # fmt: skip
@@ -352,7 +353,12 @@ def skinny_sweep(shapes: dict, row_counts: list[int]) -> None:
         if m <= gemv_kernel.KERNEL_MAX_ROWS:
             chains["gemv"] = lambda x, w: gemv_kernel.gemv(x, w, None)
         if m <= MAX_ROWS:
-            chains["skinny"] = lambda x, w: skinny(x, w, None)
+            # every named cut, each shape under its own tiles for that name
+            per_shape = {key: skinny_variants(*shape) for key, shape in layer.items()}
+            names = set.intersection(*(set(v) for v in per_shape.values()))
+            for cut in sorted(names):
+                tiles_of = {layer[key]: per_shape[key][cut] for key in layer}
+                chains[cut] = lambda x, w, t=tiles_of: skinny(x, w, None, None, t[tuple(w.shape)])
         for cname, f in chains.items():
             try:
                 us = graph_time_us(
