@@ -58,11 +58,13 @@ class LLM:
         load_format: str = "auto",
         seed: int = 0,
         quantization: str = "auto",
+        batch_invariant: bool = False,
         **engine_options: Any,
     ) -> None:
         """Load ``model`` (None: the embedded default); ``engine_options`` are EngineConfig fields.
         ``quantization``: auto, none, gguf, int8 or int4 (``int4-g64``: group size), see
-        :class:`rustinfer.config.QuantizationConfig`."""
+        :class:`rustinfer.config.QuantizationConfig`; ``batch_invariant``: a request's output
+        does not depend on the batch it runs in (slower kernels; CUDA)."""
         loaded = load_model(
             model,
             device=device,
@@ -70,6 +72,7 @@ class LLM:
             load_format=load_format,
             seed=seed,
             quantization=quantization,
+            batch_invariant=batch_invariant,
         )
         self._attach(loaded, EngineCore(loaded, EngineConfig(**engine_options)))
 

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from rustinfer.tool_calls.parser_registry import ToolParserRegistry
 
 OP_OVERRIDE_ENV = "RUSTINFER_OP_IMPL"
+# The implementation name a plugin gives an op whose result for a row (a sequence) does not depend
+# on the other rows of the call nor on their number; ``--batch-invariant`` pins every op that has
+# one. Plugins register them at a low priority: they trade speed for that guarantee.
+BATCH_INVARIANT_IMPL = "batch_invariant"
 
 Requirement = str | Callable[[], str | None]
 
@@ -200,6 +204,23 @@ class OpRegistry:
             f"no implementation of op {op!r} for device {device_type!r} dtype {dtype}{detail}; "
             + self._registered_text(op)
         )
+
+    def batch_invariant_overrides(
+        self, ops: Iterable[str], device_type: str, dtype: torch.dtype
+    ) -> dict[str, str]:
+        """``{op: BATCH_INVARIANT_IMPL}`` for each op of ``ops`` that has a batch-invariant
+        implementation able to run here (empty: none does)."""
+        pins: dict[str, str] = {}
+        for op in ops:
+            for impl in self._impls.get(op, []):
+                if (
+                    impl.name == BATCH_INVARIANT_IMPL
+                    and impl.device == device_type
+                    and dtype in impl.dtypes
+                    and impl.unmet_requirement() is None
+                ):
+                    pins[op] = BATCH_INVARIANT_IMPL
+        return pins
 
     def _registered_text(self, op: str) -> str:
         impls = self._impls.get(op, [])

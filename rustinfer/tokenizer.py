@@ -21,9 +21,8 @@ from rustinfer.errors import ModelLoadError
 from rustinfer.token_bytes import TokenBytes
 
 if TYPE_CHECKING:
-    from rustinfer.loaders.gguf_reader import GGUFFile
-
     from rustinfer.config import ModelConfig
+    from rustinfer.loaders.gguf_reader import GGUFFile
 
 __all__ = ["Tokenizer"]
 

@@ -98,7 +98,12 @@ def emit(result: dict[str, object], as_json: bool) -> int:
 def run_latency(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     loaded = load_model(
-        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+        args.model,
+        args.device,
+        args.dtype,
+        args.load_format,
+        quantization=args.quantization,
+        batch_invariant=args.batch_invariant,
     )
     if args.prompt_ids:
         with open(args.prompt_ids, encoding="utf-8") as f:
@@ -159,7 +164,12 @@ def run_throughput(args: argparse.Namespace) -> int:
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     loaded = load_model(
-        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+        args.model,
+        args.device,
+        args.dtype,
+        args.load_format,
+        quantization=args.quantization,
+        batch_invariant=args.batch_invariant,
     )
     engine = EngineCore(
         loaded,

@@ -87,7 +87,12 @@ def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
     from rustinfer.runtime.loading import load_model
 
     loaded = load_model(
-        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+        args.model,
+        args.device,
+        args.dtype,
+        args.load_format,
+        quantization=args.quantization,
+        batch_invariant=args.batch_invariant,
     )
     prompts = [
         random_prompt(loaded, args.input_len, args.seed + i) for i in range(args.num_prompts)

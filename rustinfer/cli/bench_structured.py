@@ -73,7 +73,7 @@ def run_structured_bench(args: argparse.Namespace) -> int:
 
     apply_threads(args.threads)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-              quantization=args.quantization,
+              quantization=args.quantization, batch_invariant=args.batch_invariant,
               max_num_seqs=max(args.batch), enable_prefix_caching=False)  # fmt: skip
     so = StructuredOutput.json_schema(SCHEMA)
     result: dict[str, Any] = {"output_len": args.output_len, **machine_fields(llm.loaded)}

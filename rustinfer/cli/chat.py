@@ -384,7 +384,12 @@ def run(args: argparse.Namespace) -> int:
     err.write(style.dim(f"loading {name} ...") + "\n")
     err.flush()
     loaded = load_model(
-        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+        args.model,
+        args.device,
+        args.dtype,
+        args.load_format,
+        quantization=args.quantization,
+        batch_invariant=args.batch_invariant,
     )
     engine = AsyncEngine.from_loaded(loaded, chat_engine_config(loaded))
     session = ChatSession(engine, loaded, params, args.system, sys.stdout, err)

@@ -37,6 +37,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "(int4-g64: groups of 64; 32, 64 or 128, default 32); auto (default): gguf for GGUF "
         "files, none otherwise",
     )
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="a request's output does not depend on what else runs beside it (greedy tokens "
+        "alone = in a batch); slower kernels, CUDA only",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
 

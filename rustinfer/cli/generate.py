@@ -42,7 +42,12 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
     )
     loaded = load_model(
-        args.model, args.device, args.dtype, args.load_format, quantization=args.quantization
+        args.model,
+        args.device,
+        args.dtype,
+        args.load_format,
+        quantization=args.quantization,
+        batch_invariant=args.batch_invariant,
     )
     ids = prompt_token_ids(loaded, args.prompt, args.raw)
     llm = LLM.for_single_request(loaded, len(ids) + args.max_tokens)

@@ -24,13 +24,15 @@ class OpTable:
         device_type: str,
         dtype: torch.dtype,
         ops: Iterable[str] | None = None,
+        overrides: dict[str, str] | None = None,
     ) -> OpTable:
+        """``overrides``: implementation names pinned per op (default: ``RUSTINFER_OP_IMPL``)."""
         from rustinfer.ops import SPECS
 
         fns: dict[str, Callable[..., Any]] = {}
         chosen: dict[str, str] = {}
         for name in ops if ops is not None else SPECS:
-            impl = registry.lookup(name, device_type, dtype)
+            impl = registry.lookup(name, device_type, dtype, overrides)
             fns[name] = impl.load()
             chosen[name] = impl.describe()
         return cls(fns, chosen)

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from rustinfer.models.base import Model
 from rustinfer.models.op_table import OpTable
 from rustinfer.ops.quant import quantized_op_table
 from rustinfer.plugins import get_registries
-from rustinfer.registry import Registries, RegistryError
+from rustinfer.registry import OP_OVERRIDE_ENV, Registries, RegistryError, parse_op_overrides
 from rustinfer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class LoadedModel:
     source: ModelSource
     load_seconds: float
     quantization: str = "none"  # how matmul weights are held: none, gguf, int8-g32, int4-g64...
+    batch_invariant: bool = False  # ops pinned to their batch-invariant implementations
 
     @property
     def name(self) -> str:
@@ -114,9 +116,12 @@ def load_model(
     seed: int = 0,
     registries: Registries | None = None,
     quantization: str | QuantizationConfig | None = "auto",
+    batch_invariant: bool = False,
 ) -> LoadedModel:
     """Load ``model`` (None: the embedded default) onto ``device`` in ``dtype``; ``quantization``
-    (see :class:`QuantizationConfig`): auto keeps a GGUF file's quantized matrices quantized."""
+    (see :class:`QuantizationConfig`): auto keeps a GGUF file's quantized matrices quantized;
+    ``batch_invariant``: ops whose results for a sequence do not depend on the batch it runs in
+    (slower; see :func:`batch_invariant_overrides`)."""
     start = time.perf_counter()
     regs = registries or get_registries()
     dev = resolve_device(device, regs)
@@ -131,7 +136,12 @@ def load_model(
         torch_dtype = dev.auto_dtype(_checkpoint_dtype(config, source))
     else:
         torch_dtype = parse_dtype(dtype)
-    ops = OpTable.resolve(regs.ops, dev.type, torch_dtype, cls.ops_used)
+    overrides = (
+        batch_invariant_overrides(regs, cls.ops_used, dev.type, torch_dtype)
+        if batch_invariant
+        else None
+    )
+    ops = OpTable.resolve(regs.ops, dev.type, torch_dtype, cls.ops_used, overrides)
     if (
         quant.is_quantized
         and str(quantization) == "auto"
@@ -159,6 +169,14 @@ def load_model(
                 dev.torch_device,
             )
             quant = QuantizationConfig("none")
+    if quant.is_quantized and batch_invariant:
+        if str(quantization) != "auto":
+            raise ModelLoadError(
+                f"--batch-invariant needs dense weights, but --quantization {quantization} keeps "
+                "them quantized and the quantized matmuls are not batch-invariant; use "
+                "--quantization none (or auto)"
+            )
+        quant = QuantizationConfig("none")
     if quant.is_quantized:
         ops = with_quantized_ops(ops, regs, dev.type, torch_dtype)
     logger.debug("ops for %s/%s: %s", dev.type, torch_dtype, ops.chosen)
@@ -189,4 +207,37 @@ def load_model(
         weights_read - start,
         elapsed - (weights_read - start),
     )
-    return LoadedModel(net, source.tokenizer, config, dev, torch_dtype, source, elapsed, str(quant))
+    return LoadedModel(
+        net,
+        source.tokenizer,
+        config,
+        dev,
+        torch_dtype,
+        source,
+        elapsed,
+        str(quant),
+        batch_invariant,
+    )
+
+
+def batch_invariant_overrides(
+    regs: Registries, ops: Iterable[str], device_type: str, dtype: torch.dtype
+) -> dict[str, str]:
+    """Op pins for ``--batch-invariant``: every op with a ``batch_invariant`` implementation for
+    this device and dtype, over ``RUSTINFER_OP_IMPL``'s pins for the others.
+
+    Batch invariance is what makes a request's greedy tokens the same alone or beside others
+    (the default ops pick kernels, reduction orders and attention splits by batch size, so bf16
+    results can differ in the last bit and greedy decoding can then diverge). Raises when no
+    installed plugin offers such kernels here: asking for the guarantee and not getting it
+    must not pass silently.
+    """
+    pins = regs.ops.batch_invariant_overrides(ops, device_type, dtype)
+    if not pins:
+        raise ModelLoadError(
+            f"--batch-invariant: no installed plugin has batch-invariant kernels for "
+            f"{device_type} {str(dtype).removeprefix('torch.')} (rustinfer-ops-cuda has them "
+            "for CUDA); drop the flag or use another device"
+        )
+    logger.info("batch-invariant ops: %s", ", ".join(sorted(pins)))
+    return {**parse_op_overrides(os.environ.get(OP_OVERRIDE_ENV)), **pins}

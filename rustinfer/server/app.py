@@ -38,6 +38,7 @@ def engine_factory(settings: ServeSettings) -> EngineFactory:
             settings.dtype,
             settings.load_format,
             quantization=settings.quantization,
+            batch_invariant=settings.batch_invariant,
         )
         config = EngineConfig(
             max_num_seqs=settings.max_num_seqs,

@@ -58,6 +58,11 @@ class ServeSettings(BaseSettings):
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch")
     enforce_eager: bool = Field(False, description="no CUDA graphs: every decode step eager")
+    batch_invariant: bool = Field(
+        False,
+        description="a request's output does not depend on what else runs beside it (greedy "
+        "tokens alone = in a batch); slower kernels, CUDA only",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="server log level"
     )

@@ -307,3 +307,24 @@ def test_registry_picks_triton_on_cuda_never_on_cpu():
         for dtype in CUDA_DTYPES:  # float32 included: the accurate path runs Triton too
             assert regs.ops.lookup(op, "cuda", dtype, overrides={}).name == "triton"
             assert regs.ops.lookup(op, "cpu", dtype, overrides={}).name == "torch"
+
+
+@pytest.mark.interpret
+def test_batch_invariant_decode_gives_each_sequence_its_bits_alone() -> None:
+    """The batch-invariant attention_decode splits every context as a batch of one would: a
+    sequence's output is bit-identical alone and among five (the default picks fewer splits for
+    the batch here, so it merges different partial sums)."""
+    from rustinfer_ops_cuda.kernels import batch_invariant
+
+    seq_lens = [300, 37, 129, 256, 64]
+    args = decode_args(seq_lens, (4, 2), 32, 16, torch.float32)
+    q, k_cache, v_cache, tables, lens, scale = args
+    batched = batch_invariant.attention_decode(*args)
+    for i in range(len(seq_lens)):
+        alone = batch_invariant.attention_decode(
+            q[i : i + 1], k_cache, v_cache, tables[i : i + 1], lens[i : i + 1], scale
+        )
+        assert torch.equal(batched[i], alone[0]), f"sequence {i} differs alone"
+    assert_matches_spec(
+        "attention_decode", batched, ATTENTION_DECODE.reference(*args), torch.float32
+    )

@@ -13,6 +13,7 @@ import torch
 from model_helpers import incremental_logits, random_weights, tiny_config, write_checkpoint
 from ops.helpers import dtype_id
 from rustinfer_ops_cuda.plugin import (
+    BATCH_INVARIANT,
     DTYPES,
     QUANTIZED_TARGETS,
     TORCH_TARGETS,
@@ -22,11 +23,12 @@ from rustinfer_ops_cuda.plugin import (
 
 from rustinfer.config import config_from_hf
 from rustinfer.engine.model_runner import ModelRunner, ScheduledSequence
+from rustinfer.errors import ModelLoadError
 from rustinfer.models.op_table import OpTable
 from rustinfer.models.reference import ReferenceLlama
 from rustinfer.ops import SPECS
 from rustinfer.plugins import get_registries
-from rustinfer.registry import OpImpl, RegistryError
+from rustinfer.registry import BATCH_INVARIANT_IMPL, OpImpl, RegistryError
 from rustinfer.runtime.loading import load_model
 
 CUDA_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -52,8 +54,8 @@ def llama_ops(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     called: set[str] = set()
     resolve = OpTable.resolve.__func__  # type: ignore[attr-defined]
 
-    def recording(cls, registry, device_type, dtype, ops=None):  # type: ignore[no-untyped-def]
-        table = resolve(cls, registry, device_type, dtype, ops)
+    def recording(cls, registry, device_type, dtype, ops=None, overrides=None):  # type: ignore[no-untyped-def]
+        table = resolve(cls, registry, device_type, dtype, ops, overrides)
 
         def record(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -111,13 +113,18 @@ def test_ops_cuda_registers_only_its_own_targets_and_nothing_unused(llama_ops: s
     registered = {i.op for i in get_registries().ops.implementations() if i.plugin == "ops_cuda"}
     assert registered == llama_ops | {"argmax"} | set(QUANTIZED_TARGETS)
     assert registered == (
-        set(TORCH_TARGETS) | set(TRITON_TARGETS) | set(TRITON_PREFERRED) | set(QUANTIZED_TARGETS)
+        set(TORCH_TARGETS)
+        | set(TRITON_TARGETS)
+        | set(TRITON_PREFERRED)
+        | set(QUANTIZED_TARGETS)
+        | set(BATCH_INVARIANT)
     )
     half = {torch.bfloat16, torch.float16}
     for impl in get_registries().ops.implementations():
         if impl.plugin == "ops_cuda":
             # The preferred Triton ops serve the 16-bit dtypes; float32 keeps the torch one.
             preferred = impl.op in TRITON_PREFERRED and impl.name == "triton"
+            # (the batch-invariant forms serve every dtype, float32 included)
             dtypes = half if preferred else set(CUDA_DTYPES)
             assert impl.device == "cuda" and impl.dtypes == dtypes, impl.describe()
             assert str(impl.target).startswith("rustinfer_ops_cuda."), impl.target
@@ -197,3 +204,34 @@ def test_llama_on_cuda_runs_ops_cuda_without_host_syncs(llama_ops: set[str], dty
         expected = ReferenceLlama(config, weights).logits(prompt)
         # Two layers of fp32 ops, each within its spec: ~1e-6 relative on logits of a few units.
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", sorted(BATCH_INVARIANT))
+def test_batch_invariant_ops_have_the_spec_signature_and_are_never_the_default(
+    op: str, cuda_requirements_met: None
+) -> None:
+    (impl,) = _cuda_impls(op, BATCH_INVARIANT_IMPL)
+    assert impl.plugin == "ops_cuda" and impl.priority < 0
+    assert _positional(impl.load()) == list(inspect.signature(SPECS[op].reference).parameters)
+    for dtype in CUDA_DTYPES:
+        default = get_registries().ops.lookup(op, "cuda", dtype, overrides={})
+        assert default.name != BATCH_INVARIANT_IMPL, default.describe()
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=dtype_id)
+def test_batch_invariant_mode_pins_exactly_the_batch_dependent_ops(
+    llama_ops: set[str], dtype: torch.dtype, cuda_requirements_met: None
+) -> None:
+    regs = get_registries()
+    pins = regs.ops.batch_invariant_overrides(llama_ops, "cuda", dtype)
+    assert pins == dict.fromkeys(BATCH_INVARIANT, BATCH_INVARIANT_IMPL)
+    table = OpTable.resolve(regs.ops, "cuda", dtype, sorted(llama_ops), pins)
+    for op in BATCH_INVARIANT:
+        assert table.chosen[op].startswith(BATCH_INVARIANT_IMPL), table.chosen[op]
+
+
+def test_batch_invariant_mode_without_such_kernels_is_a_clear_error(tmp_path) -> None:
+    cfg = tiny_config(tied=True)
+    path = write_checkpoint(tmp_path, cfg, random_weights(cfg))
+    with pytest.raises(ModelLoadError, match="no installed plugin has batch-invariant kernels"):
+        load_model(str(path), device="cpu", dtype="float32", batch_invariant=True)

@@ -38,6 +38,7 @@ INTERPRET_CASES = [
     (2, 200, 64),
     (5, 257, 129),
     (KERNEL_ROWS, 320, 200),
+    (2 * KERNEL_ROWS + 5, 200, 64),  # three blocks of rows, the last one mostly padding
 ]
 
 
@@ -201,8 +202,19 @@ def test_linear_takes_cublas_past_the_skinny_kernel() -> None:
     assert not skinny_applies(x[:0], w)
     assert not skinny_applies(x[:1].float(), w.float())
     torch.testing.assert_close(linear(x, w, None), torch.nn.functional.linear(x, w))
-    with pytest.raises(ValueError, match="1 to 16 rows"):
-        skinny(x, w, None)
+    with pytest.raises(ValueError, match="M, K and N at least 1"):
+        skinny(x[:0], w, None)
+
+
+@pytest.mark.interpret
+def test_rows_past_one_block_are_batch_invariant_interpret() -> None:
+    """Rows in the second and third blocks of 16 equal their one-row calls too (a prefill's
+    rows under the batch-invariant ops)."""
+    k, n = 160, 77
+    x = randn(2 * KERNEL_ROWS + 3, k, dtype=torch.float16)
+    weight, b = weights(n, k, torch.float16, bias=True)
+    counts = [KERNEL_ROWS + 1, 2 * KERNEL_ROWS + 3]
+    assert_rows_invariant(x, weight, b, counts, out_dtype=torch.float32, tiles=forced_split(k))
 
 
 def test_tiles_depend_on_the_weight_alone() -> None:

@@ -7,7 +7,7 @@ import importlib.util
 import torch
 
 from rustinfer.hookspecs import hookimpl
-from rustinfer.registry import RegisterDevice, RegisterOp
+from rustinfer.registry import BATCH_INVARIANT_IMPL, RegisterDevice, RegisterOp
 
 # Every op in every dtype a model runs in on cuda: the 16-bit ones for speed, float32 as the
 # accurate path.
@@ -42,6 +42,14 @@ TRITON_PREFERRED = {
     "logits": "rustinfer_ops_cuda.kernels.gemv:logits",
 }
 TRITON_PREFERRED_PRIORITY = 10
+# Forms of the batch-dependent ops whose results do not depend on the batch, picked only by
+# ``--batch-invariant`` (kernels/batch_invariant.py): below every default, never chosen otherwise.
+BATCH_INVARIANT = {
+    "linear": "rustinfer_ops_cuda.kernels.batch_invariant:linear",
+    "logits": "rustinfer_ops_cuda.kernels.batch_invariant:logits",
+    "attention_decode": "rustinfer_ops_cuda.kernels.batch_invariant:attention_decode",
+}
+BATCH_INVARIANT_PRIORITY = -10
 # Quantized matmul weights (rustinfer.ops.quant): Triton kernels that dequantize inside the
 # matmul, in every cuda dtype (float32 activations included: the GEMV is float32 throughout and the
 # tiles run tf32x3). Registering them is what makes ``--quantization auto`` keep a GGUF file's
@@ -98,5 +106,15 @@ def rustinfer_register_ops(register: RegisterOp) -> None:
             device="cuda",
             dtypes=(torch.bfloat16, torch.float16),
             priority=TRITON_PREFERRED_PRIORITY,
+            requires=triton_requires,
+        )
+    for op, target in BATCH_INVARIANT.items():
+        register(
+            op,
+            BATCH_INVARIANT_IMPL,
+            target,
+            device="cuda",
+            dtypes=DTYPES,
+            priority=BATCH_INVARIANT_PRIORITY,
             requires=triton_requires,
         )

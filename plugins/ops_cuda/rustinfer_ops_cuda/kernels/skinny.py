@@ -195,9 +195,11 @@ def _skinny_kernel(
         gdc_wait()  # the activations come from the kernel this one was launched behind
     if TRIGGER:
         gdc_launch_dependents()  # the next kernel may launch; it waits for these writes
-    rows = tl.arange(0, ROWS)
+    # This program's block of ROWS rows (M > ROWS: more blocks along grid axis 2, each through
+    # the same instructions, so a row's bits do not depend on its block either).
+    rows = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < M  # padded rows load as zeros: their columns of the MMA are never stored
-    xt_ptrs = x_ptr + rows[None, :] * stride_xm + ks[:, None]  # [BLOCK_K, ROWS]: x^T
+    xt_ptrs = x_ptr + rows.to(tl.int64)[None, :] * stride_xm + ks[:, None]  # [BLOCK_K, ROWS]: x^T
     acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
     # Either way the steps are summed in an order fixed by the tiles alone.
     if PIPELINED:
@@ -239,7 +241,7 @@ def _skinny_kernel(
         acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += bias[:, None]
-    out_ptrs = out_ptr + split * stride_os + rows[None, :] * stride_om + cols[:, None]
+    out_ptrs = out_ptr + split * stride_os + rows.to(tl.int64)[None, :] * stride_om + cols[:, None]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & row_ok[None, :])
 
 
@@ -269,13 +271,13 @@ def _reduce_kernel(
         gdc_wait()  # the partials are the matmul kernel's writes
     if TRIGGER:
         gdc_launch_dependents()
-    p_row = p_ptr + row * stride_pm + cols
+    p_row = p_ptr + row.to(tl.int64) * stride_pm + cols
     acc = tl.load(p_row, mask=ok, other=0.0)
     for s in tl.static_range(1, SPLIT):
         acc += tl.load(p_row + s * stride_ps, mask=ok, other=0.0)
     if HAS_BIAS:
         acc += bias
-    tl.store(y_ptr + row * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def skinny_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -299,9 +301,10 @@ def skinny(
     out_dtype: torch.dtype | None = None,
     tiles: SkinnyTiles | None = None,
 ) -> torch.Tensor:
-    """x [M <= KERNEL_ROWS, K] (rows may be strided), weight [N, K] (unit last stride), bias [N]
-    | None -> [M, N] in ``out_dtype`` (default x's dtype); ``tiles``: another cut than
-    :func:`skinny_tiles` (tests, sweeps)."""
+    """x [M, K] (rows may be strided), weight [N, K] (unit last stride), bias [N] | None ->
+    [M, N] in ``out_dtype`` (default x's dtype); ``tiles``: another cut than :func:`skinny_tiles`
+    (tests, sweeps). Rows go in blocks of ``KERNEL_ROWS``, each block re-reading the weights:
+    built for decode's few rows, correct (and batch-invariant) but slow for a prefill's many."""
     check_device(x=x, weight=weight)
     check_tensor("x", x, [None, None], DTYPES)
     m, k = x.shape
@@ -309,10 +312,9 @@ def skinny(
     n = weight.shape[0]
     if bias is not None:
         check_tensor("bias", bias, [n], x.dtype)
-    if not (0 < m <= KERNEL_ROWS and k > 0 and n > 0):
+    if not (m > 0 and k > 0 and n > 0):
         raise ValueError(
-            f"skinny: x {tuple(x.shape)}, weight {tuple(weight.shape)}: 1 to {KERNEL_ROWS} rows, "
-            "K and N at least 1"
+            f"skinny: x {tuple(x.shape)}, weight {tuple(weight.shape)}: M, K and N at least 1"
         )
     tiles = tiles or skinny_tiles(n, k)
     tiles.check(k)
@@ -323,7 +325,7 @@ def skinny(
         out = torch.empty((tiles.split, m, n), dtype=torch.float32, device=x.device)
     dependent = dependent_launch_supported(x.device)
     with launch_on(x.device):
-        _skinny_kernel[(triton.cdiv(n, tiles.block_n), tiles.split)](
+        _skinny_kernel[(triton.cdiv(n, tiles.block_n), tiles.split, triton.cdiv(m, KERNEL_ROWS))](
             x,
             weight,
             bias if bias is not None else weight,  # never read without HAS_BIAS
