@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import sys
+from dataclasses import replace
 
 import torch
 import triton
@@ -71,15 +72,20 @@ def sweep_prefill(results: list[dict]) -> None:
         PrefillConfig(bm, bn, w, s, paired=True)
         for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)]
     ]
-    for tokens in (2048, 4096, 8192):
+    # Each also with the heads of a KV head packed into one program (pack 0: automatic), and
+    # with one head per program (pack 1).
+    configs = [replace(c, pack=p) for c in configs for p in (1, 0)]
+    # (new tokens, cached prefix): whole prompts, and a 512-token chunk over a 4,096-token prefix.
+    for q_len, prefix in ((2048, 0), (4096, 0), (8192, 0), (512, 4096)):
+        tokens = q_len + prefix
         k, v, tables, lens = _paged_cache(1, tokens, gen)
-        q = torch.randn(tokens, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        cu = torch.tensor([0, tokens], dtype=torch.int32, device="cuda")
-        flops = 4.0 * HQ * D * tokens * (tokens + 1) / 2
+        q = torch.randn(q_len, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cu = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
+        flops = 4.0 * HQ * D * q_len * (prefix + (q_len + 1) / 2)
         for cfg in configs:
             try:
                 run = functools.partial(
-                    attention_prefill, q, k, v, tables, cu, lens, tokens, D**-0.5, config=cfg
+                    attention_prefill, q, k, v, tables, cu, lens, q_len, D**-0.5, config=cfg
                 )
                 ms = triton.testing.do_bench(
                     run,
@@ -91,9 +97,10 @@ def sweep_prefill(results: list[dict]) -> None:
                 logger.warning("prefill %s at %d: %s", cfg, tokens, exc)
                 continue
             tflops = flops / (ms * 1e-3) / 1e12
-            results.append({"kernel": "prefill", "tokens": tokens, "config": cfg.__dict__,
+            results.append({"kernel": "prefill", "tokens": q_len, "prefix": prefix,
+                            "config": cfg.__dict__,
                             "ms": ms, "tflops": tflops})  # fmt: skip
-            logger.info("prefill %5d %s %.3f ms %.0f TFLOP/s", tokens, cfg, ms, tflops)
+            logger.info("prefill %5d+%d %s %.3f ms %.0f TFLOP/s", prefix, q_len, cfg, ms, tflops)
 
 
 # Decode options: the launcher's module settings they stand for. Options not in this map are
@@ -307,12 +314,15 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     lines = []
-    for tokens in (2048, 4096, 8192):
-        rows = sorted((r for r in results if r.get("tokens") == tokens), key=lambda r: r["ms"])
-        for r in rows[:4]:
+    for tokens, prefix in ((2048, 0), (4096, 0), (8192, 0), (512, 4096)):
+        rows = sorted(
+            (r for r in results if r.get("tokens") == tokens and r.get("prefix", 0) == prefix),
+            key=lambda r: r["ms"],
+        )
+        for r in rows[:6]:
             c = r["config"]
-            lines.append(f"prefill T={tokens:5d} bm{c['block_m']} bn{c['block_n']} "
-                         f"w{c['num_warps']} s{c['num_stages']}"
+            lines.append(f"prefill {prefix}+{tokens:5d} bm{c['block_m']} bn{c['block_n']} "
+                         f"w{c['num_warps']} s{c['num_stages']} pack{c.get('pack', 1)}"
                          f"{' paired' if c.get('paired') else ''}: {r['ms']:.3f} ms "
                          f"{r['tflops']:.0f} TFLOP/s")  # fmt: skip
     for batch, ctx in sorted({(r["batch"], r["ctx"]) for r in results if "batch" in r}):

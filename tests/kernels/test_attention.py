@@ -116,6 +116,37 @@ def test_prefill_interpret_paired_tiles(dtype):
 
 
 @interpret
+@pytest.mark.parametrize("dtype", INTERPRET_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    ("pack", "paired", "heads"),
+    [(2, False, (8, 2)), (4, True, (8, 2)), (0, False, (8, 1)), (0, True, (9, 3))],
+    ids=["pack2", "pack4-paired", "auto-group8", "auto-group3"],
+)
+def test_prefill_interpret_packed_heads(pack, paired, heads, dtype):
+    """Heads sharing a KV head in one program: 2 or 4 of a group of 4 (8 queries of 4 heads a
+    tile of 32 rows), the automatic choice for a group of 8 (4 heads: 16 queries a tile) and a
+    group of 3 (no power of two divides it: one head), over prompts, a cached prefix and a
+    one-token extend."""
+    config = PrefillConfig(
+        block_m=32 if pack != 0 else 64, block_n=16, num_warps=4, num_stages=1, paired=paired,
+        pack=pack,
+    )  # fmt: skip
+    seqs = [(40, 40), (50, 20), (9, 9), (48, 1)]
+    check_prefill(seqs, heads, 64, dtype, config=config)
+
+
+@interpret
+def test_prefill_pack_must_divide_the_group():
+    with pytest.raises(ValueError, match="pack must divide"):
+        PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, pack=4).heads_per_program(
+            3
+        )
+    assert PrefillConfig(64, 16, 4, 1).heads_per_program(8) == 4  # 64 rows: >= 16 queries
+    assert PrefillConfig(128, 64, 8, 3).heads_per_program(4) == 4
+    assert PrefillConfig(128, 64, 8, 3).heads_per_program(3) == 1
+
+
+@interpret
 def test_prefill_interpret_strided_q():
     check_prefill([(21, 21), (30, 9)], (8, 2), 64, torch.float16, is_strided=True)
 

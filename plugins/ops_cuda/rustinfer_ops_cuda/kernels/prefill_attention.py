@@ -22,6 +22,7 @@ import triton.language as tl
 
 from rustinfer_ops_cuda.kernels.attention_common import (
     LOG2E,
+    MIN_DOT,
     attend_step,
     dot_width,
     multiprocessor_count,
@@ -41,6 +42,20 @@ class PrefillConfig:
     # One program per pair of mirrored query tiles (equal causal work per program) instead of
     # one per tile launched longest first.
     paired: bool = False
+    # Query heads per program (GQA packing): heads that share a KV head take the rows of one
+    # tile together (block_m / pack queries each), so each K/V tile is loaded once for all of
+    # them. 0: the largest power of two that divides the group and leaves >= 16 queries a tile.
+    pack: int = 0
+
+    def heads_per_program(self, group: int) -> int:
+        if self.pack:
+            if group % self.pack or self.block_m % self.pack:
+                raise ValueError(f"{self}: pack must divide the GQA group {group} and block_m")
+            return self.pack
+        pack = 1
+        while group % (2 * pack) == 0 and self.block_m // (2 * pack) >= MIN_DOT:
+            pack *= 2
+        return pack
 
 
 # By head dim. 128 queries x 64 keys per step keeps the two dots of a step on tensor cores with the
@@ -75,7 +90,7 @@ def default_config(head_dim: int, device: torch.device) -> PrefillConfig:
 @triton.jit
 def _prefill_tile(
     tile,
-    head,
+    head_block,
     seq,
     q_start,
     q_len,
@@ -100,16 +115,22 @@ def _prefill_tile(
     PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    """Queries tile*BLOCK_M .. +BLOCK_M of one sequence and head, against its whole context."""
+    """Queries tile*QT .. +QT (QT = BLOCK_M / PACK) of one sequence and PACK query heads sharing a
+    KV head (heads ``head_block * PACK ..``), against its whole context. Row r of the tile is
+    query r // PACK of head r % PACK: the heads of one query sit side by side."""
+    QT: tl.constexpr = BLOCK_M // PACK
     prefix = seq_len - q_len  # cached positions before the first new query
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_rows = tl.arange(0, BLOCK_M)
+    rows = tile * QT + tile_rows // PACK  # query index within the sequence's new tokens
+    heads = head_block * PACK + tile_rows % PACK  # [BLOCK_M] query head of each row
     row_valid = rows < q_len
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < HEAD_DIM
     q_rows = (q_start + rows).to(tl.int64)
     q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + dims[None, :],
+        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
         mask=row_valid[:, None] & dim_valid[None, :],
         other=0.0,
     )
@@ -119,10 +140,10 @@ def _prefill_tile(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_row
-    head_offset = (head // GROUP) * stride_cache_head
+    head_offset = ((head_block * PACK) // GROUP) * stride_cache_head  # one KV head for all rows
 
     # Phase 1: keys before the tile's first query position are visible to every row of the tile.
-    first_query = prefix + tile * BLOCK_M
+    first_query = prefix + tile * QT
     unmasked_end = (first_query // BLOCK_N) * BLOCK_N
     for n0 in range(0, unmasked_end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
@@ -133,7 +154,7 @@ def _prefill_tile(
             PAGE=PAGE, MASKED=False,
         )  # fmt: skip
     # Phase 2: the diagonal band, up to the tile's last query position.
-    band_end = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)
+    band_end = tl.minimum(seq_len, prefix + (tile + 1) * QT)
     for n0 in range(unmasked_end, band_end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         key_valid = keys < seq_len
@@ -147,7 +168,7 @@ def _prefill_tile(
     # Padding rows (row >= q_len) saw only zeros and are not stored; every real row saw key 0.
     out = acc / l_i[:, None]
     tl.store(
-        out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
+        out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=row_valid[:, None] & dim_valid[None, :],
     )
@@ -178,13 +199,14 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAIRED: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    head = tl.program_id(1)
+    head_block = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(cu_seqlens_ptr + seq)
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
-    n_tiles = tl.cdiv(q_len, BLOCK_M)
+    n_tiles = tl.cdiv(q_len, BLOCK_M // PACK)
     if PAIRED:
         # Program j takes tile j and its mirror n_tiles-1-j: under the causal mask their work adds
         # up to the same for every j, so no program waits on a long tail.
@@ -202,10 +224,10 @@ def _prefill_kernel(
             todo = mirror > first
         if todo:
             _prefill_tile(
-                tile, head, seq, q_start, q_len, seq_len, q_ptr, k_cache_ptr, v_cache_ptr,
+                tile, head_block, seq, q_start, q_len, seq_len, q_ptr, k_cache_ptr, v_cache_ptr,
                 block_tables_ptr, out_ptr, stride_qt, stride_qh, stride_cache_block,
                 stride_cache_token, stride_cache_head, stride_table_row, stride_ot, stride_oh,
-                scale_log2, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N,
+                scale_log2, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, PACK,
             )  # fmt: skip
 
 
@@ -234,14 +256,17 @@ def attention_prefill(
     if tokens == 0:
         return out
     cfg = config or default_config(head_dim, q.device)
-    tiles = triton.cdiv(max_query_len, cfg.block_m)
+    group = n_heads // n_kv_heads
+    pack = cfg.heads_per_program(group)
+    tiles = triton.cdiv(max_query_len, cfg.block_m // pack)
     # Pairing halves the programs: worth it only while the paired grid still fills the GPU (a
     # 512-token chunk over a long prefix has 4 tiles of near-equal work: pairing them took
     # 0.177 ms against 0.108 unpaired on an H100).
     # (The interpreter pairs whenever asked, to exercise the path.)
     sms = multiprocessor_count(q.device) if q.device.type == "cuda" else 1
-    paired = cfg.paired and triton.cdiv(tiles, 2) * n_heads * batch >= sms
-    grid = (triton.cdiv(tiles, 2) if paired else tiles, n_heads, batch)
+    head_blocks = n_heads // pack
+    paired = cfg.paired and triton.cdiv(tiles, 2) * head_blocks * batch >= sms
+    grid = (triton.cdiv(tiles, 2) if paired else tiles, head_blocks, batch)
     with launch_on(q.device):
         _prefill_kernel[grid](
             q,
@@ -267,6 +292,7 @@ def attention_prefill(
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             PAIRED=paired,
+            PACK=pack,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
