@@ -48,6 +48,7 @@ BATCH_INVARIANT = {
     "linear": "rustinfer_ops_cuda.kernels.batch_invariant:linear",
     "logits": "rustinfer_ops_cuda.kernels.batch_invariant:logits",
     "attention_decode": "rustinfer_ops_cuda.kernels.batch_invariant:attention_decode",
+    "attention_prefill": "rustinfer_ops_cuda.kernels.batch_invariant:attention_prefill",
 }
 BATCH_INVARIANT_PRIORITY = -10
 # Quantized matmul weights (rustinfer.ops.quant): Triton kernels that dequantize inside the

@@ -1,29 +1,30 @@
 """The ops whose results could depend on the batch, in forms where they do not (``--batch-invariant``).
 
 A sequence decoded beside others should produce the tokens it produces alone. In the default ops
-three things break that: cuBLAS picks its kernel and reduction order by the row count, the
-one-row GEMV sums differently from cuBLAS, and decode attention cuts each context into a number
-of split-KV chunks chosen from the batch size. Every other op of a step works row by row (norms,
-rope, activation, sampling) or per sequence with tiles fixed by that sequence alone (prefill
-attention).
+four things break that: cuBLAS picks its kernel and reduction order by the row count, the
+one-row GEMV sums differently from cuBLAS, decode attention cuts each context into a number of
+split-KV chunks chosen from the batch size, and prefill attention takes smaller tiles when the
+batch's grid is small. Every other op of a step works row by row (norms, rope, activation,
+sampling).
 
 Here ``linear`` and ``logits`` run the skinny kernel for every row count (its tiles come from the
 weight's shape alone, rows go through it in blocks of 16 by the same instructions; see
-``skinny.py``), and ``attention_decode`` takes the split count a lone sequence would get, whatever
-the batch. Registered under the implementation name ``batch_invariant`` with a low priority, so
-only ``--batch-invariant`` (which pins them) selects them. The price is speed: decode matmuls
-~20-50% slower than the default ops at 1-16 rows, and prefill's matmuls re-read the weights once
-per 16 rows (BENCHMARKS.md).
+``skinny.py``), ``attention_decode`` takes the split count a lone sequence would get, and
+``attention_prefill`` keeps the tile shape of its head dim, whatever the batch. Registered under
+the implementation name ``batch_invariant`` with a low priority, so only ``--batch-invariant``
+(which pins them) selects them. The price is speed: decode matmuls ~20-50% slower than the
+default ops at 1-16 rows, and prefill's matmuls re-read the weights once per 16 rows
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rustinfer_ops_cuda.kernels import decode_attention
+from rustinfer_ops_cuda.kernels import decode_attention, prefill_attention
 from rustinfer_ops_cuda.kernels.skinny import skinny
 
-__all__ = ["attention_decode", "linear", "logits"]
+__all__ = ["attention_decode", "attention_prefill", "linear", "logits"]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,26 @@ def logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return torch.empty((0, weight.shape[0]), dtype=torch.float32, device=x.device)
     return skinny(_rows(x), weight, None, out_dtype=torch.float32)
+
+
+def attention_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """The ``attention_prefill`` op with its tile shape fixed by the head dim alone: the default
+    picks smaller tiles when the batch's grid is small, which would change a sequence's key
+    steps (and so its bits) with the batch beside it."""
+    config = prefill_attention.default_config(q.shape[-1], q.device)
+    return prefill_attention.attention_prefill(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_query_len, scale,
+        config=config,
+    )  # fmt: skip
 
 
 def attention_decode(

@@ -68,6 +68,11 @@ CONFIGS = {
     64: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, paired=True),
     128: PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
 }
+# D=64 when the grid above would leave SMs idle (fewer than two programs per SM): a 512-token
+# chunk over a 4,096-token prefix is 128 programs of 128 rows. 64-row tiles with 128-key steps on
+# 4 warps double the programs. H200 sweep (bench/kernel_sweep.py --only prefill, 2026-11-28): that
+# chunk 0.078 ms against 0.112 with the default tiles (SDPA on contiguous K/V: 0.0805).
+SMALL_GRID_64 = PrefillConfig(block_m=64, block_n=128, num_warps=4, num_stages=3)
 # Head dims above 128 need smaller tiles to fit the accumulator and the K/V stages in registers
 # and shared memory.
 LARGE_HEAD_DIM = PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
@@ -255,15 +260,20 @@ def attention_prefill(
     out = torch.empty((tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0:
         return out
-    cfg = config or default_config(head_dim, q.device)
     group = n_heads // n_kv_heads
+    sms = multiprocessor_count(q.device) if q.device.type == "cuda" else 1
+    cfg = config or default_config(head_dim, q.device)
+    if config is None and cfg is CONFIGS[64]:
+        pack = cfg.heads_per_program(group)
+        programs = triton.cdiv(max_query_len, cfg.block_m // pack) * (n_heads // pack) * batch
+        if programs < 2 * sms:
+            cfg = SMALL_GRID_64
     pack = cfg.heads_per_program(group)
     tiles = triton.cdiv(max_query_len, cfg.block_m // pack)
     # Pairing halves the programs: worth it only while the paired grid still fills the GPU (a
     # 512-token chunk over a long prefix has 4 tiles of near-equal work: pairing them took
     # 0.177 ms against 0.108 unpaired on an H100).
     # (The interpreter pairs whenever asked, to exercise the path.)
-    sms = multiprocessor_count(q.device) if q.device.type == "cuda" else 1
     head_blocks = n_heads // pack
     paired = cfg.paired and triton.cdiv(tiles, 2) * head_blocks * batch >= sms
     grid = (triton.cdiv(tiles, 2) if paired else tiles, head_blocks, batch)
