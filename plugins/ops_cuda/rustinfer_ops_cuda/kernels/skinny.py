@@ -41,16 +41,18 @@ deep without holding them in registers (147 registers a thread against 240 for a
 prefetched by hand, as Triton 3.9 compiles them for sm_90), and add step 0 last. The reduction
 kernel is itself a dependent of the matmul, so its launch overlaps the matmul's run.
 
-Status: not registered. On the H200 (2026-11-28, ``bench/gemv_sweep.py --skinny``) every row
-count is bit-identical to the one-row call, but a Llama-3.2-1B layer's four matmuls take 57.9 us
-at one row and 62.4 at eight, against the GEMV's 36.1 at one row and cuBLAS's 44.8-45.4 (the LM
-head 184 against 127; its one-stage variant 133). Registering it would buy batch invariance for
-~30% more matmul time; the tiles (``TARGET_PROGRAMS``, ``BLOCK_K``, ``LOOP_STAGES``) are where
-that gap is to be closed first.
+Status: the ``linear`` and ``logits`` of ``--batch-invariant`` (``batch_invariant.py``), for
+every row count; not the default. On the H200 (2026-11-28, ``bench/gemv_sweep.py --skinny``)
+every row count is bit-identical to the one-row call, but a Llama-3.2-1B layer's four matmuls
+take 57.9 us at one row and 62.4 at eight, against the GEMV's 36.1 at one row and cuBLAS's
+44.8-45.4 (the LM head 184 against 127; its one-stage variant 133); the fastest cut per shape
+would sum to 47.9-55.4 us at 1-16 rows (``bench/skinny_best.py``). Past 16 rows it takes rows in
+blocks of 16 (grid axis 2), each block re-reading the weights: correct for a prefill, not fast.
 
 Rounding: each output is a float32 dot product, plus the bias in float32, rounded once to the
 activation dtype (or kept float32 for the LM head), as the ``linear`` spec's reference does.
-Beyond ``MAX_ROWS`` rows (prefill, large batches) cuBLAS serves.
+This module's own :func:`linear` and :func:`logits` (a candidate default) send more than
+``MAX_ROWS`` rows (prefill, large batches) to cuBLAS.
 """
 
 from __future__ import annotations
