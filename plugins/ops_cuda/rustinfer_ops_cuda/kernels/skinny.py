@@ -34,12 +34,12 @@ Tiles, all from ``K`` and ``N`` (never from ``M``), see :func:`skinny_tiles`:
 
 Like the GEMV, a program loads its first weight step before ``gdc_wait``: launched as a
 programmatic dependent (Hopper, ``dependent_launch.py``), those loads overlap the previous
-kernel's tail; activations are read only after the wait. A program of one or two steps then
-prefetches its second step into registers by hand; longer ones (the LM head, gate/up) hand steps
-1.. to Triton's software pipeliner, which streams them through shared memory ``LOOP_STAGES``
-deep without holding them in registers (147 registers a thread against 240 for an 8-step loop
-prefetched by hand, as Triton 3.9 compiles them for sm_90), and add step 0 last. The reduction
-kernel is itself a dependent of the matmul, so its launch overlaps the matmul's run.
+kernel's tail; activations are read only after the wait. Each step then prefetches the next
+step's weights into registers by hand. (Cuts with ``stages`` > 1 instead hand steps 1.. of a
+long program to Triton's software pipeliner, which streams them through shared memory without
+holding them in registers, and add step 0 last: fewer registers, but slower on the H200, see
+``LOOP_STAGES``.) The reduction kernel is itself a dependent of the matmul, so its launch
+overlaps the matmul's run.
 
 Status: the ``linear`` and ``logits`` of ``--batch-invariant`` (``batch_invariant.py``), for
 every row count; not the default. On the H200 (2026-11-28, ``bench/gemv_sweep.py --skinny``)
@@ -90,11 +90,12 @@ BLOCK_K = 256
 # several tiles' weights in flight before the wait.
 TARGET_PROGRAMS = 528
 NUM_WARPS = 4
-# Programs of 3 or more K steps (the LM head, gate/up) stream steps 2.. through shared memory
-# with Triton's software pipeliner, this many stages deep: two 32 KiB steps in flight per program
-# without holding them in registers (104 KiB of shared memory, two programs per SM). Shorter
-# programs prefetch their second step into registers by hand (``stages`` = 1).
-LOOP_STAGES = 3
+# Pipeliner stages for programs of 3 or more K steps (the LM head, gate/up); 1: the hand
+# prefetch, as for shorter programs. H200 sweep (2026-11-28, ``gemv_sweep.py --skinny``, the
+# ``s1`` rows against the 3-stage default): gate/up 22.6 / 24.3 / 25.9 us at 1 / 8 / 16 rows
+# against 30.7 / 33.0 / 35.9, the LM head 131.7 / 138.1 / 147.4 against 179.6 / 194.7 / 213.5;
+# both bit-identical across row counts.
+LOOP_STAGES = 1
 # Columns per program of the split-K reduction: 4 KiB of float32 per split read per program.
 REDUCE_BLOCK = 1024
 REDUCE_WARPS = 4
