@@ -6,11 +6,12 @@ Synchronous and single-threaded by design: the asyncio face runs it in its own t
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -332,8 +333,15 @@ class EngineCore:
             plan.scheduled = [w for w in plan.scheduled if not w.request.is_finished]
         if not plan.scheduled:
             return outputs
-        launched = self._launch(plan, prev)
-        if prev is not None:
+        # A grammar needs the previous token before it can mask this step's logits, but the
+        # forward does not: with constrained rows waiting on the step in flight, that step is
+        # read back (and their matchers advanced) after this step's forward is launched and
+        # before its sampler, so the host's output work and the masks overlap the forward.
+        before_sampling = None
+        if prev is not None and self._grammar_waits_on(plan):
+            before_sampling = functools.partial(self._finish_into, prev, outputs)
+        launched = self._launch(plan, prev, before_sampling)
+        if prev is not None and before_sampling is None:
             outputs.extend(self._finish(prev))
         # After the previous step's tokens are known: the prefix cache hashes what this step
         # computes, which may include the token the previous step sampled.
@@ -347,26 +355,40 @@ class EngineCore:
             outputs.extend(self._finish(launched))
         return outputs
 
+    def _grammar_waits_on(self, plan: SchedulerOutput) -> bool:
+        """Whether a constrained sequence of ``plan`` waits on the step in flight's token: its
+        matcher must see that token before this step's mask (not before its forward)."""
+        return any(
+            w.request.matcher is not None and w.request.num_pending_tokens
+            for w in plan.scheduled
+            if w.completes_sequence
+        )
+
     def _needs_known_tokens(self, plan: SchedulerOutput) -> bool:
         """Whether the step in flight must be read back before ``plan`` launches: a sequence
         that waits on a device-side token samples with a rule that reads its output tokens
         (penalties, min_tokens) and the sampling state has to be built afresh (the batch
-        changed), so the host needs that token; or its grammar must see that token before it
-        can say what may follow (structured outputs: always)."""
+        changed), so the host needs that token. (A grammar needs it too, but only before the
+        sampler: :meth:`step` reads the step back between this one's forward and sampler.)"""
         reqs = [w.request for w in plan.scheduled if w.completes_sequence]
         pending = [r for r in reqs if r.num_pending_tokens]
-        if any(r.matcher is not None for r in pending):
-            return True
         if not any(needs_output_history(r.params) for r in pending):
             return False
         cached = self._sampling
         return cached is None or cached.key != sampling_key(reqs)
 
-    def _launch(self, plan: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
+    def _launch(
+        self,
+        plan: SchedulerOutput,
+        prev: _InFlight | None,
+        before_sampling: Callable[[], None] | None = None,
+    ) -> _InFlight:
         """Run the forward and the sampler of ``plan`` (asynchronously on CUDA) and queue the
-        copy of the sampled tokens to the host."""
+        copy of the sampled tokens to the host; ``before_sampling`` runs between the two."""
         seqs = self._sequences(plan.scheduled, prev)
         logits = self.runner.execute(seqs, prev.token_ids if prev is not None else None)
+        if before_sampling is not None:
+            before_sampling()
         reqs = [w.request for w in plan.scheduled if w.completes_sequence]
         if not reqs:
             return _InFlight([], {}, None, None)
@@ -382,6 +404,9 @@ class EngineCore:
         )
         rows = {r.request_id: i for i, r in enumerate(reqs)}
         return _InFlight(reqs, rows, sampled.token_ids, host)
+
+    def _finish_into(self, flight: _InFlight, outputs: list[RequestOutput]) -> None:
+        outputs.extend(self._finish(flight))
 
     def _finish(self, flight: _InFlight) -> list[RequestOutput]:
         """Read a launched step's tokens back and turn them into outputs."""
@@ -443,8 +468,10 @@ class EngineCore:
             self._sampling = cached = _SamplingState(key, batch)
         batch.allowed = None
         if any(r.matcher is not None for r in reqs):
-            # The grammar's mask is this step's (its matcher has seen every earlier token).
-            matchers = [r.matcher for r in reqs]
+            # The grammar's mask is this step's (its matcher has seen every earlier token). A
+            # sequence that finished on the token read back just before (a stop, its grammar's
+            # end) still has a row here, thrown away: no mask for it.
+            matchers = [None if r.is_finished else r.matcher for r in reqs]
             executor = self.grammar_compiler().executor if len(reqs) > 1 else None
             batch.allowed = allowed_tokens(matchers, self.vocab_size, self.device, executor)
         out = self.sampler(logits, batch)

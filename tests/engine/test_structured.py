@@ -149,6 +149,33 @@ def test_a_step_in_flight_gives_the_same_constrained_output(llm: LLM) -> None:
     assert outs[0] == outs[1]
 
 
+def test_constrained_rows_ending_mid_batch_with_a_step_in_flight(llm: LLM) -> None:
+    """With overlap, a step's constrained rows are read back between the next step's forward and
+    its sampler. Rows whose grammar ends (a choice, a short regex), or that stop on a string,
+    while others run on still have a row in the step already launched: it is thrown away, and
+    everything else comes out as when stepping in sync."""
+    requests = [
+        SamplingParams(temperature=0, max_tokens=20, structured=StructuredOutput.choice(
+            ["yes", "no"], "guided_choice")),
+        SamplingParams(temperature=0.7, seed=3, max_tokens=60, structured=StructuredOutput(
+            "regex", "[a-z]{2,6}( [a-z]{2,6}){0,3}", "guided_regex")),
+        SamplingParams(temperature=0.9, seed=7, max_tokens=120,
+                       structured=StructuredOutput.json_schema(schema_variants()[2])),
+        SamplingParams(temperature=0.9, seed=9, max_tokens=80, stop=['",'],
+                       structured=StructuredOutput.json_schema(schema_variants()[4])),
+        SamplingParams(temperature=0.8, seed=11, max_tokens=40),  # unconstrained beside them
+    ]  # fmt: skip
+    outs = []
+    for overlap in (False, True):
+        llm.engine.overlap = overlap
+        results = llm.chat([PROMPT] * len(requests), requests)
+        outs.append([(r.outputs[0].text, r.outputs[0].finish_reason) for r in results])
+    llm.engine.overlap = False
+    assert outs[0] == outs[1]
+    assert outs[0][0][0] in ("yes", "no")
+    assert re.fullmatch("[a-z]{2,6}( [a-z]{2,6}){0,3}", outs[0][1][0])
+
+
 _scalar = st.sampled_from(
     [
         {"type": "integer", "minimum": 0, "maximum": 100},
