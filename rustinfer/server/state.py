@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 
 from rustinfer.engine.async_engine import AsyncEngine
-from rustinfer.errors import NotReadyError, ShuttingDownError
+from rustinfer.errors import NotReadyError, RustinferError, ShuttingDownError
 from rustinfer.server.metrics import EngineMetrics
 from rustinfer.server.openai.chat import ChatCompletions
 from rustinfer.server.openai.completions import Completions
@@ -71,7 +71,11 @@ class ServerState:
             self.chat = ChatCompletions(self.serving)
             self.completions = Completions(self.serving)
         except BaseException as exc:
-            logger.exception("loading the model failed")
+            if isinstance(exc, RustinferError):
+                # A problem the message explains (bad path, flag, plugin): no traceback.
+                logger.error("loading the model failed: %s", exc)
+            else:
+                logger.exception("loading the model failed")
             self.load_error = exc
             self.failed.set()
             for callback in self.on_failure:
