@@ -146,6 +146,16 @@ def test_prefill_pack_must_divide_the_group():
     assert PrefillConfig(128, 64, 8, 3).heads_per_program(3) == 1
 
 
+def test_small_grid_tiles_need_more_shared_memory_than_consumer_cards_have():
+    """The 64-row / 128-key tiles taken for small grids hold ~104 KiB of stages in bf16 at head
+    dim 64: fine on an A100 (163 KiB) or H100/H200 (227), too much for a 99 KiB consumer card,
+    where the launcher keeps the default tiles."""
+    from rustinfer_ops_cuda.kernels.prefill_attention import SMALL_GRID_64, _stage_bytes
+
+    need = _stage_bytes(SMALL_GRID_64, 64, torch.empty(0, dtype=torch.bfloat16))
+    assert 99 * 1024 < need < 163 * 1024
+
+
 @interpret
 def test_prefill_interpret_strided_q():
     check_prefill([(21, 21), (30, 9)], (8, 2), 64, torch.float16, is_strided=True)

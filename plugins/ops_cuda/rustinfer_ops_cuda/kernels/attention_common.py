@@ -32,6 +32,23 @@ def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory a program may use on a CUDA device, in bytes (0 if it cannot be read):
+    what decides whether a tile shape's pipeline stages fit (227 KiB on an H100/H200, 163 on an
+    A100, ~99 on consumer Ampere/Ada cards)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _max_shared_memory(index)
+
+
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        return int(props["max_shared_mem"])
+    except Exception:  # noqa: BLE001  (an unknown driver: say nothing fits beyond the defaults)
+        return 0
+
+
 @triton.jit
 def attend_step(
     q,

@@ -25,6 +25,7 @@ from rustinfer_ops_cuda.kernels.attention_common import (
     MIN_DOT,
     attend_step,
     dot_width,
+    max_shared_memory,
     multiprocessor_count,
 )
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention, check_tensor
@@ -236,6 +237,13 @@ def _prefill_kernel(
             )  # fmt: skip
 
 
+def _stage_bytes(cfg: PrefillConfig, head_dim: int, q: torch.Tensor) -> int:
+    """Shared memory the tile shape's pipeline holds: the query tile and ``num_stages`` K and V
+    tiles (an estimate of what Triton allocates, enough to tell a 99 KiB card from a 227 one)."""
+    block_d, size = dot_width(head_dim), q.element_size()
+    return (cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * block_d * size
+
+
 def attention_prefill(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -266,7 +274,10 @@ def attention_prefill(
     if config is None and cfg is CONFIGS[64]:
         pack = cfg.heads_per_program(group)
         programs = triton.cdiv(max_query_len, cfg.block_m // pack) * (n_heads // pack) * batch
-        if programs < 2 * sms:
+        # 16-bit only (the shape measured), and only where its stages fit the card's shared
+        # memory (not on ~99 KiB consumer cards).
+        fits = _stage_bytes(SMALL_GRID_64, head_dim, q) <= max_shared_memory(q.device)
+        if programs < 2 * sms and q.element_size() == 2 and fits:
             cfg = SMALL_GRID_64
     pack = cfg.heads_per_program(group)
     tiles = triton.cdiv(max_query_len, cfg.block_m // pack)
