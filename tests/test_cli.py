@@ -86,6 +86,28 @@ def test_unknown_device_is_a_clear_error(capsys):
     assert "unknown device type 'tpu'; registered: cpu, cuda" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["generate", "hi"], ["bench", "latency"]])
+def test_batch_invariant_without_such_kernels_is_a_clear_error(tmp_path, capsys, command):
+    """The flag reaches the loader from every command that loads a model; on the CPU no plugin
+    offers batch-invariant kernels, and asking for the guarantee must not pass silently."""
+    path = write_checkpoint(tmp_path / "m", tiny_config(), {})
+    args = [*command, "--model", str(path), "--load-format", "dummy", "--device", "cpu"]
+    assert main([*args, "--batch-invariant"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-invariant: no installed plugin has batch-invariant kernels for cpu" in err
+    assert "Traceback" not in err
+
+
+def test_serve_settings_take_batch_invariant(monkeypatch):
+    from rustinfer.cli.main import build_parser
+    from rustinfer.cli.serve import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--batch-invariant"])
+    assert settings_from_args(args).batch_invariant is True
+    monkeypatch.setenv("RUSTINFER_BATCH_INVARIANT", "true")
+    assert settings_from_args(build_parser().parse_args(["serve"])).batch_invariant is True
+
+
 def test_bench_throughput_json_on_dummy_weights(tmp_path, capsys):
     path = write_checkpoint(tmp_path / "m", tiny_config(), {})
     argv = ["bench", "throughput", "--model", str(path / "config.json"), "--load-format", "dummy",
