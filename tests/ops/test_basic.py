@@ -122,6 +122,27 @@ def test_prepared_weight_serves_linear_and_embedding(
     assert_exact(cpu_impl("embedding", dtype)(ids, prepared), EMBEDDING.reference(ids, weight))
 
 
+@pytest.mark.parametrize("wt_x", [True, False], ids=["w_xt", "f_linear"])
+@pytest.mark.parametrize("tokens", [16, 32])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_linear_on_a_prepared_weight_both_batched_paths(
+    tokens: int, bias: bool, wt_x: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16-32 rows on a prepared float32 weight take W @ x^T on AVX2 CPUs and F.linear elsewhere:
+    both meet the spec, whichever this machine picks."""
+    import rustinfer_ops_cpu.basic as basic
+
+    monkeypatch.setattr(basic, "_WT_X_ROWS", (16, 32) if wt_x else (1, 0))
+    k, n = 576, 1031
+    weight = randn(n, k, dtype=torch.float32, scale=k**-0.5)
+    prepared = cpu_impl("prepare_linear_weight", torch.float32)(weight)
+    x = randn(tokens, k, dtype=torch.float32)
+    b = randn(n, dtype=torch.float32) if bias else None
+    out = basic.linear(x, prepared, b)
+    assert out.is_contiguous()
+    assert_matches_spec("linear", out, LINEAR.reference(x, weight, b), torch.float32)
+
+
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 200), k=st.integers(1, 200), dtype=st.sampled_from(FLOAT_DTYPES))
 def test_prepare_linear_weight_keeps_values(n: int, k: int, dtype: torch.dtype) -> None:

@@ -11,12 +11,14 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids, table)
 
 
-# Row counts for which MKL (2 AVX2 threads) runs W @ x^T faster than x @ W^T on a column-major
-# weight (see prepare_linear_weight). Measured over SmolLM2's weights: 16 rows 78 vs 98 ms,
-# 32 rows 107 vs 125 ms; at 8 and at 42+ rows F.linear was as fast or faster. Batched decode
-# of 16-32 sequences lands here.
-_WT_X_MIN_ROWS = 16
-_WT_X_MAX_ROWS = 32
+# Row counts for which MKL runs W @ x^T faster than x @ W^T on a column-major weight (see
+# prepare_linear_weight), on AVX2 CPUs only. Measured on a 2-core AVX2 EPYC over SmolLM2's
+# weights: 16 rows 78 vs 98 ms, 32 rows 107 vs 125 ms; at 8 and at 42+ rows F.linear was as
+# fast or faster. On a 2-core AVX-512 Xeon it is the other way round: the LM head at 16 rows
+# 33.8 ms against F.linear's 19.8, and 16 concurrent SmolLM2 requests 56-60 tok/s (float32)
+# and 80-85 (Q4_1) through W @ x^T against 78-88 and 90 through F.linear. Batched decode of
+# 16-32 sequences lands here.
+_WT_X_ROWS = (16, 32) if torch.backends.cpu.get_cpu_capability() == "AVX2" else (1, 0)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -27,7 +29,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         # the CPU: the widening costs nothing elsewhere).
         out = F.linear(x.float(), weight.float(), bias.float())
         return out.to(x.dtype)
-    if _WT_X_MIN_ROWS <= x.shape[0] <= _WT_X_MAX_ROWS and weight.stride(0) == 1:
+    if _WT_X_ROWS[0] <= x.shape[0] <= _WT_X_ROWS[1] and weight.stride(0) == 1:
         out = torch.mm(weight, x.t()).t().contiguous()  # [T, N]
         return out if bias is None else out.add_(bias)
     return F.linear(x, weight, bias)
