@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rustinfer.cli.common import add_model_options, apply_threads
+from rustinfer.cli.common import add_model_options, apply_threads, load_from_args
 
 __all__ = ["add_serve_parser"]
 
@@ -84,16 +84,8 @@ def _free_port() -> int:
 def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
     """Random prompts from the model's own vocabulary; the loaded model is freed by the caller."""
     from rustinfer.cli.bench import random_prompt
-    from rustinfer.runtime.loading import load_model
 
-    loaded = load_model(
-        args.model,
-        args.device,
-        args.dtype,
-        args.load_format,
-        quantization=args.quantization,
-        batch_invariant=args.batch_invariant,
-    )
+    loaded = load_from_args(args)
     prompts = [
         random_prompt(loaded, args.input_len, args.seed + i) for i in range(args.num_prompts)
     ]

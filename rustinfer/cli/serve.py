@@ -157,7 +157,7 @@ async def _announce_when_ready(server: Any, state: Any, settings: Any) -> None:
 def _weights_text(loaded: Any) -> str:  # a rustinfer.runtime.loading.LoadedModel
     """The compute dtype and how the matmul weights are held, e.g. "float32, quantization gguf"."""
     dtype = str(loaded.dtype).removeprefix("torch.")
-    invariant = ", batch-invariant" if getattr(loaded, "batch_invariant", False) else ""
+    invariant = ", batch-invariant" if loaded.batch_invariant else ""
     return f"{dtype}, quantization {loaded.quantization}{invariant}"
 
 

@@ -16,6 +16,7 @@ u64 dims innermost first, u32 ggml type, u64 offset); then the tensor data, alig
 from __future__ import annotations
 
 import enum
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -146,10 +147,7 @@ class GGUFTensorInfo:
 
     @property
     def n_elements(self) -> int:
-        count = 1
-        for dim in self.dims:
-            count *= dim
-        return count
+        return math.prod(self.dims)
 
 
 class _Cursor:
@@ -171,13 +169,7 @@ class _Cursor:
         return values
 
     def string(self) -> str:
-        (length,) = self.unpack("<Q")
-        end = self.offset + length
-        if end > len(self.buffer):
-            raise GGUFFormatError(f"{self.path} has a string running past the end of the file")
-        raw = self.buffer[self.offset : end]
-        self.offset = end
-        return raw.decode("utf-8", errors="replace")
+        return self._strings(1)[0]
 
     def value(self, kind: int) -> Any:
         if kind == _STRING:
@@ -215,7 +207,7 @@ class _Cursor:
         append = out.append
         for _ in range(count):
             if offset + 8 > size:
-                raise GGUFFormatError(f"{self.path} ends inside a string array")
+                raise GGUFFormatError(f"{self.path} ends inside a string")
             (length,) = unpack_length(buffer, offset)
             offset += 8
             end = offset + length
@@ -256,11 +248,9 @@ class GGUFFile:
         self.version = version
         tensor_count, field_count = cursor.unpack("<QQ")
         self.fields: dict[str, Any] = {}
-        self.field_types: dict[str, int] = {}
         for _ in range(field_count):
             key = cursor.string()
             (kind,) = cursor.unpack("<I")
-            self.field_types[key] = kind
             self.fields[key] = cursor.value(kind)
         infos = []
         for _ in range(tensor_count):
@@ -285,9 +275,7 @@ class GGUFFile:
                 f"tensor {name!r} in {self.path} has ggml type {tensor_type}, which this reader "
                 "does not know; the file may come from a newer llama.cpp"
             ) from None
-        elements = 1
-        for dim in dims:
-            elements *= dim
+        elements = math.prod(dims)
         per_block, block_bytes = GGML_BLOCKS[kind]
         if elements % per_block:
             raise GGUFFormatError(

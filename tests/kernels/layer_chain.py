@@ -61,3 +61,22 @@ def check_layer_chain_in_graph(
         residual.copy_(r0)
         graph.replay()
         assert torch.equal(out, expected)
+
+
+def bf16_layers(
+    rows: int, hidden: int = 2048, inter: int = 8192
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Two Llama-3.2-1B-sized bf16 layers (norm weight, gate/up, down; weights scaled like
+    trained ones) and a ``rows``-row input and residual, seeded: :func:`check_layer_chain_in_graph`'s
+    arguments for a dense matmul."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(torch.bfloat16)
+
+    layers = [
+        (rand(hidden, scale=1.0), rand(2 * inter, hidden, scale=hidden**-0.5),
+         rand(hidden, inter, scale=inter**-0.5))
+        for _ in range(2)
+    ]  # fmt: skip
+    return layers, rand(rows, hidden, scale=1.0), rand(rows, hidden, scale=1.0)

@@ -19,7 +19,7 @@ from rustinfer_ops_cuda.kernels.gemv import (
 from rustinfer.ops import LINEAR, LOGITS
 
 from .lanes import LANE_DEVICE
-from .layer_chain import check_layer_chain_in_graph
+from .layer_chain import bf16_layers, check_layer_chain_in_graph
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -120,16 +120,5 @@ def test_dependent_gemvs_in_a_graph_read_their_predecessors_outputs(rows: int) -
     """A layer's chain as decode runs it (add+RMSNorm -> GEMV -> SwiGLU -> GEMV, twice), captured
     and replayed back to back: equal to the same kernels run one at a time with a sync between
     each. A GEMV that read its activations before its predecessor finished would differ."""
-    hidden, inter = 2048, 8192
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape: int, scale: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(torch.bfloat16)
-
-    layers = [
-        (rand(hidden, scale=1.0), rand(2 * inter, hidden, scale=hidden**-0.5),
-         rand(hidden, inter, scale=inter**-0.5))
-        for _ in range(2)
-    ]  # fmt: skip
-    x0, r0 = rand(rows, hidden, scale=1.0), rand(rows, hidden, scale=1.0)
+    layers, x0, r0 = bf16_layers(rows)
     check_layer_chain_in_graph(lambda t, w: linear(t, w, None), layers, x0, r0)

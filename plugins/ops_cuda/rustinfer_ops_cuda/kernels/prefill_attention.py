@@ -237,6 +237,23 @@ def _prefill_kernel(
             )  # fmt: skip
 
 
+def _grid_config(
+    q: torch.Tensor, n_heads: int, group: int, batch: int, max_query_len: int, sms: int
+) -> PrefillConfig:
+    """The default tiles, or :data:`SMALL_GRID_64` where they would give fewer than two programs
+    per SM: 16-bit only (the case measured), and only where its stages fit the card's shared
+    memory (not on ~99 KiB consumer cards)."""
+    cfg = default_config(q.shape[-1], q.device)
+    if cfg is not CONFIGS[64] or q.element_size() != 2:
+        return cfg
+    pack = cfg.heads_per_program(group)
+    programs = triton.cdiv(max_query_len, cfg.block_m // pack) * (n_heads // pack) * batch
+    if programs >= 2 * sms:
+        return cfg
+    fits = _stage_bytes(SMALL_GRID_64, q.shape[-1], q) <= max_shared_memory(q.device)
+    return SMALL_GRID_64 if fits else cfg
+
+
 def _stage_bytes(cfg: PrefillConfig, head_dim: int, q: torch.Tensor) -> int:
     """Shared memory the tile shape's pipeline holds: the query tile and ``num_stages`` K and V
     tiles (an estimate of what Triton allocates, enough to tell a 99 KiB card from a 227 one)."""
@@ -270,15 +287,7 @@ def attention_prefill(
         return out
     group = n_heads // n_kv_heads
     sms = multiprocessor_count(q.device) if q.device.type == "cuda" else 1
-    cfg = config or default_config(head_dim, q.device)
-    if config is None and cfg is CONFIGS[64]:
-        pack = cfg.heads_per_program(group)
-        programs = triton.cdiv(max_query_len, cfg.block_m // pack) * (n_heads // pack) * batch
-        # 16-bit only (the shape measured), and only where its stages fit the card's shared
-        # memory (not on ~99 KiB consumer cards).
-        fits = _stage_bytes(SMALL_GRID_64, head_dim, q) <= max_shared_memory(q.device)
-        if programs < 2 * sms and q.element_size() == 2 and fits:
-            cfg = SMALL_GRID_64
+    cfg = config or _grid_config(q, n_heads, group, batch, max_query_len, sms)
     pack = cfg.heads_per_program(group)
     tiles = triton.cdiv(max_query_len, cfg.block_m // pack)
     # Pairing halves the programs: worth it only while the paired grid still fills the GPU (a
