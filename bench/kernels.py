@@ -6,6 +6,8 @@ implementation registered for cuda (rustinfer-ops-cpu) eager and under torch.com
 attention ops torch's scaled_dot_product_attention on contiguous K/V (its best case). Each row gets
 a floor (bytes over the copy bandwidth, or FLOPs over the matmul rate) and the share of it reached;
 decode rows also get the time of the plainest kernel that reads the same bytes once ("read").
+Prefill rows also time the op as the engine calls it ("op": with the host-side ``max_seq_len``
+hint, from which a lone long prompt takes gather + SDPA) beside the Triton kernel alone.
 Progress goes to stderr; the table is printed last on stdout and every number goes to ``--out``.
 
     python bench/kernels.py --out kernels.json            # the full run (an H100: a few minutes)
@@ -113,7 +115,7 @@ FULL = Shapes(
     decode_batches=(1, 64),
     decode_contexts=(512, 1024, 4096, 8192, 16384, 32768),
     decode_goal_ctx=4096,
-    prefill_lens=(2048, 4096, 8192),
+    prefill_lens=(2048, 3072, 4096, 8192),
     chunk=(512, 4096),
     copy_bytes=1 << 30,
     matmul_n=8192,
@@ -167,6 +169,9 @@ class Row:
     sdpa_ms: float | str | None = None
     # SDPA on the paged cache as it is: each call first gathers the K/V blocks, then attends
     sdpa_paged_ms: float | str | None = None
+    # the op as the engine calls it, with the host-side hint (attention_prefill's max_seq_len):
+    # the path it picks from that hint (the Triton kernel or gather + SDPA), not one kernel
+    op_ms: float | str | None = None
     # the fastest one-pass read of the same bytes by a plain streaming kernel (decode rows)
     read_ms: float | str | None = None
     floor_ms: float | None = None
@@ -202,6 +207,8 @@ class Case:
     sdpa_paged: Callable[[], Callable[[], Any]] | None = None
     # times the plain-read peer -> ms
     read_peer: Callable[[], float] | None = None
+    # appended to each argument set for the op_ms column (attention_prefill: max_seq_len)
+    hint: tuple[Any, ...] | None = None
 
 
 class Bench:
@@ -858,6 +865,7 @@ def prefill_case(bench: Bench, q_len: int, prefix: int, goal: bool) -> Case:
         else None,
         sdpa=sdpa,
         sdpa_paged=sdpa_paged,
+        hint=(ctx,),
     )
 
 
@@ -924,6 +932,14 @@ def run_case(bench: Bench, case: Case, impls: Impls) -> Row:
         except Exception as exc:
             row.status = f"error: {short(exc)}"
             log(f"  triton failed: {traceback.format_exc(limit=-4)}")
+            bench.free()
+
+    if case.hint is not None and impls.triton is not None:
+        try:
+            hinted = [functools.partial(impls.triton, *a, *case.hint) for a in case.arg_sets]
+            row.op_ms = bench.graph_ms(rotating(hinted), len(case.arg_sets))
+        except Exception as exc:
+            row.op_ms = f"failed: {short(exc)}"
             bench.free()
 
     try:
@@ -1041,6 +1057,7 @@ def table(rows: list[Row]) -> str:
         "kernel",
         "shape",
         "triton ms",
+        "op ms",
         "torch ms",
         "compile ms",
         "sdpa ms",
@@ -1063,6 +1080,7 @@ def table(rows: list[Row]) -> str:
             r.kernel,
             r.shape,
             fmt_ms(r.triton_ms),
+            fmt_ms(r.op_ms),
             fmt_ms(r.torch_ms),
             fmt_ms(r.compile_ms),
             fmt_ms(r.sdpa_ms),
@@ -1140,7 +1158,8 @@ def main() -> int:
             bench.free()
             rows.append(row)
             log(
-                f"{kernel} {row.shape}: triton {fmt_ms(row.triton_ms)} ms, torch "
+                f"{kernel} {row.shape}: triton {fmt_ms(row.triton_ms)} ms, op "
+                f"{fmt_ms(row.op_ms)}, torch "
                 f"{fmt_ms(row.torch_ms)}, compile {fmt_ms(row.compile_ms)}, sdpa "
                 f"{fmt_ms(row.sdpa_ms)}; {achieved(row)}; {row.status} "
                 f"({time.perf_counter() - t0:.1f} s)"

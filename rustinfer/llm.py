@@ -89,12 +89,14 @@ class LLM:
         """An LLM over an already loaded model whose KV pool holds exactly one request of
         ``max_tokens_total`` tokens: ``rustinfer generate`` and ``bench latency`` allocate no more
         than they use. No prefix cache: one request has nothing to share, and repeated benchmark
-        runs must prefill for real."""
+        runs must prefill for real. The whole prompt is one step (no chunks): with no other
+        request to keep decoding, chunking would only add launches and re-read the prefix."""
         block = DEFAULT_BLOCK_SIZE
         blocks = max(1, -(-max_tokens_total // block))
         config = EngineConfig(
             block_size=block,
             max_num_seqs=1,
+            max_num_batched_tokens=max(EngineConfig.max_num_batched_tokens, max_tokens_total),
             kv_cache_bytes=blocks * kv_bytes_per_block(loaded.model, block),
             enable_prefix_caching=False,
             enforce_eager=enforce_eager,

@@ -221,6 +221,7 @@ class ModelRunner:
             seq_lens=lens_d,
             cu_seqlens_q=cu_d,
             max_query_len=int(lens_q.max()),
+            max_seq_len=int(ends.max()),
         )
         return StepInputs(
             input_ids=ids_d,

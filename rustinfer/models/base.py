@@ -29,6 +29,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32: context length including this step's tokens
     cu_seqlens_q: torch.Tensor  # [B + 1] int32: row offsets of each sequence's new tokens
     max_query_len: int  # host-side max q_len_i, sizes prefill kernel grids without a device sync
+    # Host-side max seq_lens[i] where the caller knows it (None: unknown). With max_query_len it
+    # tells a kernel, without a device sync, whether any sequence has a cached prefix.
+    max_seq_len: int | None = None
 
     @property
     def is_decode(self) -> bool:

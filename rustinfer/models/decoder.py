@@ -277,6 +277,7 @@ class DenseDecoderForCausalLM(Model):
                     attn.seq_lens,
                     attn.max_query_len,
                     self.scale,
+                    attn.max_seq_len,
                 )
             hidden = ops.linear(o.reshape(n_tokens, hq * d), layer["o_weight"], layer["o_bias"])
             x, residual = ops.fused_add_rmsnorm(hidden, residual, layer["post_attn_norm"], eps)

@@ -68,6 +68,7 @@ def attention_prefill_reference(
     seq_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Each sequence's new queries against its whole cached context, in float64."""
     out = torch.zeros(q.shape, dtype=torch.float64)  # [T, Hq, D]
@@ -77,6 +78,8 @@ def attention_prefill_reference(
         q_len = end - start
         if not 0 < q_len <= min(ctx, max_query_len):
             raise ValueError(f"sequence {i}: q_len {q_len}, seq_len {ctx}, max {max_query_len}")
+        if max_seq_len is not None and ctx > max_seq_len:
+            raise ValueError(f"sequence {i}: seq_len {ctx} > max_seq_len {max_seq_len}")
         k = _context_reference(k_cache, block_tables[i], ctx)
         v = _context_reference(v_cache, block_tables[i], ctx)
         query_pos = torch.arange(ctx - q_len, ctx)  # the new tokens are the last q_len positions
@@ -155,7 +158,7 @@ _ATTENTION_TOLERANCES = {
 ATTENTION_PREFILL = OpSpec(
     name="attention_prefill",
     doc="""attention_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens,
-                      max_query_len, scale) -> out
+                      max_query_len, scale, max_seq_len=None) -> out
 
     q:             [T, Hq, D], the new queries of B sequences packed back to back (may be strided).
     k_cache, v_cache: [num_blocks, block_size, Hkv, D], q's dtype; the new tokens' k/v are ALREADY
@@ -168,6 +171,10 @@ ATTENTION_PREFILL = OpSpec(
                    seq_lens[i] >= q_len_i.
     max_query_len: int, max_i q_len_i (kernels size their grid with it).
     scale:         float multiplying q.k (usually head_dim ** -0.5).
+    max_seq_len:   int | None: max_i seq_lens[i] when the caller knows it on the host (an upper
+                   bound is not allowed: it must be the max), None when it does not. Kernels may
+                   pick a path from it without a device sync (max_seq_len == max_query_len and
+                   B = 1: a whole prompt, no cached prefix); the result is the same either way.
     out:           [T, Hq, D], q's dtype, contiguous.
 
     Query j of sequence i sits at position seq_lens[i] - q_len_i + j and attends to cache positions

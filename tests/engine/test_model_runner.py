@@ -90,6 +90,19 @@ def test_batched_and_chunked_steps_match_each_sequence_alone(model):
         torch.testing.assert_close(got, torch.stack(ref_rows), atol=1e-10, rtol=1e-10)
 
 
+def test_step_metadata_tells_kernels_the_longest_context(model):
+    # max_seq_len (host side) is the longest context of the step, prefix included: with
+    # max_query_len it tells a kernel whether a lone prompt has a cached prefix.
+    runner = ModelRunner(model, torch.device("cpu"), num_blocks=16, block_size=BLOCK)
+    step = runner.prepare([ScheduledSequence(PROMPTS[0], 0, [0, 1, 2])])
+    assert (step.attn.max_query_len, step.attn.max_seq_len) == (11, 11)
+    step = runner.prepare(
+        [ScheduledSequence(PROMPTS[1], 7, [0, 1, 2]), ScheduledSequence([5], 2, [3])]
+    )
+    assert (step.attn.max_query_len, step.attn.max_seq_len) == (4, 11)
+    assert step.attn.seq_lens.tolist() == [11, 3]
+
+
 def test_block_table_too_short_is_rejected(model):
     runner = ModelRunner(model, torch.device("cpu"), num_blocks=4, block_size=BLOCK)
     with pytest.raises(ValueError, match="needs 5 slots but its block table covers 4"):

@@ -113,6 +113,18 @@ def test_attention_prefill_ragged_batch(
     assert_matches_spec("attention_prefill", out, ref, dtype)
 
 
+def test_attention_prefill_max_seq_len_hint() -> None:
+    # The host-side hint changes no result (the CPU op ignores it) and the reference refuses a
+    # hint below a sequence's context: it must be the max, not a guess.
+    args = prefill_args([(33, 5), (20, 20)], (4, 2), 64, 16, torch.float32)
+    without, _ = _cpu_and_reference("attention_prefill", args)
+    with_hint, ref = _cpu_and_reference("attention_prefill", (*args, 33))
+    assert torch.equal(without, with_hint)
+    assert_matches_spec("attention_prefill", with_hint, ref, torch.float32)
+    with pytest.raises(ValueError, match="seq_len 33 > max_seq_len 32"):
+        SPECS["attention_prefill"].reference(*args, 32)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("block_size", [16, 5])
 @pytest.mark.parametrize("seq_len", CONTEXTS)

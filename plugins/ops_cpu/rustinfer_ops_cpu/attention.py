@@ -149,12 +149,13 @@ def attention_prefill(
     seq_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] packed over B sequences -> [T, Hq, D] in q's dtype.
 
-    ``max_query_len`` sizes GPU grids; the CPU loop has no use for it.
+    ``max_query_len`` and ``max_seq_len`` pick GPU paths; the CPU loop has no use for them.
     """
-    del max_query_len
+    del max_query_len, max_seq_len
     starts = cu_seqlens_q.tolist()
     q4 = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D] view
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]

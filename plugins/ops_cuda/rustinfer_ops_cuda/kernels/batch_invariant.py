@@ -57,10 +57,14 @@ def attention_prefill(
     seq_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """The ``attention_prefill`` op with its tile shape fixed by the head dim alone: the default
     picks smaller tiles when the batch's grid is small, which would change a sequence's key
-    steps (and so its bits) with the batch beside it."""
+    steps (and so its bits) with the batch beside it. For the same reason a long lone prompt
+    does not take the default's SDPA path (``max_seq_len`` is not used): a given ``config`` keeps
+    the Triton kernel."""
+    del max_seq_len
     config = prefill_attention.default_config(q.shape[-1], q.device)
     return prefill_attention.attention_prefill(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_query_len, scale,

@@ -30,6 +30,7 @@ from rustinfer_ops_cuda.kernels.attention_common import (
 )
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention, check_tensor
 from rustinfer_ops_cuda.kernels.launch import launch_on
+from rustinfer_ops_cuda.kernels.prompt_sdpa import prompt_sdpa, takes_prompt_sdpa
 
 
 @dataclass(frozen=True)
@@ -270,11 +271,14 @@ def attention_prefill(
     seq_lens: torch.Tensor,
     max_query_len: int,
     scale: float,
+    max_seq_len: int | None = None,
     *,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
-    """The ``attention_prefill`` op (see its spec). ``config`` overrides the tile shape (for
-    benchmark sweeps)."""
+    """The ``attention_prefill`` op (see its spec). A long whole prompt of one sequence (known
+    from ``max_seq_len``) goes to torch's SDPA where that was measured faster (``prompt_sdpa``);
+    everything else, and every call with a ``config`` (which sets the Triton kernel's tile shape,
+    for benchmark sweeps and the batch-invariant mode), runs the Triton kernel."""
     check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q=cu_seqlens_q)
     tokens, n_heads, head_dim = q.shape
     page, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -285,6 +289,9 @@ def attention_prefill(
     out = torch.empty((tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0:
         return out
+    if config is None and takes_prompt_sdpa(q, batch, max_query_len, max_seq_len):
+        with launch_on(q.device):
+            return prompt_sdpa(q, k_cache, v_cache, block_tables, scale)
     group = n_heads // n_kv_heads
     sms = multiprocessor_count(q.device) if q.device.type == "cuda" else 1
     cfg = config or _grid_config(q, n_heads, group, batch, max_query_len, sms)

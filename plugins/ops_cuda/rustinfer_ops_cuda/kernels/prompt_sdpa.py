@@ -1,0 +1,80 @@
+"""Long whole prompts of one sequence through torch's scaled_dot_product_attention.
+
+The Triton prefill kernel reads K/V through the block table, one page per gather, and serves every
+case with one code path (plain prompts, cached prefixes, chunks, ragged batches). On one
+sequence's whole prompt it trails torch's SDPA (FlashAttention-2 on Hopper) on contiguous K/V:
+H200, 32 query / 8 KV heads, D=64, bf16, by 4% / 15% / 19% at 2k / 4k / 8k tokens (BENCHMARKS.md,
+28 tile shapes swept). When there is no cached prefix, the sequence's K/V are exactly its pages in
+table order, so one ``index_select`` per cache makes them contiguous; past
+:data:`SDPA_MIN_TOKENS` SDPA's lead is larger than that copy, and ``attention_prefill`` takes this
+path there. Whether a prompt qualifies is decided on the host from ``max_seq_len`` (the op's
+host-side hint): with one sequence and ``max_seq_len == max_query_len == T`` nothing was cached
+before it.
+
+Only on the card class where it was measured (compute capability 9.0): elsewhere the balance
+between the two is unknown and the Triton kernel keeps every shape.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# Prompts from this many tokens take SDPA (H200 sweep, bench/kernels.py --only attention_prefill:
+# the op with the hint against the Triton kernel alone, gather included; BENCHMARKS.md).
+SDPA_MIN_TOKENS = 4096
+# Head dims FlashAttention-2 serves (SDPA falls back to slower backends for others).
+FLASH_HEAD_DIMS = frozenset({64, 128})
+MEASURED_CAPABILITY = (9, 0)
+
+
+@functools.cache
+def _measured_card(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == MEASURED_CAPABILITY
+
+
+def takes_prompt_sdpa(
+    q: torch.Tensor, batch: int, max_query_len: int, max_seq_len: int | None
+) -> bool:
+    """Whether ``attention_prefill`` should run this step through :func:`prompt_sdpa`: one
+    sequence, no cached prefix (known from the host-side ``max_seq_len``), a long 16-bit prompt
+    on a measured card."""
+    if max_seq_len is None or batch != 1 or max_query_len < SDPA_MIN_TOKENS:
+        return False
+    if not max_seq_len == max_query_len == q.shape[0]:
+        return False
+    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if q.shape[-1] not in FLASH_HEAD_DIMS:
+        return False
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return _measured_card(index)
+
+
+def prompt_sdpa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One sequence's whole prompt: q [T, Hq, D] against its T cached keys, causal -> [T, Hq, D]
+    contiguous. The caller has checked :func:`takes_prompt_sdpa`."""
+    tokens, n_heads, head_dim = q.shape
+    page, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    pages = block_tables[0, : -(-tokens // page)]
+    # [pages, page, Hkv, D] gathered, then token-major [T, Hkv, D]; SDPA takes [1, H, T, D]
+    # views of these token-major tensors (FlashAttention reads them in that layout, no copy).
+    k = k_cache.index_select(0, pages).view(-1, n_kv_heads, head_dim)[:tokens]
+    v = v_cache.index_select(0, pages).view(-1, n_kv_heads, head_dim)[:tokens]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=n_heads != n_kv_heads,
+    )[0].transpose(0, 1)  # [T, Hq, D]: FlashAttention writes token-major, so usually contiguous
+    return out if out.is_contiguous() else out.contiguous()
