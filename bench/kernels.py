@@ -32,6 +32,7 @@ if "--smoke" in sys.argv[1:]:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import inspect  # noqa: E402
@@ -221,6 +222,9 @@ class Bench:
             raise SystemExit("no CUDA device: run on a GPU machine, or use --smoke")
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.shapes = SMOKE if self.smoke else QUICK if args.quick else FULL
+        if args.prefill_lens:
+            lens = tuple(int(n) for n in args.prefill_lens.split(","))
+            self.shapes = dataclasses.replace(self.shapes, prefill_lens=lens)
         self.dtype = torch.bfloat16
         # Triton's interpreter computes bf16 tl.dot wrongly (see tests/kernels/conftest.py), so
         # the attention kernels run in fp16 in smoke mode.
@@ -1120,6 +1124,9 @@ def main() -> int:
         default="all",
         help="which kernels also time torch.compile of the torch implementation (each shape "
         "compiles anew: the attention ones cost the most time)",
+    )
+    ap.add_argument(
+        "--prefill-lens", metavar="N,N", help="whole-prompt lengths of the prefill rows"
     )
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
     ap.add_argument("--out", default=default_out, help="JSON results (default: $OUT/kernels.json)")
