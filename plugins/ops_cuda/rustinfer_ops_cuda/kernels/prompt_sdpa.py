@@ -12,7 +12,9 @@ host-side hint): with one sequence and ``max_seq_len == max_query_len == T`` not
 before it.
 
 Only on the card class where it was measured (compute capability 9.0): elsewhere the balance
-between the two is unknown and the Triton kernel keeps every shape.
+between the two is unknown and the Triton kernel keeps every shape. And only for a q that
+FlashAttention can read in place (16-byte aligned rows and heads): SDPA would otherwise fall back
+to its math backend, whose bf16 scores miss the op's tolerance.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
-# Prompts from this many tokens take SDPA (H200 sweep, bench/kernels.py --only attention_prefill:
-# the op with the hint against the Triton kernel alone, gather included; BENCHMARKS.md).
-SDPA_MIN_TOKENS = 4096
+# Prompts from this many tokens take SDPA. H200, Llama-3.2-1B heads, bf16 (bench/kernels.py
+# --only attention_prefill, the op through this path against the Triton kernel alone, gather
+# included; BENCHMARKS.md): 2,048 tokens 0.0654 against 0.0605 ms (the Triton kernel's paired
+# tiles fill two waves exactly there), 2,560 0.0891 against 0.1228, 3,072 0.118 / 0.153,
+# 4,096 0.187 / 0.207, 6,144 0.391 / 0.451, 8,192 0.660 / 0.771. Below 2,048 SDPA won by 3 us
+# (1,024 and 1,536 tokens: 5-10%), left to the Triton kernel until the band up to 2,048 is swept.
+SDPA_MIN_TOKENS = 2049
 # Head dims FlashAttention-2 serves (SDPA falls back to slower backends for others).
 FLASH_HEAD_DIMS = frozenset({64, 128})
 MEASURED_CAPABILITY = (9, 0)
@@ -33,6 +39,16 @@ MEASURED_CAPABILITY = (9, 0)
 @functools.cache
 def _measured_card(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == MEASURED_CAPABILITY
+
+
+def _flash_readable(q: torch.Tensor) -> bool:
+    # FlashAttention reads 16-byte vectors: unit last stride, every other stride and the start
+    # a multiple of 8 elements (a q sliced from a fused QKV output is, at D = 64 or 128).
+    return (
+        q.stride(-1) == 1
+        and all(stride % 8 == 0 for stride in q.stride()[:-1])
+        and q.data_ptr() % 16 == 0
+    )
 
 
 def takes_prompt_sdpa(
@@ -47,7 +63,7 @@ def takes_prompt_sdpa(
         return False
     if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if q.shape[-1] not in FLASH_HEAD_DIMS:
+    if q.shape[-1] not in FLASH_HEAD_DIMS or not _flash_readable(q):
         return False
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     return _measured_card(index)
