@@ -38,7 +38,7 @@ from rustinfer.engine.sampler import (
 )
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig, SchedulerOutput
-from rustinfer.engine.structured import GrammarCompiler, allowed_tokens
+from rustinfer.engine.structured import GrammarCompiler, banned_tokens
 from rustinfer.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError
 from rustinfer.progress import progress_bar
 from rustinfer.runtime.loading import LoadedModel
@@ -466,14 +466,14 @@ class EngineCore:
                 self.device,
             )
             self._sampling = cached = _SamplingState(key, batch)
-        batch.allowed = None
+        batch.banned = None
         if any(r.matcher is not None for r in reqs):
             # The grammar's mask is this step's (its matcher has seen every earlier token). A
             # sequence that finished on the token read back just before (a stop, its grammar's
             # end) still has a row here, thrown away: no mask for it.
             matchers = [None if r.is_finished else r.matcher for r in reqs]
             executor = self.grammar_compiler().executor if len(reqs) > 1 else None
-            batch.allowed = allowed_tokens(matchers, self.vocab_size, self.device, executor)
+            batch.banned = banned_tokens(matchers, self.vocab_size, self.device, executor)
         out = self.sampler(logits, batch)
         cached.last_token_ids = out.token_ids
         return out

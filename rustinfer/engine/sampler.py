@@ -78,9 +78,9 @@ class SamplingBatch:
     seeded_rows: list[tuple[int, torch.Generator]]
     has_unseeded_random: bool
     max_num_logprobs: int | None  # None: no row asked for logprobs
-    # [B, V] bool: the tokens each row's grammar allows this step (structured outputs); set per
+    # [B, V] bool: the tokens each row's grammar forbids this step (structured outputs); set per
     # step by the engine, None when no row has a grammar.
-    allowed: torch.Tensor | None = None
+    banned: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -189,8 +189,8 @@ class SamplerOutput:
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Stages 1-2 in place on ``logits`` [B, V]; returns it."""
-    if batch.allowed is not None:
-        logits.masked_fill_(~batch.allowed, float("-inf"))
+    if batch.banned is not None:
+        logits.masked_fill_(batch.banned, float("-inf"))
     if batch.logit_bias is not None:
         logits += batch.logit_bias
     if batch.stop_mask_rows is not None:
