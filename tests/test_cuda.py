@@ -91,3 +91,16 @@ def test_logits_keep_the_float32_accumulator(dtype):
     ref = SPECS["logits"].reference(x, w).cuda()
     rel = ((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
     assert rel < 2.0**-14, rel  # bf16 rounding alone would leave up to 2^-9
+
+
+def test_seeded_noise_on_a_row_of_the_batch_equals_a_draw_of_its_own():
+    # The sampler draws a seeded row's exponential noise straight into its row of the batch's
+    # noise: the values must be those of a fresh [V] tensor (what the row gets alone), at any
+    # row offset and width (alignment, vectorized tails).
+    for vocab in (49152, 128256, 1001):
+        for row in (0, 1, 5):
+            alone = torch.empty(vocab, device="cuda")
+            alone.exponential_(generator=torch.Generator("cuda").manual_seed(7))
+            batch = torch.empty(6, vocab, device="cuda")
+            batch[row].exponential_(generator=torch.Generator("cuda").manual_seed(7))
+            assert torch.equal(batch[row], alone), (vocab, row)

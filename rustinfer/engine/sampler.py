@@ -246,9 +246,9 @@ def _exponential_noise(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tenso
     if batch.has_unseeded_random:
         noise.exponential_()  # one batched draw from the default generator
     for row, generator in batch.seeded_rows:
-        # A fresh [V] tensor so the draw depends only on this generator, never on batch layout.
-        row_noise = torch.empty(probs.shape[1], dtype=probs.dtype, device=probs.device)
-        noise[row] = row_noise.exponential_(generator=generator)
+        # The row is a contiguous [V] view: the draw depends only on this generator and V, never
+        # on the batch's layout (one launch per row, not three).
+        noise[row].exponential_(generator=generator)
     # exponential_ may return exactly 0; 0/0 = NaN would win argmax for a masked token.
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 
