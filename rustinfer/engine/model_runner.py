@@ -151,8 +151,10 @@ class ModelRunner:
         longest = max(1, min(2048, max_model_len - 1, self.num_blocks * bs - 1))
         many = max(1, min(64, self.num_blocks // 2))
         vocab = self.model.config.vocab_size
-        # Tokens per sequence, per step: a short prompt, a long one, and many short ones at once.
-        shapes = [[min(8, longest)], [longest], [min(2 * bs, longest)] * many]
+        # Tokens per sequence, per step: a short prompt, a middle one, a long one, and many short
+        # ones at once. Kernels may change path with the prompt's length (rustinfer-ops-cuda's
+        # prefill attention takes torch's SDPA from 1,024 tokens, loaded on first use).
+        shapes = [[min(8, longest)], [min(1024, longest)], [longest], [min(2 * bs, longest)] * many]
         if progress is not None:
             progress.total += len(shapes)
             progress.refresh()

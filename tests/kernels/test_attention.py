@@ -333,9 +333,9 @@ def test_prefill_cuda_configs(block_m, block_n, num_warps, paired):
 
 
 def _spy_on_prompt_sdpa(monkeypatch: pytest.MonkeyPatch, min_tokens: int) -> list[int]:
-    """Lower the SDPA path's threshold to ``min_tokens`` and record the prompt length of every
-    call that takes it."""
-    monkeypatch.setattr(prompt_sdpa, "SDPA_MIN_TOKENS", min_tokens)
+    """Send every prompt from ``min_tokens`` on to the SDPA path and record the prompt length of
+    every call that takes it."""
+    monkeypatch.setattr(prompt_sdpa, "SDPA_BANDS", ((min_tokens, None),))
     taken: list[int] = []
     real = prefill_attention.prompt_sdpa
 

@@ -5,9 +5,8 @@ case with one code path (plain prompts, cached prefixes, chunks, ragged batches)
 sequence's whole prompt it trails torch's SDPA (FlashAttention-2 on Hopper) on contiguous K/V:
 H200, 32 query / 8 KV heads, D=64, bf16, by 4% / 15% / 19% at 2k / 4k / 8k tokens (BENCHMARKS.md,
 28 tile shapes swept). When there is no cached prefix, the sequence's K/V are exactly its pages in
-table order, so one ``index_select`` per cache makes them contiguous; past
-:data:`SDPA_MIN_TOKENS` SDPA's lead is larger than that copy, and ``attention_prefill`` takes this
-path there. Whether a prompt qualifies is decided on the host from ``max_seq_len`` (the op's
+table order, so one ``index_select`` per cache makes them contiguous; at the lengths of :data:`SDPA_BANDS`
+SDPA's lead is larger than that copy, and ``attention_prefill`` takes this path there. Whether a prompt qualifies is decided on the host from ``max_seq_len`` (the op's
 host-side hint): with one sequence and ``max_seq_len == max_query_len == T`` nothing was cached
 before it.
 
@@ -24,13 +23,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
-# Prompts from this many tokens take SDPA. H200, Llama-3.2-1B heads, bf16 (bench/kernels.py
-# --only attention_prefill, the op through this path against the Triton kernel alone, gather
-# included; BENCHMARKS.md): 2,048 tokens 0.0654 against 0.0605 ms (the Triton kernel's paired
-# tiles fill two waves exactly there), 2,560 0.0891 against 0.1228, 3,072 0.118 / 0.153,
-# 4,096 0.187 / 0.207, 6,144 0.391 / 0.451, 8,192 0.660 / 0.771. Below 2,048 SDPA won by 3 us
-# (1,024 and 1,536 tokens: 5-10%), left to the Triton kernel until the band up to 2,048 is swept.
-SDPA_MIN_TOKENS = 2049
+# Prompt lengths that take SDPA, as [low, high) bands (high None: no bound). H200, Llama-3.2-1B
+# heads, bf16 (bench/kernels.py --only attention_prefill --prefill-lens ..., the op through this
+# path against the Triton kernel alone, gather included; BENCHMARKS.md), in ms:
+#   tokens   256    512    768    1,024  1,280  1,536  1,792  2,048  2,560  3,072  4,096  8,192
+#   SDPA     .0307  .0159  .0230  .0287  .0357  .0444  .0535  .0647  .0891  .1176  .1873  .6599
+#   Triton   .0081  .0128  .0214  .0320  .0411  .0470  .0530  .0593  .1228  .1532  .2068  .7708
+# Short prompts are too short for the gather to pay; near 2,048 the Triton kernel's mirrored tile
+# pairs fill two waves of the 132 SMs exactly, and past it they leave a ragged last wave.
+SDPA_BANDS: tuple[tuple[int, int | None], ...] = ((1024, 1792), (2049, None))
 # Head dims FlashAttention-2 serves (SDPA falls back to slower backends for others).
 FLASH_HEAD_DIMS = frozenset({64, 128})
 MEASURED_CAPABILITY = (9, 0)
@@ -39,6 +40,10 @@ MEASURED_CAPABILITY = (9, 0)
 @functools.cache
 def _measured_card(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == MEASURED_CAPABILITY
+
+
+def _in_bands(tokens: int) -> bool:
+    return any(low <= tokens and (high is None or tokens < high) for low, high in SDPA_BANDS)
 
 
 def _flash_readable(q: torch.Tensor) -> bool:
@@ -57,7 +62,7 @@ def takes_prompt_sdpa(
     """Whether ``attention_prefill`` should run this step through :func:`prompt_sdpa`: one
     sequence, no cached prefix (known from the host-side ``max_seq_len``), a long 16-bit prompt
     on a measured card."""
-    if max_seq_len is None or batch != 1 or max_query_len < SDPA_MIN_TOKENS:
+    if max_seq_len is None or batch != 1 or not _in_bands(max_query_len):
         return False
     if not max_seq_len == max_query_len == q.shape[0]:
         return False
