@@ -245,36 +245,3 @@ def _bit_values(device: torch.device) -> torch.Tensor:
     """[32] int32 on ``device``: 1 << i (bit 31 as int32's sign bit), made once per device."""
     values = [1 << i for i in range(_WORD_BITS - 1)] + [-(1 << (_WORD_BITS - 1))]
     return torch.tensor(values, dtype=torch.int32, device=device)
-
-
-def _to_grammar(so: StructuredOutput) -> str:
-    import llguidance
-
-    build = llguidance.LLMatcher
-    try:
-        if so.kind == "json":
-            return build.grammar_from_json_schema(so.spec, defaults=_JSON_OPTIONS)
-        if so.kind == "json_object":
-            return build.grammar_from_json_schema('{"type": "object"}', defaults=_JSON_OPTIONS)
-        if so.kind == "regex":
-            return build.grammar_from_regex(so.spec)
-        if so.kind == "choice":
-            choices = json.loads(so.spec)
-            return build.grammar_from_regex("|".join(_regex_escape(c) for c in choices))
-        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
-
-        try:
-            lark = any_to_lark(so.spec)  # GBNF is translated; Lark passes through
-        except GbnfToLarkError as exc:
-            raise InvalidRequestError(so.field, f"cannot read the grammar: {exc}") from exc
-        return build.grammar_from_lark(lark)
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise InvalidRequestError(so.field, f"cannot read the {so.kind} constraint: {exc}") from exc
-
-
-def _regex_escape(text: str) -> str:
-    # llguidance's regex syntax is Rust's, which lets any ASCII punctuation but < and > be escaped
-    # (and refuses escaped letters, digits and non-ASCII characters): escape exactly those.
-    return "".join(
-        "\\" + c if c.isascii() and not c.isalnum() and c not in " <>" else c for c in text
-    )
