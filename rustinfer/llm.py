@@ -23,6 +23,8 @@ from rustinfer.runtime.loading import LoadedModel, load_model
 
 Prompt = str | Sequence[int]
 Message = dict[str, Any]
+# The largest prompt a lone request prefills in one step (generate, bench latency).
+_SINGLE_REQUEST_CHUNK = 16384
 
 
 @dataclass
@@ -89,14 +91,17 @@ class LLM:
         """An LLM over an already loaded model whose KV pool holds exactly one request of
         ``max_tokens_total`` tokens: ``rustinfer generate`` and ``bench latency`` allocate no more
         than they use. No prefix cache: one request has nothing to share, and repeated benchmark
-        runs must prefill for real. The whole prompt is one step (no chunks): with no other
-        request to keep decoding, chunking would only add launches and re-read the prefix."""
+        runs must prefill for real. A prompt of up to 16,384 tokens is one step (no chunks):
+        with no other request to keep decoding, chunking would only add launches and re-read the
+        prefix; longer ones go in chunks of that size, which bounds the step's activations."""
         block = DEFAULT_BLOCK_SIZE
         blocks = max(1, -(-max_tokens_total // block))
         config = EngineConfig(
             block_size=block,
             max_num_seqs=1,
-            max_num_batched_tokens=max(EngineConfig.max_num_batched_tokens, max_tokens_total),
+            max_num_batched_tokens=max(
+                EngineConfig.max_num_batched_tokens, min(max_tokens_total, _SINGLE_REQUEST_CHUNK)
+            ),
             kv_cache_bytes=blocks * kv_bytes_per_block(loaded.model, block),
             enable_prefix_caching=False,
             enforce_eager=enforce_eager,

@@ -349,3 +349,19 @@ def test_sampling_state_is_built_when_the_batch_changes_not_every_step(tiny, mon
     steady = run(rebuild_every_step=False)
     assert len(builds) == 1, builds  # both prompts prefill in one step, then the same pair decodes
     assert run(rebuild_every_step=True) == steady
+
+
+def test_a_single_request_prefills_its_prompt_in_one_step(tiny):
+    # generate / bench latency: a lone request's prompt is one step up to 16,384 tokens (no
+    # other request waits on its chunks), beyond that in chunks of that size.
+    from rustinfer.llm import LLM
+
+    loaded, ref = tiny
+    assert LLM.for_single_request(loaded, 200).engine.config.max_num_batched_tokens == 2048
+    huge = LLM.for_single_request(loaded, 40_000).engine.config.max_num_batched_tokens
+    assert huge == 16_384
+    # (The tiny model's context is 256 tokens: its longest prompt, greedy, against the reference.)
+    llm = LLM.for_single_request(loaded, 253)
+    prompt = [(7 * i) % 90 + 3 for i in range(250)]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == ref.greedy(prompt, 3)
