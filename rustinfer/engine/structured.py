@@ -205,9 +205,14 @@ def banned_tokens(
     if device.type == "cpu":
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
         return torch.from_numpy(bits == 0)
-    words = upload(bitmask, torch.int32, device)
-    bits = words.unsqueeze(-1) & _bit_values(device)  # [rows, words, 32]: 0 where banned
-    return (bits == 0).view(len(matchers), -1)[:, :vocab_size]
+    return _unpack_banned(upload(bitmask, torch.int32, device), vocab_size)
+
+
+def _unpack_banned(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, words] int32 bitmask (bit t % 32 of word t // 32: token t allowed) -> [rows,
+    vocab] bool, True where banned: two kernels on the words' device."""
+    bits = words.unsqueeze(-1) & _bit_values(words.device)  # [rows, words, 32]: 0 where banned
+    return (bits == 0).view(words.shape[0], -1)[:, :vocab_size]
 
 
 def allowed_tokens(

@@ -259,3 +259,23 @@ def test_parallel_masks_equal_the_serial_ones(llm: LLM) -> None:
     assert torch.equal(serial, parallel)
     assert serial[1].all() and not serial[0].all()  # the free row allows everything
     assert len({tuple(r.nonzero().flatten().tolist()) for r in serial}) == len(rows)
+
+
+def test_device_unpacking_of_the_bitmask_equals_the_host_one() -> None:
+    # On a GPU the packed bitmask is unpacked by two kernels (word & bit value, == 0), on the CPU
+    # by numpy: both must ban exactly the tokens whose bit is clear, bit 31 (int32's sign bit)
+    # and a vocabulary that ends mid-word included.
+    import numpy as np
+    import torch
+
+    from rustinfer.engine.structured import _unpack_banned
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(-(2**31), 2**31, size=(3, 5), dtype=np.int64).astype(np.int32)
+    words[0, 0] = -1  # every token allowed
+    words[1, 1] = np.int32(-(2**31))  # only bit 31 set
+    vocab = 5 * 32 - 7
+    host = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :vocab] == 0
+    got = _unpack_banned(torch.from_numpy(words), vocab)
+    assert got.shape == (3, vocab) and torch.equal(got, torch.from_numpy(host))
+    assert not got[0, :32].any() and got[1, 32:63].all() and not got[1, 63]

@@ -275,8 +275,9 @@ def attention_prefill(
     *,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
-    """The ``attention_prefill`` op (see its spec). A long whole prompt of one sequence (known
-    from ``max_seq_len``) goes to torch's SDPA where that was measured faster (``prompt_sdpa``);
+    """The ``attention_prefill`` op (see its spec). A whole prompt of one sequence (known from
+    ``max_seq_len``) goes to torch's SDPA at the lengths where that was measured faster
+    (``prompt_sdpa``);
     everything else, and every call with a ``config`` (which sets the Triton kernel's tile shape,
     for benchmark sweeps and the batch-invariant mode), runs the Triton kernel."""
     check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q=cu_seqlens_q)

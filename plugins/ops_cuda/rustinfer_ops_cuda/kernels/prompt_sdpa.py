@@ -1,12 +1,13 @@
-"""Long whole prompts of one sequence through torch's scaled_dot_product_attention.
+"""Whole prompts of one sequence through torch's scaled_dot_product_attention, where it is faster.
 
 The Triton prefill kernel reads K/V through the block table, one page per gather, and serves every
 case with one code path (plain prompts, cached prefixes, chunks, ragged batches). On one
 sequence's whole prompt it trails torch's SDPA (FlashAttention-2 on Hopper) on contiguous K/V:
 H200, 32 query / 8 KV heads, D=64, bf16, by 4% / 15% / 19% at 2k / 4k / 8k tokens (BENCHMARKS.md,
-28 tile shapes swept). When there is no cached prefix, the sequence's K/V are exactly its pages in
-table order, so one ``index_select`` per cache makes them contiguous; at the lengths of :data:`SDPA_BANDS`
-SDPA's lead is larger than that copy, and ``attention_prefill`` takes this path there. Whether a prompt qualifies is decided on the host from ``max_seq_len`` (the op's
+28 tile shapes swept). When there is no cached prefix, the sequence's K/V are exactly its pages
+in table order, so one ``index_select`` per cache makes them contiguous; at the lengths of
+:data:`SDPA_BANDS` SDPA's lead is larger than that copy, and ``attention_prefill`` takes this
+path there. Whether a prompt qualifies is decided on the host from ``max_seq_len`` (the op's
 host-side hint): with one sequence and ``max_seq_len == max_query_len == T`` nothing was cached
 before it.
 
@@ -60,8 +61,8 @@ def takes_prompt_sdpa(
     q: torch.Tensor, batch: int, max_query_len: int, max_seq_len: int | None
 ) -> bool:
     """Whether ``attention_prefill`` should run this step through :func:`prompt_sdpa`: one
-    sequence, no cached prefix (known from the host-side ``max_seq_len``), a long 16-bit prompt
-    on a measured card."""
+    sequence, no cached prefix (known from the host-side ``max_seq_len``), a 16-bit prompt of a
+    length in :data:`SDPA_BANDS`, on a measured card."""
     if max_seq_len is None or batch != 1 or not _in_bands(max_query_len):
         return False
     if not max_seq_len == max_query_len == q.shape[0]:
