@@ -6,16 +6,20 @@ Synchronous and single-threaded by design: the asyncio face runs it in its own t
 
 from __future__ import annotations
 
-import functools
+import concurrent.futures
 import gc
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from rustinfer.engine.block_manager import BlockManager
 from rustinfer.engine.host_copy import HostTensors
@@ -38,7 +42,12 @@ from rustinfer.engine.sampler import (
 )
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig, SchedulerOutput
-from rustinfer.engine.structured import GrammarCompiler, banned_tokens
+from rustinfer.engine.structured import (
+    GrammarCompiler,
+    banned_from_bitmask,
+    banned_tokens,
+    fill_bitmask,
+)
 from rustinfer.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError
 from rustinfer.progress import progress_bar
 from rustinfer.runtime.loading import LoadedModel
@@ -337,11 +346,9 @@ class EngineCore:
         # forward does not: with constrained rows waiting on the step in flight, that step is
         # read back (and their matchers advanced) after this step's forward is launched and
         # before its sampler, so the host's output work and the masks overlap the forward.
-        before_sampling = None
-        if prev is not None and self._grammar_waits_on(plan):
-            before_sampling = functools.partial(self._finish_into, prev, outputs)
-        launched = self._launch(plan, prev, before_sampling)
-        if prev is not None and before_sampling is None:
+        read_back_first = prev is not None and self._grammar_waits_on(plan)
+        launched = self._launch(plan, prev, outputs if read_back_first else None)
+        if prev is not None and not read_back_first:
             outputs.extend(self._finish(prev))
         # After the previous step's tokens are known: the prefix cache hashes what this step
         # computes, which may include the token the previous step sampled.
@@ -381,18 +388,20 @@ class EngineCore:
         self,
         plan: SchedulerOutput,
         prev: _InFlight | None,
-        before_sampling: Callable[[], None] | None = None,
+        prev_outputs: list[RequestOutput] | None = None,
     ) -> _InFlight:
         """Run the forward and the sampler of ``plan`` (asynchronously on CUDA) and queue the
-        copy of the sampled tokens to the host; ``before_sampling`` runs between the two."""
+        copy of the sampled tokens to the host. With ``prev_outputs``, the step in flight
+        (``prev``) is read back between the two, its outputs appended there."""
         seqs = self._sequences(plan.scheduled, prev)
         logits = self.runner.execute(seqs, prev.token_ids if prev is not None else None)
-        if before_sampling is not None:
-            before_sampling()
         reqs = [w.request for w in plan.scheduled if w.completes_sequence]
+        masks = None
+        if prev is not None and prev_outputs is not None:
+            masks = self._finish_with_masks(prev, reqs, prev_outputs)
         if not reqs:
             return _InFlight([], {}, None, None)
-        sampled = self._sample(logits, reqs)
+        sampled = self._sample(logits, reqs, masks)
         host = HostTensors(
             [
                 sampled.token_ids,
@@ -405,17 +414,52 @@ class EngineCore:
         rows = {r.request_id: i for i, r in enumerate(reqs)}
         return _InFlight(reqs, rows, sampled.token_ids, host)
 
-    def _finish_into(self, flight: _InFlight, outputs: list[RequestOutput]) -> None:
-        outputs.extend(self._finish(flight))
+    def _finish_with_masks(
+        self, flight: _InFlight, reqs: list[Request], outputs: list[RequestOutput]
+    ) -> concurrent.futures.Future[np.ndarray] | None:
+        """Read the step in flight back for a step whose rows ``reqs`` sample under grammars:
+        advance their matchers with the tokens first, start this step's masks on the grammar
+        thread, then turn the tokens into outputs (detokenizing, stop strings) meanwhile. The
+        masks' future, or None when no row has a grammar left."""
+        if flight.host is None:
+            return None
+        sampled = self._wait(flight)
+        tokens = sampled.token_ids.tolist()
+        grammar_done: dict[str, bool] = {}
+        for row, req in enumerate(flight.requests):
+            if req.matcher is not None and not req.is_finished:
+                req.matcher.consume_token(tokens[row])
+                grammar_done[req.request_id] = req.matcher.is_stopped()
+        # Rows that finish on these tokens (a stop, the grammar's end) still get a mask: their
+        # row of this step is thrown away.
+        matchers = [None if r.is_finished else r.matcher for r in reqs]
+        masks = None
+        if any(m is not None for m in matchers):
+            grammars = self.grammar_compiler()
+            executor = grammars.executor if len(reqs) > 1 else None
+            masks = grammars.mask_thread.submit(fill_bitmask, matchers, self.vocab_size, executor)
+        outputs.extend(self._outputs_of(flight, sampled, grammar_done))
+        return masks
+
+    def _wait(self, flight: _InFlight) -> SamplerOutput:
+        assert flight.host is not None
+        token_ids, logprobs, top_ids, top_lps = flight.host.wait()
+        assert token_ids is not None
+        return SamplerOutput(token_ids, logprobs, top_ids, top_lps)
 
     def _finish(self, flight: _InFlight) -> list[RequestOutput]:
         """Read a launched step's tokens back and turn them into outputs."""
         if flight.host is None:
             return []
-        token_ids, logprobs, top_ids, top_lps = flight.host.wait()
-        assert token_ids is not None
-        sampled = SamplerOutput(token_ids, logprobs, top_ids, top_lps)
-        new, finished = self.outputs.process(flight.requests, sampled)
+        return self._outputs_of(flight, self._wait(flight))
+
+    def _outputs_of(
+        self,
+        flight: _InFlight,
+        sampled: SamplerOutput,
+        grammar_done: Mapping[str, bool] | None = None,
+    ) -> list[RequestOutput]:
+        new, finished = self.outputs.process(flight.requests, sampled, grammar_done)
         self._tokens_generated += len(new)
         self._generation_rate.add(len(new))
         for done in finished:
@@ -443,7 +487,12 @@ class EngineCore:
             seqs.append(seq)
         return seqs
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        reqs: list[Request],
+        masks: concurrent.futures.Future[np.ndarray] | None = None,
+    ) -> SamplerOutput:
         if all(is_plain_greedy(r.params, r.num_output_tokens) for r in reqs):
             self._sampling = None
             return self.sampler.greedy(logits)
@@ -467,7 +516,9 @@ class EngineCore:
             )
             self._sampling = cached = _SamplingState(key, batch)
         batch.banned = None
-        if any(r.matcher is not None for r in reqs):
+        if masks is not None:  # computed while the step before was read back
+            batch.banned = banned_from_bitmask(masks.result(), self.vocab_size, self.device)
+        elif any(r.matcher is not None for r in reqs):
             # The grammar's mask is this step's (its matcher has seen every earlier token). A
             # sequence that finished on the token read back just before (a stop, its grammar's
             # end) still has a row here, thrown away: no mask for it.

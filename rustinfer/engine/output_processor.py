@@ -8,6 +8,7 @@ returns the sequences that finished, and the core releases them.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rustinfer.detokenizer import IncrementalDetokenizer
@@ -56,13 +57,18 @@ class OutputProcessor:
     # -- one step's tokens ---------------------------------------------------------------------
 
     def process(
-        self, requests: list[Request], sampled: SamplerOutput
+        self,
+        requests: list[Request],
+        sampled: SamplerOutput,
+        grammar_done: Mapping[str, bool] | None = None,
     ) -> tuple[list[RequestOutput], list[Finished]]:
         """Append each row's sampled token to its request and report it; rows are ``requests``.
 
         ``sampled`` holds host tensors (the engine copies them from the device without a wait).
         A row whose request finished meanwhile (it was aborted, or it stopped on the token before
-        while this step was in flight) is dropped.
+        while this step was in flight) is dropped. ``grammar_done``: requests (by id) whose
+        matcher the engine has already advanced with this token, and whether that completed the
+        grammar; their matchers are not touched here (another thread may be reading them).
         """
         now = time.monotonic()
         token_ids = sampled.token_ids.tolist()
@@ -84,7 +90,8 @@ class OutputProcessor:
                 k = req.params.logprobs
                 top = list(zip(top_ids[row][:k], top_lps[row][:k], strict=True)) if top_ids else []
                 lp = [self._logprob(token, logprobs[row], top)]
-            out, status = self._process_token(req, token, lp, now)
+            done = grammar_done.get(req.request_id) if grammar_done else None
+            out, status = self._process_token(req, token, lp, now, done)
             outputs.append(out)
             if status is not None:
                 finished.append(Finished(req, status))
@@ -102,7 +109,12 @@ class OutputProcessor:
         return raw.decode("utf-8", errors="replace"), raw
 
     def _process_token(
-        self, req: Request, token: int, lp: list[TokenLogprob] | None, now: float
+        self,
+        req: Request,
+        token: int,
+        lp: list[TokenLogprob] | None,
+        now: float,
+        grammar_done: bool | None = None,
     ) -> tuple[RequestOutput, RequestStatus | None]:
         st = self._state[req.request_id]
         n_out = len(req.output_token_ids)
@@ -114,8 +126,10 @@ class OutputProcessor:
         delta = st.detok.add(token) if st.detok else ""
         matcher = req.matcher
         if matcher is not None:
-            matcher.consume_token(token)
-            if matcher.is_stopped():
+            if grammar_done is None:  # not advanced by the engine yet
+                matcher.consume_token(token)
+                grammar_done = matcher.is_stopped()
+            if grammar_done:
                 # The grammar is complete and allows nothing more: the output is whole.
                 return self._final(
                     req, RequestStatus.FINISHED_STOPPED, [token], delta, None, lp, now

@@ -13,6 +13,7 @@ its first mask in a few ms); xgrammar pulls in transformers and triton as runtim
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import threading
@@ -29,7 +30,15 @@ if TYPE_CHECKING:
 
     from rustinfer.tokenizer import Tokenizer
 
-__all__ = ["KINDS", "GrammarCompiler", "StructuredOutput", "allowed_tokens", "banned_tokens"]
+__all__ = [
+    "KINDS",
+    "GrammarCompiler",
+    "StructuredOutput",
+    "allowed_tokens",
+    "banned_from_bitmask",
+    "banned_tokens",
+    "fill_bitmask",
+]
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # Compiled grammars kept per compiler (schemas repeat across requests: agents send the same ones).
@@ -89,6 +98,7 @@ class GrammarCompiler:
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._error: BaseException | None = None
         self._executor: llguidance.LLExecutor | None = None
+        self._mask_thread: concurrent.futures.ThreadPoolExecutor | None = None
 
         def build() -> None:
             try:
@@ -141,6 +151,17 @@ class GrammarCompiler:
 
                 self._executor = llguidance.LLExecutor()
             return self._executor
+
+    @property
+    def mask_thread(self) -> concurrent.futures.ThreadPoolExecutor:
+        """One thread that computes a step's masks (:func:`fill_bitmask`) while the engine's
+        thread processes the step read back before it (made on first use)."""
+        with self._lock:
+            if self._mask_thread is None:
+                self._mask_thread = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="rustinfer-grammar-masks"
+                )
+            return self._mask_thread
 
     def matcher(self, so: StructuredOutput) -> llguidance.LLMatcher:
         """A fresh matcher at the start of ``so``'s grammar (one per sequence)."""
@@ -197,11 +218,15 @@ def banned_tokens(
     on the host for the CPU (numpy's unpackbits: 0.2 ms at 16 rows against 3 ms of torch bit
     ops on two cores), and on the GPU after a 32x smaller upload, by two kernels.
     """
+    return banned_from_bitmask(fill_bitmask(matchers, vocab_size, executor), vocab_size, device)
+
+
+def banned_from_bitmask(bitmask: np.ndarray, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """:func:`fill_bitmask`'s packed masks as :func:`banned_tokens` returns them."""
     import numpy as np
 
     from rustinfer.engine.host_copy import upload
 
-    bitmask = _fill_bitmask(matchers, vocab_size, executor)
     if device.type == "cpu":
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
         return torch.from_numpy(bits == 0)
@@ -225,12 +250,14 @@ def allowed_tokens(
     return ~banned_tokens(matchers, vocab_size, device, executor)
 
 
-def _fill_bitmask(
+def fill_bitmask(
     matchers: list[llguidance.LLMatcher | None],
     vocab_size: int,
-    executor: llguidance.LLExecutor | None,
+    executor: llguidance.LLExecutor | None = None,
 ) -> np.ndarray:
-    """[rows, words] int32: bit t % 32 of word t // 32 set where token t is allowed."""
+    """[rows, words] int32: bit t % 32 of word t // 32 set where token t is allowed (every bit
+    for None). Host work only, most of it in llguidance outside the GIL: it may run on another
+    thread while this one goes on."""
     import llguidance.numpy as llg_numpy
     import numpy as np
 
