@@ -27,8 +27,9 @@ PARTS = [
     ("schedule", "engine/scheduler.py", "schedule"),
     ("runner.execute", "engine/model_runner.py", "execute"),
     ("sample", "engine/core.py", "_sample"),
-    ("allowed_tokens", "engine/structured.py", "allowed_tokens"),
+    ("masks (fill_bitmask)", "engine/structured.py", "fill_bitmask"),
     ("finish (read back)", "engine/core.py", "_finish"),
+    ("finish, then masks", "engine/core.py", "_finish_with_masks"),
     ("outputs.process", "engine/output_processor.py", "process"),
     ("consume_token", "~", "<method 'consume_token' of 'builtins.LLMatcher' objects>"),
 ]
