@@ -4,7 +4,8 @@ Runs ``bench structured``'s requests (its schema and prompt, temperature 0.8, se
 and once constrained on one engine under cProfile, and prints per decode step the host time of
 the engine's parts (schedule, the runner's prepare and launch, the sampler, reading a step back,
 the grammar's masks) for both runs, then the functions that take the most own time in the
-constrained run.
+constrained run. cProfile sees the engine's thread only: masks computed on the grammar thread
+while a step is in flight show there as the wait for their result (`Future.result`).
 
     python bench/structured_profile.py --model smollm2.gguf --device cuda --batch 16
 """
