@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,15 @@ INTERRUPT_WAIT_S = 5
 INTERRUPT_TRIES = 3
 
 
+def _as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT unblocked and at its default, as a shell starts a
+    foreground command. Both survive exec, and the test process's may not be so: after the
+    whole suite ran in it, a chat spawned from it never saw a Ctrl-C (three presses, 60 s),
+    while alone the same test passes."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Chat:
     """A ``rustinfer chat`` process on a pseudo-terminal, its stderr sent to ``err_path``."""
 
@@ -48,7 +58,12 @@ class Chat:
         # TERM=dumb: readline echoes the typed line plainly, without escape sequences.
         env = {**os.environ, "TERM": "dumb", "NO_COLOR": "1"}
         self.child = pexpect.spawn(
-            "bash", ["-c", line], env=env, encoding="utf-8", timeout=ANSWER_TIMEOUT_S
+            "bash",
+            ["-c", line],
+            env=env,
+            encoding="utf-8",
+            timeout=ANSWER_TIMEOUT_S,
+            preexec_fn=_as_from_a_terminal,
         )
         self.child.expect_exact(PROMPT, timeout=LOAD_TIMEOUT_S)
 
@@ -81,7 +96,15 @@ class Chat:
             except pexpect.TIMEOUT:
                 continue
         self.interrupt_at_prompt()
-        self.child.expect_exact(PROMPT)
+        try:
+            self.child.expect_exact(PROMPT)
+        except pexpect.TIMEOUT as exc:  # say what the test process's SIGINT state was
+            blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+            handler = signal.getsignal(signal.SIGINT)
+            raise AssertionError(
+                f"no prompt after {INTERRUPT_TRIES} Ctrl-C; in the test process SIGINT is "
+                f"{'blocked' if blocked else 'not blocked'}, handler {handler!r}"
+            ) from exc
 
     def stats(self) -> list[re.Match[str]]:
         lines = self.err_path.read_text().splitlines()
