@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from rustinfer.cli.common import add_model_options, apply_threads, load_from_args
+from rustinfer.cli.common import add_model_options, apply_threads
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.llm import LLM
-from rustinfer.runtime.loading import LoadedModel
+from rustinfer.runtime.loading import LoadedModel, load_model_from
 
 
 def add_parser(sub: Any) -> None:
@@ -97,7 +97,7 @@ def emit(result: dict[str, object], as_json: bool) -> int:
 
 def run_latency(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
-    loaded = load_from_args(args)
+    loaded = load_model_from(args)
     if args.prompt_ids:
         with open(args.prompt_ids, encoding="utf-8") as f:
             prompt = [int(t) for t in json.load(f)]
@@ -156,7 +156,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
-    loaded = load_from_args(args)
+    loaded = load_model_from(args)
     engine = EngineCore(
         loaded,
         EngineConfig(

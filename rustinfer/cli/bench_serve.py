@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from rustinfer.cli.common import add_model_options, apply_threads, load_from_args
+from rustinfer.cli.common import add_model_options, apply_threads
 
 __all__ = ["add_serve_parser"]
 
@@ -84,8 +84,9 @@ def _free_port() -> int:
 def _prompts(args: argparse.Namespace) -> tuple[list[list[int]], Any]:
     """Random prompts from the model's own vocabulary; the loaded model is freed by the caller."""
     from rustinfer.cli.bench import random_prompt
+    from rustinfer.runtime.loading import load_model_from
 
-    loaded = load_from_args(args)
+    loaded = load_model_from(args)
     prompts = [
         random_prompt(loaded, args.input_len, args.seed + i) for i in range(args.num_prompts)
     ]

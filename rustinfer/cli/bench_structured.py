@@ -68,7 +68,7 @@ def _decode_tok_s(llm: Any, batch: int, output_len: int, structured: Any) -> flo
 
 def run_structured_bench(args: argparse.Namespace) -> int:
     from rustinfer.cli.bench import emit, machine_fields
-    from rustinfer.engine.structured import GrammarCompiler, StructuredOutput, allowed_tokens
+    from rustinfer.engine.structured import GrammarCompiler, StructuredOutput, banned_tokens
     from rustinfer.llm import LLM
 
     apply_threads(args.threads)
@@ -96,7 +96,7 @@ def run_structured_bench(args: argparse.Namespace) -> int:
     matcher = compiler.matcher(so)
     result["schema_compile_ms"] = round((time.perf_counter() - start) * 1000, 3)
     start = time.perf_counter()
-    allowed_tokens([matcher], engine.vocab_size, engine.device)
+    banned_tokens([matcher], engine.vocab_size, engine.device)
     result["first_mask_ms"] = round((time.perf_counter() - start) * 1000, 3)
     return emit(result, args.json)
 

@@ -21,14 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from rustinfer.cli.common import add_model_options, apply_threads, load_from_args
+from rustinfer.cli.common import add_model_options, apply_threads
 from rustinfer.engine.async_engine import AsyncEngine
 from rustinfer.engine.core import EngineConfig
 from rustinfer.engine.model_runner import DEFAULT_BLOCK_SIZE, kv_bytes_per_block
 from rustinfer.engine.outputs import RequestOutput, RequestTimings
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.errors import RustinferError
-from rustinfer.runtime.loading import LoadedModel
+from rustinfer.runtime.loading import LoadedModel, load_model_from
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.model or "the embedded SmolLM2-135M-Instruct"
     err.write(style.dim(f"loading {name} ...") + "\n")
     err.flush()
-    loaded = load_from_args(args)
+    loaded = load_model_from(args)
     engine = AsyncEngine.from_loaded(loaded, chat_engine_config(loaded))
     session = ChatSession(engine, loaded, params, args.system, sys.stdout, err)
     dtype = str(loaded.dtype).removeprefix("torch.")

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from rustinfer.runtime.loading import LoadedModel
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -48,20 +44,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "alone = in a batch); slower kernels, CUDA only",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-
-
-def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    """The model that :func:`add_model_options`' flags name, loaded."""
-    from rustinfer.runtime.loading import load_model
-
-    return load_model(
-        args.model,
-        args.device,
-        args.dtype,
-        args.load_format,
-        quantization=args.quantization,
-        batch_invariant=args.batch_invariant,
-    )
 
 
 def _quantization(text: str) -> str:

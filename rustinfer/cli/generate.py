@@ -7,9 +7,10 @@ import json
 import sys
 from typing import Any
 
-from rustinfer.cli.common import add_model_options, apply_threads, load_from_args
+from rustinfer.cli.common import add_model_options, apply_threads
 from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.llm import LLM
+from rustinfer.runtime.loading import load_model_from
 
 
 def add_parser(sub: Any) -> None:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
     )
-    loaded = load_from_args(args)
+    loaded = load_model_from(args)
     ids = prompt_token_ids(loaded, args.prompt, args.raw)
     llm = LLM.for_single_request(loaded, len(ids) + args.max_tokens)
     out = sys.stdout

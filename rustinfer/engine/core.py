@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 if TYPE_CHECKING:
+    import llguidance
     import numpy as np
 
 from rustinfer.engine.block_manager import BlockManager
@@ -432,14 +433,24 @@ class EngineCore:
                 grammar_done[req.request_id] = req.matcher.is_stopped()
         # Rows that finish on these tokens (a stop, the grammar's end) still get a mask: their
         # row of this step is thrown away.
-        matchers = [None if r.is_finished else r.matcher for r in reqs]
+        rows = self._grammar_rows(reqs)
         masks = None
-        if any(m is not None for m in matchers):
-            grammars = self.grammar_compiler()
-            executor = grammars.executor if len(reqs) > 1 else None
-            masks = grammars.mask_thread.submit(fill_bitmask, matchers, self.vocab_size, executor)
+        if rows is not None:
+            thread = self.grammar_compiler().mask_thread
+            masks = thread.submit(fill_bitmask, rows[0], self.vocab_size, rows[1])
         outputs.extend(self._outputs_of(flight, sampled, grammar_done))
         return masks
+
+    def _grammar_rows(
+        self, reqs: list[Request]
+    ) -> tuple[list[llguidance.LLMatcher | None], llguidance.LLExecutor | None] | None:
+        """The matchers that mask a step's rows ``reqs`` (None for a row without a grammar or
+        already finished) and llguidance's executor where several rows compute theirs at once;
+        None when no row has one."""
+        matchers = [None if r.is_finished else r.matcher for r in reqs]
+        if all(m is None for m in matchers):
+            return None
+        return matchers, self.grammar_compiler().executor if len(reqs) > 1 else None
 
     def _wait(self, flight: _InFlight) -> SamplerOutput:
         assert flight.host is not None
@@ -518,13 +529,11 @@ class EngineCore:
         batch.banned = None
         if masks is not None:  # computed while the step before was read back
             batch.banned = banned_from_bitmask(masks.result(), self.vocab_size, self.device)
-        elif any(r.matcher is not None for r in reqs):
+        elif (rows := self._grammar_rows(reqs)) is not None:
             # The grammar's mask is this step's (its matcher has seen every earlier token). A
             # sequence that finished on the token read back just before (a stop, its grammar's
             # end) still has a row here, thrown away: no mask for it.
-            matchers = [None if r.is_finished else r.matcher for r in reqs]
-            executor = self.grammar_compiler().executor if len(reqs) > 1 else None
-            batch.banned = banned_tokens(matchers, self.vocab_size, self.device, executor)
+            batch.banned = banned_tokens(rows[0], self.vocab_size, self.device, rows[1])
         out = self.sampler(logits, batch)
         cached.last_token_ids = out.token_ids
         return out

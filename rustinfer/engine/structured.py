@@ -34,7 +34,6 @@ __all__ = [
     "KINDS",
     "GrammarCompiler",
     "StructuredOutput",
-    "allowed_tokens",
     "banned_from_bitmask",
     "banned_tokens",
     "fill_bitmask",
@@ -215,8 +214,9 @@ def banned_tokens(
     With an ``executor`` and more than one constrained row, the masks are computed in parallel
     on llguidance's own threads (outside the GIL): a mask takes tens of microseconds, so at batch
     16 a serial loop is most of a GPU decode step spent on one core. The packed bits are unpacked
-    on the host for the CPU (numpy's unpackbits: 0.2 ms at 16 rows against 3 ms of torch bit
-    ops on two cores), and on the GPU after a 32x smaller upload, by two kernels.
+    on the host for the CPU (numpy's unpackbits, one pass, where torch's bit ops would make four
+    [rows, vocab] passes on a few cores), and on the GPU after a 32x smaller upload, by two
+    kernels.
     """
     return banned_from_bitmask(fill_bitmask(matchers, vocab_size, executor), vocab_size, device)
 
@@ -238,16 +238,6 @@ def _unpack_banned(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     vocab] bool, True where banned: two kernels on the words' device."""
     bits = words.unsqueeze(-1) & _bit_values(words.device)  # [rows, words, 32]: 0 where banned
     return (bits == 0).view(words.shape[0], -1)[:, :vocab_size]
-
-
-def allowed_tokens(
-    matchers: list[llguidance.LLMatcher | None],
-    vocab_size: int,
-    device: torch.device,
-    executor: llguidance.LLExecutor | None = None,
-) -> torch.Tensor:
-    """[rows, vocab] bool on ``device``: what each row's matcher allows next (all for None)."""
-    return ~banned_tokens(matchers, vocab_size, device, executor)
 
 
 def fill_bitmask(

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -106,6 +107,29 @@ def _serves_quantized(regs: Registries, device_type: str, dtype: torch.dtype) ->
     except RegistryError:
         return False
     return True
+
+
+class ModelOptions(Protocol):
+    """What names a model to load: the CLI's parsed model flags, the server's settings."""
+
+    model: str | None
+    device: str
+    dtype: str
+    load_format: str
+    quantization: str
+    batch_invariant: bool
+
+
+def load_model_from(options: ModelOptions) -> LoadedModel:
+    """:func:`load_model` of the model ``options`` name."""
+    return load_model(
+        options.model,
+        options.device,
+        options.dtype,
+        options.load_format,
+        quantization=options.quantization,
+        batch_invariant=options.batch_invariant,
+    )
 
 
 def load_model(

@@ -30,16 +30,9 @@ def engine_factory(settings: ServeSettings) -> EngineFactory:
     """Load the model the settings name and wrap it in an engine (called in a worker thread)."""
 
     def build() -> AsyncEngine:
-        from rustinfer.runtime.loading import load_model  # torch and plugins: not at import
+        from rustinfer.runtime.loading import load_model_from  # torch and plugins: not at import
 
-        loaded = load_model(
-            settings.model,
-            settings.device,
-            settings.dtype,
-            settings.load_format,
-            quantization=settings.quantization,
-            batch_invariant=settings.batch_invariant,
-        )
+        loaded = load_model_from(settings)
         config = EngineConfig(
             max_num_seqs=settings.max_num_seqs,
             max_waiting=settings.max_queue,

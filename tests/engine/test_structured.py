@@ -233,7 +233,7 @@ def test_parallel_masks_equal_the_serial_ones(llm: LLM) -> None:
     with matchers at different points of different grammars and an unconstrained row."""
     import torch
 
-    from rustinfer.engine.structured import allowed_tokens
+    from rustinfer.engine.structured import banned_tokens
 
     core = llm.engine
     grammars = core.grammar_compiler()
@@ -254,10 +254,10 @@ def test_parallel_masks_equal_the_serial_ones(llm: LLM) -> None:
         matchers.append(m)
     rows = [matchers[0], None, matchers[1], matchers[2], matchers[3]]
     cpu = torch.device("cpu")
-    serial = allowed_tokens(rows, core.vocab_size, cpu)
-    parallel = allowed_tokens(rows, core.vocab_size, cpu, grammars.executor)
+    serial = banned_tokens(rows, core.vocab_size, cpu)
+    parallel = banned_tokens(rows, core.vocab_size, cpu, grammars.executor)
     assert torch.equal(serial, parallel)
-    assert serial[1].all() and not serial[0].all()  # the free row allows everything
+    assert not serial[1].any() and serial[0].any()  # the free row bans nothing
     assert len({tuple(r.nonzero().flatten().tolist()) for r in serial}) == len(rows)
 
 

@@ -152,7 +152,7 @@ def test_small_grid_tiles_need_more_shared_memory_than_consumer_cards_have():
     where the launcher keeps the default tiles."""
     from rustinfer_ops_cuda.kernels.prefill_attention import SMALL_GRID_64, _stage_bytes
 
-    need = _stage_bytes(SMALL_GRID_64, 64, torch.empty(0, dtype=torch.bfloat16))
+    need = _stage_bytes(SMALL_GRID_64, torch.empty(0, 32, 64, dtype=torch.bfloat16))
     assert 99 * 1024 < need < 163 * 1024
 
 

@@ -251,14 +251,14 @@ def _grid_config(
     programs = triton.cdiv(max_query_len, cfg.block_m // pack) * (n_heads // pack) * batch
     if programs >= 2 * sms:
         return cfg
-    fits = _stage_bytes(SMALL_GRID_64, q.shape[-1], q) <= max_shared_memory(q.device)
+    fits = _stage_bytes(SMALL_GRID_64, q) <= max_shared_memory(q.device)
     return SMALL_GRID_64 if fits else cfg
 
 
-def _stage_bytes(cfg: PrefillConfig, head_dim: int, q: torch.Tensor) -> int:
+def _stage_bytes(cfg: PrefillConfig, q: torch.Tensor) -> int:
     """Shared memory the tile shape's pipeline holds: the query tile and ``num_stages`` K and V
     tiles (an estimate of what Triton allocates, enough to tell a 99 KiB card from a 227 one)."""
-    block_d, size = dot_width(head_dim), q.element_size()
+    block_d, size = dot_width(q.shape[-1]), q.element_size()
     return (cfg.block_m + 2 * cfg.num_stages * cfg.block_n) * block_d * size
 
 
@@ -277,9 +277,9 @@ def attention_prefill(
 ) -> torch.Tensor:
     """The ``attention_prefill`` op (see its spec). A whole prompt of one sequence (known from
     ``max_seq_len``) goes to torch's SDPA at the lengths where that was measured faster
-    (``prompt_sdpa``);
-    everything else, and every call with a ``config`` (which sets the Triton kernel's tile shape,
-    for benchmark sweeps and the batch-invariant mode), runs the Triton kernel."""
+    (``prompt_sdpa``); everything else, and every call with a ``config`` (which sets the Triton
+    kernel's tile shape, for benchmark sweeps and the batch-invariant mode), runs the Triton
+    kernel."""
     check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q=cu_seqlens_q)
     tokens, n_heads, head_dim = q.shape
     page, n_kv_heads = k_cache.shape[1], k_cache.shape[2]

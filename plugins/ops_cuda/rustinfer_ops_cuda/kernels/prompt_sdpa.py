@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 # Prompt lengths that take SDPA, as [low, high) bands (high None: no bound). H200, Llama-3.2-1B
-# heads, bf16 (bench/kernels.py --only attention_prefill --prefill-lens ..., the op through this
-# path against the Triton kernel alone, gather included; BENCHMARKS.md), in ms:
+# heads, bf16 (bench/kernels.py --only attention_prefill --prompt-sdpa on --prefill-lens ...,
+# the op through this path against the Triton kernel alone, gather included; BENCHMARKS.md), ms:
 #   tokens   256    512    768    1,024  1,280  1,536  1,792  2,048  2,560  3,072  4,096  8,192
 #   SDPA     .0307  .0159  .0230  .0287  .0357  .0444  .0535  .0647  .0891  .1176  .1873  .6599
 #   Triton   .0081  .0128  .0214  .0320  .0411  .0470  .0530  .0593  .1228  .1532  .2068  .7708
