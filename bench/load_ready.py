@@ -5,7 +5,10 @@
 Writes random bf16 weights at the config's shapes as a safetensors directory (the format users
 load), then times ``load_model`` plus ``EngineCore`` (CUDA graphs captured, kernels warmed: what
 ``rustinfer serve`` does before it reports ready), and the TTFT and decode time of the first
-request after ready against the tenth. Prints one JSON line.
+request after ready against the tenth. Prints one JSON line. ``--prompt-lens`` then sends, per
+length, two prompts of that length (different tokens: no prefix-cache hit) and reports both TTFTs
+and the Triton kernels compiled or loaded during the first: a length whose first prompt is much
+slower than its second pays a first use the warm-up missed.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--prompt-lens", type=int, nargs="*", default=[])
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
     write_checkpoint(Path(args.config), folder)
@@ -70,14 +74,46 @@ def main() -> None:
     ready_s = time.perf_counter() - start
 
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    timings = []
-    for i in range(10):
-        core.add_request(f"r{i}", [(13 * i + j) % 5000 + 3 for j in range(60)], params)
+
+    def ttft_of(request_id: str, prompt: list[int], params: SamplingParams):
+        core.add_request(request_id, prompt, params)
         final = None
         while core.has_unfinished():
             for out in core.step():
                 final = out
-        timings.append(final.timings)
+        return final.timings
+
+    timings = [
+        ttft_of(f"r{i}", [(13 * i + j) % 5000 + 3 for j in range(60)], params) for i in range(10)
+    ]
+    compiled: list[str] = []
+    triton_hooks = None
+    try:
+        import triton.knobs
+
+        triton_hooks = triton.knobs.runtime
+
+        def on_compile(*_args, **kwargs) -> bool:
+            fn = kwargs.get("fn")
+            compiled.append(getattr(getattr(fn, "fn", fn), "__name__", "?"))
+            return False
+
+        triton_hooks.jit_cache_hook = on_compile
+    except (ImportError, AttributeError):
+        pass
+    first_use = []
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for n in args.prompt_lens:
+        row = {"prompt_len": n}
+        for k in range(2):
+            compiled.clear()
+            prompt = [(7 * n + 31 * k + j) % 5000 + 3 for j in range(n)]
+            row[f"ttft_ms_{k}"] = round(ttft_of(f"len{n}-{k}", prompt, one).ttft_s * 1000, 2)
+            if k == 0:
+                row["compiled"] = sorted(set(compiled))
+        first_use.append(row)
+    if triton_hooks is not None:
+        triton_hooks.jit_cache_hook = None
     print(
         json.dumps(
             {
@@ -87,6 +123,7 @@ def main() -> None:
                 "tenth_ttft_ms": round(timings[9].ttft_s * 1000, 2),
                 "first_decode_ms": round(timings[0].decode_s * 1000, 2),
                 "tenth_decode_ms": round(timings[9].decode_s * 1000, 2),
+                "first_use": first_use,
                 "timeline": timeline.lines,
             }
         )

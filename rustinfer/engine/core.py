@@ -28,6 +28,7 @@ from rustinfer.engine.model_runner import (
     DEFAULT_BLOCK_SIZE,
     ModelRunner,
     ScheduledSequence,
+    StagedStep,
     num_blocks_for_budget,
 )
 from rustinfer.engine.output_processor import Finished, OutputProcessor
@@ -77,11 +78,22 @@ class EngineConfig:
 
 
 @dataclass
+class _Unsampled:
+    """A launched forward whose sampler waits for its rows' grammar masks (computing on the
+    grammar thread): sampled by the next step, after that one is staged."""
+
+    reqs: list[Request]
+    rows: dict[str, int]
+    logits: torch.Tensor
+    masks: concurrent.futures.Future[np.ndarray] | None
+
+
+@dataclass
 class _InFlight:
     """A launched step: the sequences that sample, their rows, the sampled ids on the device
     (the next step's decodes read theirs from it) and their copy on the way to the host."""
 
-    requests: list[Request]
+    reqs: list[Request]
     rows: dict[str, int]
     token_ids: torch.Tensor | None
     host: HostTensors | None
@@ -172,6 +184,7 @@ class EngineCore:
         self.children: dict[str, list[str]] = {}  # request id -> its sequence ids
         self._pending: list[RequestOutput] = []  # finals of aborted sequences, reported next step
         self._in_flight: _InFlight | None = None  # launched, tokens not yet read back
+        self._unsampled: _Unsampled | None = None  # forward launched, sampler waits on masks
         self._sampling: _SamplingState | None = None
         self.overlap = cfg.overlap if cfg.overlap is not None else self.device.type == "cuda"
         self._tokens_generated = 0
@@ -320,7 +333,10 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return (
-            self.scheduler.num_unfinished > 0 or bool(self._pending) or self._in_flight is not None
+            self.scheduler.num_unfinished > 0
+            or bool(self._pending)
+            or self._in_flight is not None
+            or self._unsampled is not None
         )
 
     def step(self) -> list[RequestOutput]:
@@ -331,33 +347,45 @@ class EngineCore:
         host reads the tokens back (detokenizes, checks stops) while the GPU runs. A step's
         outputs then come out of the next call. A sequence that stops on a token computes one
         more row that is thrown away; one that reaches max_tokens is not scheduled again.
+
+        A step whose rows sample under grammars waits for their masks, which need the tokens of
+        the step before on the host: its forward is launched, the step before read back and the
+        masks started on the grammar thread, and its sampler is left to the next call, which
+        schedules and stages the step after it first. Only the sampler and a launch then stand
+        between the masks and the next forward.
         """
         outputs, self._pending = self._pending, []
         prev, self._in_flight = self._in_flight, None
+        unsampled, self._unsampled = self._unsampled, None
         plan = self.scheduler.schedule()
+        staged = None
+        if unsampled is not None:
+            if plan.scheduled and not self._needs_known_tokens(plan, sampling_key(unsampled.reqs)):
+                seqs = self._sequences(plan.scheduled, unsampled.rows)
+                staged = self.runner.stage(seqs)
+            prev = self._sample_unsampled(unsampled)
         if prev is not None and (
-            not plan.scheduled or not self.overlap or self._needs_known_tokens(plan)
+            not plan.scheduled
+            or not self.overlap
+            or (staged is None and self._needs_known_tokens(plan))
         ):
             outputs.extend(self._finish(prev))
             prev = None
             plan.scheduled = [w for w in plan.scheduled if not w.request.is_finished]
         if not plan.scheduled:
             return outputs
-        # A grammar needs the previous token before it can mask this step's logits, but the
-        # forward does not: with constrained rows waiting on the step in flight, that step is
-        # read back (and their matchers advanced) after this step's forward is launched and
-        # before its sampler, so the host's output work and the masks overlap the forward.
-        read_back_first = prev is not None and self._grammar_waits_on(plan)
-        launched = self._launch(plan, prev, outputs if read_back_first else None)
-        if prev is not None and not read_back_first:
-            outputs.extend(self._finish(prev))
+        launched = self._launch(plan, prev, staged, outputs)
+        if prev is not None and not isinstance(launched, _Unsampled):
+            outputs.extend(self._finish(prev))  # while the GPU runs the step just launched
         # After the previous step's tokens are known: the prefix cache hashes what this step
         # computes, which may include the token the previous step sampled.
         self.scheduler.advance(plan)
-        for req in launched.requests:
+        for req in launched.reqs:
             if not req.is_finished:
                 req.num_pending_tokens = 1
-        if self.overlap:
+        if isinstance(launched, _Unsampled):
+            self._unsampled = launched
+        elif self.overlap:
             self._in_flight = launched
         else:
             outputs.extend(self._finish(launched))
@@ -372,37 +400,50 @@ class EngineCore:
             if w.completes_sequence
         )
 
-    def _needs_known_tokens(self, plan: SchedulerOutput) -> bool:
+    def _needs_known_tokens(
+        self, plan: SchedulerOutput, sampling_state: tuple[tuple[str, bool], ...] | None = None
+    ) -> bool:
         """Whether the step in flight must be read back before ``plan`` launches: a sequence
         that waits on a device-side token samples with a rule that reads its output tokens
         (penalties, min_tokens) and the sampling state has to be built afresh (the batch
         changed), so the host needs that token. (A grammar needs it too, but only before the
-        sampler: :meth:`step` reads the step back between this one's forward and sampler.)"""
+        sampler: :meth:`step` reads the step back between this one's forward and sampler.)
+        ``sampling_state`` is the key of the sampling state the step in flight will have left
+        (default: the one it left)."""
         reqs = [w.request for w in plan.scheduled if w.completes_sequence]
         pending = [r for r in reqs if r.num_pending_tokens]
         if not any(needs_output_history(r.params) for r in pending):
             return False
-        cached = self._sampling
-        return cached is None or cached.key != sampling_key(reqs)
+        if sampling_state is None:
+            sampling_state = self._sampling.key if self._sampling is not None else None
+        return sampling_state != sampling_key(reqs)
 
     def _launch(
         self,
         plan: SchedulerOutput,
         prev: _InFlight | None,
-        prev_outputs: list[RequestOutput] | None = None,
-    ) -> _InFlight:
-        """Run the forward and the sampler of ``plan`` (asynchronously on CUDA) and queue the
-        copy of the sampled tokens to the host. With ``prev_outputs``, the step in flight
-        (``prev``) is read back between the two, its outputs appended there."""
-        seqs = self._sequences(plan.scheduled, prev)
-        logits = self.runner.execute(seqs, prev.token_ids if prev is not None else None)
+        staged: StagedStep | None,
+        outputs: list[RequestOutput],
+    ) -> _InFlight | _Unsampled:
+        """Run the forward of ``plan`` (staged already, or now; asynchronously on CUDA) and,
+        unless its grammars wait on the step in flight ``prev``, its sampler, queueing the
+        copy of the sampled tokens to the host. When they wait, ``prev`` is read back now (its
+        outputs appended to ``outputs``), the masks started, and the step left unsampled."""
+        if staged is None:
+            staged = self.runner.stage(self._sequences(plan.scheduled, prev.rows if prev else None))
+        logits = self.runner.launch(staged, prev.token_ids if prev is not None else None)
         reqs = [w.request for w in plan.scheduled if w.completes_sequence]
-        masks = None
-        if prev is not None and prev_outputs is not None:
-            masks = self._finish_with_masks(prev, reqs, prev_outputs)
+        rows = {r.request_id: i for i, r in enumerate(reqs)}
+        if prev is not None and self._grammar_waits_on(plan):
+            masks = self._finish_with_masks(prev, reqs, outputs)
+            return _Unsampled(reqs, rows, logits, masks)
         if not reqs:
             return _InFlight([], {}, None, None)
-        sampled = self._sample(logits, reqs, masks)
+        return self._in_flight_of(reqs, rows, self._sample(logits, reqs))
+
+    def _in_flight_of(
+        self, reqs: list[Request], rows: dict[str, int], sampled: SamplerOutput
+    ) -> _InFlight:
         host = HostTensors(
             [
                 sampled.token_ids,
@@ -412,8 +453,13 @@ class EngineCore:
             ],
             self.device,
         )
-        rows = {r.request_id: i for i, r in enumerate(reqs)}
         return _InFlight(reqs, rows, sampled.token_ids, host)
+
+    def _sample_unsampled(self, step: _Unsampled) -> _InFlight:
+        """Sample a step whose forward has run (its masks may still be computing)."""
+        return self._in_flight_of(
+            step.reqs, step.rows, self._sample(step.logits, step.reqs, step.masks)
+        )
 
     def _finish_with_masks(
         self, flight: _InFlight, reqs: list[Request], outputs: list[RequestOutput]
@@ -427,7 +473,7 @@ class EngineCore:
         sampled = self._wait(flight)
         tokens = sampled.token_ids.tolist()
         grammar_done: dict[str, bool] = {}
-        for row, req in enumerate(flight.requests):
+        for row, req in enumerate(flight.reqs):
             if req.matcher is not None and not req.is_finished:
                 req.matcher.consume_token(tokens[row])
                 grammar_done[req.request_id] = req.matcher.is_stopped()
@@ -470,7 +516,7 @@ class EngineCore:
         sampled: SamplerOutput,
         grammar_done: Mapping[str, bool] | None = None,
     ) -> list[RequestOutput]:
-        new, finished = self.outputs.process(flight.requests, sampled, grammar_done)
+        new, finished = self.outputs.process(flight.reqs, sampled, grammar_done)
         self._tokens_generated += len(new)
         self._generation_rate.add(len(new))
         for done in finished:
@@ -478,8 +524,10 @@ class EngineCore:
         return new
 
     def _sequences(
-        self, scheduled: list[ScheduledWork], prev: _InFlight | None
+        self, scheduled: list[ScheduledWork], prev_rows: Mapping[str, int] | None
     ) -> list[ScheduledSequence]:
+        """The runner's view of ``scheduled``; ``prev_rows`` are the rows of the step whose
+        sampled ids (still on the device) the pending decodes read."""
         now = time.monotonic()
         seqs = []
         for work in scheduled:
@@ -490,8 +538,8 @@ class EngineCore:
             table = self.blocks.block_table_view(req.request_id)
             if req.num_pending_tokens:
                 # Its one new token is the one the step in flight sampled: read on the device.
-                assert prev is not None and work.num_tokens == 1, "a pending token is a decode"
-                seq = ScheduledSequence([0], start, table, True, prev.rows[req.request_id])
+                assert prev_rows is not None and work.num_tokens == 1, "a pending token is a decode"
+                seq = ScheduledSequence([0], start, table, True, prev_rows[req.request_id])
             else:
                 tokens = req.token_ids_between(start, start + work.num_tokens)
                 seq = ScheduledSequence(tokens, start, table, work.completes_sequence)

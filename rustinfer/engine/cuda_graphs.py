@@ -29,7 +29,7 @@ from tqdm import tqdm
 from rustinfer.engine.host_copy import copy_rows
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
 
-__all__ = ["DecodeGraphs", "graph_batch_sizes"]
+__all__ = ["DecodeGraphs", "StagedDecode", "graph_batch_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,15 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
     if sizes[-1] != max_batch:
         sizes.append(max_batch)
     return sizes
+
+
+@dataclass(frozen=True)
+class StagedDecode:
+    """A decode step whose inputs sit in the pinned host mirrors, ready to upload and replay."""
+
+    num_seqs: int
+    size: int  # the captured batch size it pads to
+    cols: int  # block-table columns in use
 
 
 @dataclass
@@ -177,6 +186,17 @@ class DecodeGraphs:
         """Logits [n, vocab] of one decode step of n sequences (a view into the graph's output,
         valid until the next replay). ``pending`` pairs (row, row of ``prev_token_ids``) name
         rows whose token is still on the device: it is copied there, after the upload."""
+        return self.launch(self.stage(token_ids, positions, block_tables), pending, prev_token_ids)
+
+    def stage(
+        self,
+        token_ids: Sequence[int],
+        positions: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> StagedDecode:
+        """Fill the pinned host mirrors for a step (nothing is queued on the GPU yet): the host
+        half of :meth:`run`, which a caller may do ahead of the launch. Until that step is
+        launched, no other step may be staged."""
         n = len(token_ids)
         size = next(s for s in self.sizes if s >= n)
         bs = self.block_size
@@ -194,15 +214,24 @@ class DecodeGraphs:
             lens[i] = p + 1
             tables[i, : len(table)] = table
         self._pad_rows(n, size, tables)
-        self._upload(size, cols)
+        return StagedDecode(n, size, cols)
+
+    def launch(
+        self,
+        staged: StagedDecode,
+        pending: Sequence[tuple[int, int]] = (),
+        prev_token_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Queue the uploads of a staged step and replay its graph; its logits [n, vocab]."""
+        self._upload(staged.size, staged.cols)
         if pending:
             assert prev_token_ids is not None
             copy_rows(self.ids, [r for r, _ in pending], prev_token_ids, [r for _, r in pending])
         self._uploaded.record(torch.cuda.current_stream(self.device))
-        entry = self._graphs[size]
+        entry = self._graphs[staged.size]
         entry.graph.replay()
         self.replays += 1
-        return entry.logits[:n]
+        return entry.logits[: staged.num_seqs]
 
     def _pad_rows(self, start: int, end: int, tables: np.ndarray) -> None:
         """Rows [start, end) write one K/V entry to the scratch block and attend to it alone."""

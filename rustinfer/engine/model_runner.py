@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from tqdm import tqdm
 
 from rustinfer.engine.host_copy import copy_rows, upload_packed
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
+
+if TYPE_CHECKING:
+    from rustinfer.engine.cuda_graphs import StagedDecode
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,16 @@ class StepInputs:
     cu_seqlens_q: list[int]  # host copy of attn.cu_seqlens_q
     # The last new token's row of each sequence that samples this step, in order, on the device.
     logit_rows: torch.Tensor
+
+
+@dataclass
+class StagedStep:
+    """A step built on the host and not yet run: a decode graph's filled mirrors or an eager
+    step's uploaded inputs, and the rows whose token comes from the previous step's ids."""
+
+    pending: list[tuple[int, int]]  # (row of this step, row of the previous step's ids)
+    decode: StagedDecode | None = None
+    inputs: StepInputs | None = None
 
 
 def allocate_kv_caches(
@@ -242,27 +256,45 @@ class ModelRunner:
         ``prev_token_ids`` are the previous step's sampled ids, still on the device: sequences
         with a ``prev_row`` read their input token from it.
         """
+        return self.launch(self.stage(seqs), prev_token_ids)
+
+    def stage(self, seqs: Sequence[ScheduledSequence]) -> StagedStep:
+        """The host half of :meth:`execute`: build the step's inputs (a decode graph's pinned
+        mirrors, or an eager step's uploads, queued behind whatever is on the stream) without
+        running the model. The engine stages the next step while it waits on something else;
+        at most one step may be staged and not yet launched."""
         if not seqs:
             raise ValueError("an engine step schedules at least one sequence")
         pending = [(i, s.prev_row) for i, s in enumerate(seqs) if s.prev_row is not None]
-        if pending and prev_token_ids is None:
-            raise ValueError(
-                "a sequence reads its token from the previous step, which is not given"
-            )
         graphs = self.graphs
         if (
             graphs is not None
             and graphs.can_run(len(seqs))
             and all(len(s.token_ids) == 1 and s.needs_logits for s in seqs)
         ):
-            return graphs.run(
+            decode = graphs.stage(
                 [s.token_ids[0] for s in seqs],
                 [s.start_pos for s in seqs],
                 [s.block_table for s in seqs],
-                pending,
-                prev_token_ids,
             )
-        step = self.prepare(seqs)
+            return StagedStep(pending, decode=decode)
+        return StagedStep(pending, inputs=self.prepare(seqs))
+
+    @torch.inference_mode()
+    def launch(
+        self, staged: StagedStep, prev_token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run a staged step on the device; its logits, as :meth:`execute` returns them."""
+        pending = staged.pending
+        if pending and prev_token_ids is None:
+            raise ValueError(
+                "a sequence reads its token from the previous step, which is not given"
+            )
+        if staged.decode is not None:
+            assert self.graphs is not None
+            return self.graphs.launch(staged.decode, pending, prev_token_ids)
+        step = staged.inputs
+        assert step is not None
         if pending:
             assert prev_token_ids is not None
             # A pending token is a decode's only token: its row is where the sequence starts.

@@ -279,3 +279,35 @@ def test_device_unpacking_of_the_bitmask_equals_the_host_one() -> None:
     got = _unpack_banned(torch.from_numpy(words), vocab)
     assert got.shape == (3, vocab) and torch.equal(got, torch.from_numpy(host))
     assert not got[0, :32].any() and got[1, 32:63].all() and not got[1, 63]
+
+
+def test_a_constrained_step_is_sampled_after_the_next_step_is_staged(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With overlap, a step that waits on its masks is sampled by the next call, after that
+    call has staged its own forward (so only the sampler and a launch follow the masks); the
+    output equals stepping in sync."""
+    engine = llm.engine
+    calls: list[str] = []
+    stage, sample = engine.runner.stage, engine._sample_unsampled
+    monkeypatch.setattr(engine.runner, "stage", lambda seqs: calls.append("stage") or stage(seqs))
+    monkeypatch.setattr(
+        engine, "_sample_unsampled", lambda step: calls.append("sample") or sample(step)
+    )
+    so = StructuredOutput.json_schema(schema_variants()[2])
+    params = SamplingParams(temperature=0.9, seed=13, n=3, max_tokens=48, structured=so)
+    outs = []
+    for overlap in (False, True):
+        engine.overlap = overlap
+        calls.clear()
+        (result,) = llm.chat([PROMPT], params)
+        outs.append([o.text for o in result.outputs])
+    engine.overlap = False
+    assert outs[0] == outs[1]
+    # Every constrained decode step but those where the batch changes (a row finished, and the
+    # sampling state must be rebuilt from known tokens) and the last.
+    samples = calls.count("sample")
+    staged_first = sum(
+        1 for a, b in zip(calls, calls[1:], strict=False) if (a, b) == ("stage", "sample")
+    )
+    assert samples >= 10 and staged_first >= 0.75 * samples, calls
