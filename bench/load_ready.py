@@ -107,8 +107,12 @@ def main() -> None:
         row = {"prompt_len": n}
         for k in range(2):
             compiled.clear()
+            segments = torch.cuda.memory_stats().get("segment.all.allocated", 0)
             prompt = [(7 * n + 31 * k + j) % 5000 + 3 for j in range(n)]
             row[f"ttft_ms_{k}"] = round(ttft_of(f"len{n}-{k}", prompt, one).ttft_s * 1000, 2)
+            # cudaMalloc calls the caching allocator made for this prompt (a new size class).
+            new = torch.cuda.memory_stats().get("segment.all.allocated", 0) - segments
+            row[f"new_segments_{k}"] = new
             if k == 0:
                 row["compiled"] = sorted(set(compiled))
         first_use.append(row)
