@@ -5,7 +5,10 @@ sees one thread. This wraps the engine's parts with wall-clock timers instead (a
 each) and times the GPU's side with CUDA events around the forward and the sampler, then prints
 per decode step: the wall time, the GPU's busy time, and each host part's time, including the
 time the engine's thread spends waiting (for the GPU: reading a step back; for the grammar
-thread: a step's masks) and the masks' own time on the grammar thread.
+thread: a step's masks) and the masks' own time on the grammar thread. Last, the grammar's own
+floor in the same process: a batch's ``consume_token`` calls and its masks computed every way
+llguidance offers (one by one, on its executor with 2 to 16 threads), for matchers part-way into
+the story string.
 
     python bench/structured_timeline.py --model smollm2.gguf --device cuda --batch 16
 """
@@ -21,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rustinfer.cli.bench_structured import PROMPT, SCHEMA
+from rustinfer.cli.bench_structured import PROMPT, SCHEMAS
 from rustinfer.engine import core as core_module
 from rustinfer.engine import host_copy
 from rustinfer.engine.sampling_params import SamplingParams
@@ -76,11 +79,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--schema", choices=sorted(SCHEMAS), default="bounded")
     args = ap.parse_args()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.batch,
               enable_prefix_caching=False, load_format=args.load_format)  # fmt: skip
     engine = llm.engine
-    so = StructuredOutput.json_schema(SCHEMA)
+    so = StructuredOutput.json_schema(SCHEMAS[args.schema])
 
     def run(structured: StructuredOutput | None) -> float:
         params = [
@@ -120,6 +124,60 @@ def main() -> None:
             print(f"   GPU  {name:<34} {ms / steps:8.3f}")
         for name, secs in sorted(timers.host.items(), key=lambda kv: -kv[1]):
             print(f"   host {name:<34} {secs * 1000 / steps:8.3f}")
+    grammar_floor(engine, so, args.batch)
+
+
+def grammar_floor(engine: core_module.EngineCore, so: StructuredOutput, batch: int) -> None:
+    """Microseconds for one step's grammar work at ``batch`` rows, outside the engine: each
+    timed step first moves every row one token further into the story string (a state the
+    lexer has not seen, as in generation), then computes the masks one way."""
+    import llguidance
+    import llguidance.numpy as llg_numpy
+    import numpy as np
+
+    compiler = engine.grammar_compiler()
+    prefix = engine.tokenizer.encode('{"title":"The Keeper","story":"Once upon a', False)
+    text = " time the keeper walked along the shore and counted the ships in the bay" * 4
+    tokens = engine.tokenizer.encode(text, False)
+    words = -(-engine.vocab_size // 32)
+    mask = np.full((batch, words), -1, dtype=np.int32)
+
+    def fresh() -> list[Any]:
+        out = []
+        for _ in range(batch):
+            m = compiler.matcher(so)
+            for t in prefix:
+                m.consume_token(t)
+            out.append(m)
+        return out
+
+    def run(fill: Any) -> tuple[float, float]:
+        matchers = fresh()
+        rows = [(m, i) for i, m in enumerate(matchers)]
+        fills, consumes = [], []
+        for t in tokens:
+            start = time.perf_counter()
+            for m in matchers:
+                m.consume_token(t)
+            consumes.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            fill(rows)
+            fills.append(time.perf_counter() - start)
+        assert not any(m.is_error() for m in matchers), matchers[0].get_error()
+        return (sorted(fills)[len(fills) // 2] * 1e6, sorted(consumes)[len(consumes) // 2] * 1e6)
+
+    def one_by_one(rows: list[tuple[Any, int]]) -> None:
+        for m, i in rows:
+            llg_numpy.fill_next_token_bitmask(m, mask, i)
+
+    print(f"== grammar floor, {batch} rows, {len(tokens)} fresh states (median us a step)")
+    fill_us, consume_us = run(one_by_one)
+    print(f"   consume_token, every row               {consume_us:9.1f}")
+    print(f"   masks one by one                       {fill_us:9.1f}")
+    for threads in (None, 2, 4, 8, 16):
+        ex = llguidance.LLExecutor(threads) if threads else compiler.executor
+        us, _ = run(lambda rows, ex=ex: llg_numpy.fill_next_token_bitmask_par(ex, rows, mask))
+        print(f"   masks on the executor, {threads or 'default'} threads{'':<10} {us:9.1f}")
 
 
 if __name__ == "__main__":

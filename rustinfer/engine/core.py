@@ -99,6 +99,18 @@ class _InFlight:
     host: HostTensors | None
 
 
+def _fill_bitmask_started(
+    started: threading.Event,
+    matchers: list[llguidance.LLMatcher | None],
+    vocab_size: int,
+    executor: llguidance.LLExecutor | None,
+) -> np.ndarray:
+    """:func:`fill_bitmask` on the grammar thread, setting ``started`` first (the engine's thread
+    waits for it, so this thread holds the GIL until llguidance releases it)."""
+    started.set()
+    return fill_bitmask(matchers, vocab_size, executor)
+
+
 def sampling_key(reqs: list[Request]) -> tuple[tuple[str, bool], ...]:
     """What a SamplingBatch depends on besides the sampled tokens: the rows (in order) and
     whether each still holds its stops back for min_tokens."""
@@ -483,7 +495,12 @@ class EngineCore:
         masks = None
         if rows is not None:
             thread = self.grammar_compiler().mask_thread
-            masks = thread.submit(fill_bitmask, rows[0], self.vocab_size, rows[1])
+            started = threading.Event()
+            masks = thread.submit(_fill_bitmask_started, started, rows[0], self.vocab_size, rows[1])
+            # Hand the GIL over until the grammar thread is inside llguidance: a thread waiting
+            # for the GIL gets it only when the holder blocks or after the switch interval (5
+            # ms), so without this the masks started only when this thread blocked on them.
+            started.wait()
         outputs.extend(self._outputs_of(flight, sampled, grammar_done))
         return masks
 
