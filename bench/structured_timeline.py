@@ -24,7 +24,16 @@ from typing import Any
 
 import torch
 
-from rustinfer.cli.bench_structured import PROMPT, SCHEMAS
+from rustinfer.cli.bench_structured import PROMPT, SCHEMA
+
+try:
+    from rustinfer.cli.bench_structured import SCHEMAS
+except ImportError:  # an older tree, timed for comparison
+    SCHEMAS = {"bounded": SCHEMA}
+    SCHEMAS["plain"] = {
+        **SCHEMA,
+        "properties": {**SCHEMA["properties"], "story": {"type": "string"}},
+    }
 from rustinfer.engine import core as core_module
 from rustinfer.engine import host_copy
 from rustinfer.engine.sampling_params import SamplingParams
