@@ -89,6 +89,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--schema", choices=sorted(SCHEMAS), default="bounded")
+    ap.add_argument(
+        "--mask-threads",
+        type=int,
+        nargs="+",
+        default=[-1],
+        help="the constrained run once per value: -1 the engine's executor, 0 masks one by one, "
+        "N an executor of N threads",
+    )
     args = ap.parse_args()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.batch,
               enable_prefix_caching=False, load_format=args.load_format)  # fmt: skip
@@ -121,7 +129,19 @@ def main() -> None:
     timers.wrap(core_module, "fill_bitmask", "masks (grammar thread)")
     timers.wrap(core_module, "banned_from_bitmask", "banned_from_bitmask")
     steps = args.output_len
-    for label, structured in (("free", None), ("json_schema", so)):
+    compiler = engine.grammar_compiler()
+    rows_of = engine._grammar_rows
+    runs = [("free", None, -1)] + [
+        (f"json_schema, mask threads {n}", so, n) for n in args.mask_threads
+    ]
+    for label, structured, threads in runs:
+        engine._grammar_rows = rows_of
+        if threads == 0:  # no executor: every row's mask in turn on the grammar thread
+            engine._grammar_rows = lambda reqs: (lambda r: r and (r[0], None))(rows_of(reqs))
+        elif threads > 0:
+            import llguidance
+
+            compiler._executor = llguidance.LLExecutor(threads)
         timers.host.clear()
         timers.events.clear()
         wall = run(structured)

@@ -49,6 +49,7 @@ from rustinfer.engine.structured import (
     banned_from_bitmask,
     banned_tokens,
     fill_bitmask,
+    fill_bitmask_pinned,
 )
 from rustinfer.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError
 from rustinfer.progress import progress_bar
@@ -85,7 +86,7 @@ class _Unsampled:
     reqs: list[Request]
     rows: dict[str, int]
     logits: torch.Tensor
-    masks: concurrent.futures.Future[np.ndarray] | None
+    masks: concurrent.futures.Future[np.ndarray | torch.Tensor] | None
 
 
 @dataclass
@@ -104,10 +105,14 @@ def _fill_bitmask_started(
     matchers: list[llguidance.LLMatcher | None],
     vocab_size: int,
     executor: llguidance.LLExecutor | None,
-) -> np.ndarray:
-    """:func:`fill_bitmask` on the grammar thread, setting ``started`` first (the engine's thread
-    waits for it, so this thread holds the GIL until llguidance releases it)."""
+    pinned: bool,
+) -> np.ndarray | torch.Tensor:
+    """:func:`fill_bitmask` (``pinned``: :func:`fill_bitmask_pinned`) on the grammar thread,
+    setting ``started`` first (the engine's thread waits for it, so this thread holds the GIL
+    until llguidance releases it)."""
     started.set()
+    if pinned:
+        return fill_bitmask_pinned(matchers, vocab_size, executor)
     return fill_bitmask(matchers, vocab_size, executor)
 
 
@@ -475,7 +480,7 @@ class EngineCore:
 
     def _finish_with_masks(
         self, flight: _InFlight, reqs: list[Request], outputs: list[RequestOutput]
-    ) -> concurrent.futures.Future[np.ndarray] | None:
+    ) -> concurrent.futures.Future[np.ndarray | torch.Tensor] | None:
         """Read the step in flight back for a step whose rows ``reqs`` sample under grammars:
         advance their matchers with the tokens first, start this step's masks on the grammar
         thread, then turn the tokens into outputs (detokenizing, stop strings) meanwhile. The
@@ -496,7 +501,10 @@ class EngineCore:
         if rows is not None:
             thread = self.grammar_compiler().mask_thread
             started = threading.Event()
-            masks = thread.submit(_fill_bitmask_started, started, rows[0], self.vocab_size, rows[1])
+            pinned = self.device.type == "cuda"
+            masks = thread.submit(
+                _fill_bitmask_started, started, rows[0], self.vocab_size, rows[1], pinned
+            )
             # Hand the GIL over until the grammar thread is inside llguidance: a thread waiting
             # for the GIL gets it only when the holder blocks or after the switch interval (5
             # ms), so without this the masks started only when this thread blocked on them.
@@ -567,7 +575,7 @@ class EngineCore:
         self,
         logits: torch.Tensor,
         reqs: list[Request],
-        masks: concurrent.futures.Future[np.ndarray] | None = None,
+        masks: concurrent.futures.Future[np.ndarray | torch.Tensor] | None = None,
     ) -> SamplerOutput:
         if all(is_plain_greedy(r.params, r.num_output_tokens) for r in reqs):
             self._sampling = None
@@ -592,7 +600,9 @@ class EngineCore:
             )
             self._sampling = cached = _SamplingState(key, batch)
         batch.banned = None
-        if masks is not None:  # computed while the step before was read back
+        if masks is not None:  # computed on the grammar thread since the step before was read
+            if not masks.done():
+                self.sampler.draw_noise(batch, self.device)  # meanwhile
             batch.banned = banned_from_bitmask(masks.result(), self.vocab_size, self.device)
         elif (rows := self._grammar_rows(reqs)) is not None:
             # The grammar's mask is this step's (its matcher has seen every earlier token). A

@@ -221,15 +221,22 @@ def banned_tokens(
     return banned_from_bitmask(fill_bitmask(matchers, vocab_size, executor), vocab_size, device)
 
 
-def banned_from_bitmask(bitmask: np.ndarray, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """:func:`fill_bitmask`'s packed masks as :func:`banned_tokens` returns them."""
+def banned_from_bitmask(
+    bitmask: np.ndarray | torch.Tensor, vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """:func:`fill_bitmask`'s packed masks as :func:`banned_tokens` returns them (a pinned
+    tensor from :func:`fill_bitmask_pinned` goes to the GPU in one asynchronous copy)."""
     import numpy as np
 
     from rustinfer.engine.host_copy import upload
 
     if device.type == "cpu":
+        if isinstance(bitmask, torch.Tensor):
+            bitmask = bitmask.numpy()
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
         return torch.from_numpy(bits == 0)
+    if isinstance(bitmask, torch.Tensor) and bitmask.is_pinned():
+        return _unpack_banned(bitmask.to(device, non_blocking=True), vocab_size)
     return _unpack_banned(upload(bitmask, torch.int32, device), vocab_size)
 
 
@@ -244,15 +251,19 @@ def fill_bitmask(
     matchers: list[llguidance.LLMatcher | None],
     vocab_size: int,
     executor: llguidance.LLExecutor | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """[rows, words] int32: bit t % 32 of word t // 32 set where token t is allowed (every bit
-    for None). Host work only, most of it in llguidance outside the GIL: it may run on another
-    thread while this one goes on."""
+    for None), into ``out`` when given. Host work only, most of it in llguidance outside the
+    GIL: it may run on another thread while this one goes on."""
     import llguidance.numpy as llg_numpy
     import numpy as np
 
     words = -(-vocab_size // _WORD_BITS)
-    bitmask = np.full((len(matchers), words), -1, dtype=np.int32)
+    if out is None:
+        out = np.empty((len(matchers), words), dtype=np.int32)
+    bitmask = out
+    bitmask.fill(-1)
     rows = [(m, row) for row, m in enumerate(matchers) if m is not None]
     if executor is not None and len(rows) > 1:
         llg_numpy.fill_next_token_bitmask_par(executor, rows, bitmask)
@@ -260,6 +271,20 @@ def fill_bitmask(
         for matcher, row in rows:
             llg_numpy.fill_next_token_bitmask(matcher, bitmask, row)
     return bitmask
+
+
+def fill_bitmask_pinned(
+    matchers: list[llguidance.LLMatcher | None],
+    vocab_size: int,
+    executor: llguidance.LLExecutor | None = None,
+) -> torch.Tensor:
+    """:func:`fill_bitmask` into pinned host memory, for a GPU: the upload is then one
+    asynchronous copy with no staging copy (torch's pinned-memory cache keeps the block from
+    being handed out again before that copy has read it)."""
+    words = -(-vocab_size // _WORD_BITS)
+    pinned = torch.empty((len(matchers), words), dtype=torch.int32, pin_memory=True)
+    fill_bitmask(matchers, vocab_size, executor, pinned.numpy())
+    return pinned
 
 
 @functools.cache
