@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--schema", choices=sorted(SCHEMAS), default="bounded")
     ap.add_argument(
+        "--seeded", action="store_true", help="a seed per request (one noise draw each)"
+    )
+    ap.add_argument(
         "--mask-threads",
         type=int,
         nargs="+",
@@ -105,8 +108,8 @@ def main() -> None:
 
     def run(structured: StructuredOutput | None) -> float:
         params = [
-            SamplingParams(temperature=0.8, seed=i, max_tokens=args.output_len, ignore_eos=True,
-                           structured=structured)
+            SamplingParams(temperature=0.8, seed=i if args.seeded else None,
+                           max_tokens=args.output_len, ignore_eos=True, structured=structured)
             for i in range(args.batch)
         ]  # fmt: skip
         start = time.perf_counter()
@@ -134,6 +137,7 @@ def main() -> None:
     runs = [("free", None, -1)] + [
         (f"json_schema, mask threads {n}", so, n) for n in args.mask_threads
     ]
+    runs.append(("free again (drift)", None, -1))
     for label, structured, threads in runs:
         engine._grammar_rows = rows_of
         if threads == 0:  # no executor: every row's mask in turn on the grammar thread

@@ -57,10 +57,18 @@ def add_structured_parser(bench_sub: Any) -> None:
         help="bounded: the story string has minLength 4000 (every token a fresh lexer state, "
         "the grammar's costliest case); plain: no length bound",
     )
+    p.add_argument(
+        "--seeded",
+        action="store_true",
+        help="give each request a seed (a seeded row draws its noise with its own launch; API "
+        "traffic mostly comes unseeded)",
+    )
     p.set_defaults(func=run_structured_bench)
 
 
-def _decode_tok_s(llm: Any, batch: int, output_len: int, structured: Any) -> float:
+def _decode_tok_s(
+    llm: Any, batch: int, output_len: int, structured: Any, seeded: bool = False
+) -> float:
     """Decode tokens per second of ``batch`` requests run together: tokens after the first of
     each, over the longest decode among them (the engine's own timings)."""
     from rustinfer.engine.sampling_params import SamplingParams
@@ -68,7 +76,7 @@ def _decode_tok_s(llm: Any, batch: int, output_len: int, structured: Any) -> flo
     params = [
         SamplingParams(
             temperature=0.8,
-            seed=i,
+            seed=i if seeded else None,
             max_tokens=output_len,
             ignore_eos=True,
             structured=structured,
@@ -96,14 +104,15 @@ def run_structured_bench(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "output_len": args.output_len,
         "schema": args.schema,
+        "seeded": args.seeded,
         **machine_fields(llm.loaded),
     }
     llm.chat([PROMPT], [_warm_params(so)])  # compile and first-use costs, untimed
     for batch in args.batch:
         free, constrained = [], []
         for _ in range(args.repeat):
-            free.append(_decode_tok_s(llm, batch, args.output_len, None))
-            constrained.append(_decode_tok_s(llm, batch, args.output_len, so))
+            free.append(_decode_tok_s(llm, batch, args.output_len, None, args.seeded))
+            constrained.append(_decode_tok_s(llm, batch, args.output_len, so, args.seeded))
         f, c = statistics.median(free), statistics.median(constrained)
         result[f"b{batch}_free_tok_s"] = round(f, 2)
         result[f"b{batch}_json_schema_tok_s"] = round(c, 2)
