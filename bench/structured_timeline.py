@@ -5,7 +5,7 @@ sees one thread. This wraps the engine's parts with wall-clock timers instead (a
 each) and times the GPU's side with CUDA events around the forward and the sampler, then prints
 per decode step: the wall time, the GPU's busy time, and each host part's time, including the
 time the engine's thread spends waiting (for the GPU: reading a step back; for the grammar
-thread: a step's masks) and the masks' own time on the grammar thread. Last, the grammar's own
+thread: a step's masks) and the masks' own time (on whichever thread computes them). Last, the grammar's own
 floor in the same process: a batch's ``consume_token`` calls and its masks computed every way
 llguidance offers (one by one, on its executor with 2 to 16 threads), for matchers part-way into
 the story string.
@@ -93,12 +93,12 @@ def main() -> None:
         "--seeded", action="store_true", help="a seed per request (one noise draw each)"
     )
     ap.add_argument(
-        "--mask-threads",
-        type=int,
+        "--mask-paths",
         nargs="+",
-        default=[-1],
-        help="the constrained run once per value: -1 the engine's executor, 0 masks one by one, "
-        "N an executor of N threads",
+        choices=["auto", "inline", "thread"],
+        default=["auto"],
+        help="the constrained run once per value: where the engine computes a step's masks "
+        "(auto: its own choice by their running cost)",
     )
     args = ap.parse_args()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.batch,
@@ -129,23 +129,15 @@ def main() -> None:
     timers.wrap(concurrent.futures.Future, "result", "wait for the masks")
     timers.wrap(engine.outputs, "process", "outputs.process")
     timers.wrap(core_module.EngineCore, "_finish_with_masks", "_finish_with_masks (all)")
-    timers.wrap(core_module, "fill_bitmask", "masks (grammar thread)")
+    timers.wrap(core_module.EngineCore, "_fill_masks", "masks (either thread)")
     timers.wrap(core_module, "banned_from_bitmask", "banned_from_bitmask")
     steps = args.output_len
-    compiler = engine.grammar_compiler()
-    rows_of = engine._grammar_rows
-    runs = [("free", None, -1)] + [
-        (f"json_schema, mask threads {n}", so, n) for n in args.mask_threads
-    ]
-    runs.append(("free again (drift)", None, -1))
-    for label, structured, threads in runs:
-        engine._grammar_rows = rows_of
-        if threads == 0:  # no executor: every row's mask in turn on the grammar thread
-            engine._grammar_rows = lambda reqs: (lambda r: r and (r[0], None))(rows_of(reqs))
-        elif threads > 0:
-            import llguidance
-
-            compiler._executor = llguidance.LLExecutor(threads)
+    default_below = engine.inline_masks_below_s
+    below = {"auto": default_below, "inline": float("inf"), "thread": 0.0}
+    runs = [("free", None, "auto")] + [(f"json_schema, masks {p}", so, p) for p in args.mask_paths]
+    runs.append(("free again (drift)", None, "auto"))
+    for label, structured, path in runs:
+        engine.inline_masks_below_s = below[path]
         timers.host.clear()
         timers.events.clear()
         wall = run(structured)

@@ -100,22 +100,6 @@ class _InFlight:
     host: HostTensors | None
 
 
-def _fill_bitmask_started(
-    started: threading.Event,
-    matchers: list[llguidance.LLMatcher | None],
-    vocab_size: int,
-    executor: llguidance.LLExecutor | None,
-    pinned: bool,
-) -> np.ndarray | torch.Tensor:
-    """:func:`fill_bitmask` (``pinned``: :func:`fill_bitmask_pinned`) on the grammar thread,
-    setting ``started`` first (the engine's thread waits for it, so this thread holds the GIL
-    until llguidance releases it)."""
-    started.set()
-    if pinned:
-        return fill_bitmask_pinned(matchers, vocab_size, executor)
-    return fill_bitmask(matchers, vocab_size, executor)
-
-
 def sampling_key(reqs: list[Request]) -> tuple[tuple[str, bool], ...]:
     """What a SamplingBatch depends on besides the sampled tokens: the rows (in order) and
     whether each still holds its stops back for min_tokens."""
@@ -145,6 +129,7 @@ class _SamplingState:
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
 _WARM_UP_PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+_INLINE_MASKS_BELOW_S = 2e-4
 # Larger decode batches are compute-bound: launches no longer dominate and graphs gain little.
 _MAX_GRAPH_BATCH = 256
 
@@ -202,6 +187,13 @@ class EngineCore:
         self._pending: list[RequestOutput] = []  # finals of aborted sequences, reported next step
         self._in_flight: _InFlight | None = None  # launched, tokens not yet read back
         self._unsampled: _Unsampled | None = None  # forward launched, sampler waits on masks
+        # A step's grammar masks cheaper than this (running mean) are computed on the engine's
+        # thread; costlier ones on the grammar thread, beside the read-back step's outputs, and
+        # the step is sampled after the next one is staged (see :meth:`step`). Handing work to
+        # another thread and back costs ~0.1-0.2 ms on the H200's host, more than the masks of
+        # a JSON schema without length bounds take for 16 rows (~0.05 ms).
+        self.inline_masks_below_s = _INLINE_MASKS_BELOW_S
+        self._mask_seconds = 0.0
         self._sampling: _SamplingState | None = None
         self.overlap = cfg.overlap if cfg.overlap is not None else self.device.type == "cuda"
         self._tokens_generated = 0
@@ -367,9 +359,11 @@ class EngineCore:
 
         A step whose rows sample under grammars waits for their masks, which need the tokens of
         the step before on the host: its forward is launched, the step before read back and the
-        masks started on the grammar thread, and its sampler is left to the next call, which
-        schedules and stages the step after it first. Only the sampler and a launch then stand
-        between the masks and the next forward.
+        matchers advanced, then the masks computed. Cheap masks (a running mean under
+        ``inline_masks_below_s``) are computed right there and the step sampled. Costly ones go
+        to the grammar thread while this one builds the read-back step's outputs, and the step's
+        sampler is left to the next call, which schedules and stages the step after it first:
+        only the sampler and a launch then stand between the masks and the next forward.
         """
         outputs, self._pending = self._pending, []
         prev, self._in_flight = self._in_flight, None
@@ -391,8 +385,12 @@ class EngineCore:
             plan.scheduled = [w for w in plan.scheduled if not w.request.is_finished]
         if not plan.scheduled:
             return outputs
-        launched = self._launch(plan, prev, staged, outputs)
-        if prev is not None and not isinstance(launched, _Unsampled):
+        # A grammar needs the previous token before it can mask this step's logits, but the
+        # forward does not: with constrained rows waiting on the step in flight, that step is
+        # read back (and their matchers advanced) between this step's forward and its sampler.
+        read_back_first = prev is not None and self._grammar_waits_on(plan)
+        launched = self._launch(plan, prev, staged, outputs, read_back_first)
+        if prev is not None and not read_back_first:
             outputs.extend(self._finish(prev))  # while the GPU runs the step just launched
         # After the previous step's tokens are known: the prefix cache hashes what this step
         # computes, which may include the token the previous step sampled.
@@ -441,19 +439,26 @@ class EngineCore:
         prev: _InFlight | None,
         staged: StagedStep | None,
         outputs: list[RequestOutput],
+        read_back: bool = False,
     ) -> _InFlight | _Unsampled:
-        """Run the forward of ``plan`` (staged already, or now; asynchronously on CUDA) and,
-        unless its grammars wait on the step in flight ``prev``, its sampler, queueing the
-        copy of the sampled tokens to the host. When they wait, ``prev`` is read back now (its
-        outputs appended to ``outputs``), the masks started, and the step left unsampled."""
+        """Run the forward of ``plan`` (staged already, or now; asynchronously on CUDA; its
+        pending decodes read the step in flight ``prev``'s ids) and its sampler, queueing the
+        copy of the sampled tokens to the host. With ``read_back`` (this step's grammars wait
+        on ``prev``'s tokens), that step is read back between the two (its outputs appended
+        to ``outputs``) and the masks computed; when they go to the grammar thread, the step is
+        left unsampled."""
         if staged is None:
             staged = self.runner.stage(self._sequences(plan.scheduled, prev.rows if prev else None))
         logits = self.runner.launch(staged, prev.token_ids if prev is not None else None)
         reqs = [w.request for w in plan.scheduled if w.completes_sequence]
         rows = {r.request_id: i for i, r in enumerate(reqs)}
-        if prev is not None and self._grammar_waits_on(plan):
-            masks = self._finish_with_masks(prev, reqs, outputs)
-            return _Unsampled(reqs, rows, logits, masks)
+        if read_back:
+            assert prev is not None
+            inline = self._mask_seconds < self.inline_masks_below_s
+            masks = self._finish_with_masks(prev, reqs, outputs, inline)
+            if not inline:
+                return _Unsampled(reqs, rows, logits, masks)
+            return self._in_flight_of(reqs, rows, self._sample(logits, reqs, masks))
         if not reqs:
             return _InFlight([], {}, None, None)
         return self._in_flight_of(reqs, rows, self._sample(logits, reqs))
@@ -479,12 +484,17 @@ class EngineCore:
         )
 
     def _finish_with_masks(
-        self, flight: _InFlight, reqs: list[Request], outputs: list[RequestOutput]
+        self,
+        flight: _InFlight,
+        reqs: list[Request],
+        outputs: list[RequestOutput],
+        inline: bool = False,
     ) -> concurrent.futures.Future[np.ndarray | torch.Tensor] | None:
         """Read the step in flight back for a step whose rows ``reqs`` sample under grammars:
-        advance their matchers with the tokens first, start this step's masks on the grammar
-        thread, then turn the tokens into outputs (detokenizing, stop strings) meanwhile. The
-        masks' future, or None when no row has a grammar left."""
+        advance their matchers with the tokens first, then compute this step's masks (on this
+        thread when ``inline``, else started on the grammar thread) and turn the tokens into
+        outputs (detokenizing, stop strings), meanwhile when the masks run on the grammar thread.
+        The masks' future, or None when no row has a grammar left."""
         if flight.host is None:
             return None
         sampled = self._wait(flight)
@@ -497,19 +507,43 @@ class EngineCore:
         # Rows that finish on these tokens (a stop, the grammar's end) still get a mask: their
         # row of this step is thrown away.
         rows = self._grammar_rows(reqs)
-        masks = None
+        masks: concurrent.futures.Future[np.ndarray | torch.Tensor] | None = None
         if rows is not None:
-            thread = self.grammar_compiler().mask_thread
-            started = threading.Event()
             pinned = self.device.type == "cuda"
-            masks = thread.submit(
-                _fill_bitmask_started, started, rows[0], self.vocab_size, rows[1], pinned
-            )
-            # Hand the GIL over until the grammar thread is inside llguidance: a thread waiting
-            # for the GIL gets it only when the holder blocks or after the switch interval (5
-            # ms), so without this the masks started only when this thread blocked on them.
-            started.wait()
+            if inline:
+                masks = concurrent.futures.Future()
+                masks.set_result(self._fill_masks(rows[0], rows[1], pinned))
+            else:
+                thread = self.grammar_compiler().mask_thread
+                started = threading.Event()
+                masks = thread.submit(self._fill_masks, rows[0], rows[1], pinned, started)
+                # Hand the GIL over until the grammar thread is inside llguidance: a thread
+                # waiting for the GIL gets it only when the holder blocks or after the switch
+                # interval (5 ms), so without this the masks started only when this thread
+                # blocked on them.
+                started.wait()
         outputs.extend(self._outputs_of(flight, sampled, grammar_done))
+        return masks
+
+    def _fill_masks(
+        self,
+        matchers: list[llguidance.LLMatcher | None],
+        executor: llguidance.LLExecutor | None,
+        pinned: bool,
+        started: threading.Event | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """:func:`fill_bitmask` (``pinned``: :func:`fill_bitmask_pinned`), on either thread;
+        sets ``started`` first, and keeps a running mean of how long a step's masks take."""
+        if started is not None:
+            started.set()
+        begin = time.perf_counter()
+        if pinned:
+            masks: np.ndarray | torch.Tensor = fill_bitmask_pinned(
+                matchers, self.vocab_size, executor
+            )
+        else:
+            masks = fill_bitmask(matchers, self.vocab_size, executor)
+        self._mask_seconds += 0.25 * (time.perf_counter() - begin - self._mask_seconds)
         return masks
 
     def _grammar_rows(

@@ -136,8 +136,20 @@ def test_a_bad_constraint_is_refused_naming_its_field(llm: LLM) -> None:
         StructuredOutput.choice([], "guided_choice")
 
 
-def test_a_step_in_flight_gives_the_same_constrained_output(llm: LLM) -> None:
+# The engine computes a step's masks on its own thread while they are cheap, else on the grammar
+# thread (and samples that step after staging the next): both must give what stepping in sync
+# gives.
+MASK_PATHS = pytest.mark.parametrize(
+    "inline_below_s", [float("inf"), 0.0], ids=["inline", "thread"]
+)
+
+
+@MASK_PATHS
+def test_a_step_in_flight_gives_the_same_constrained_output(
+    llm: LLM, inline_below_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With overlap the engine must read each constrained token back before the next mask."""
+    monkeypatch.setattr(llm.engine, "inline_masks_below_s", inline_below_s)
     so = StructuredOutput.json_schema(schema_variants()[4])
     params = SamplingParams(temperature=0.9, seed=5, n=2, max_tokens=200, structured=so)
     outs = []
@@ -149,11 +161,15 @@ def test_a_step_in_flight_gives_the_same_constrained_output(llm: LLM) -> None:
     assert outs[0] == outs[1]
 
 
-def test_constrained_rows_ending_mid_batch_with_a_step_in_flight(llm: LLM) -> None:
+@MASK_PATHS
+def test_constrained_rows_ending_mid_batch_with_a_step_in_flight(
+    llm: LLM, inline_below_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With overlap, a step's constrained rows are read back between the next step's forward and
     its sampler. Rows whose grammar ends (a choice, a short regex), or that stop on a string,
     while others run on still have a row in the step already launched: it is thrown away, and
     everything else comes out as when stepping in sync."""
+    monkeypatch.setattr(llm.engine, "inline_masks_below_s", inline_below_s)
     requests = [
         SamplingParams(temperature=0, max_tokens=20, structured=StructuredOutput.choice(
             ["yes", "no"], "guided_choice")),
@@ -284,10 +300,11 @@ def test_device_unpacking_of_the_bitmask_equals_the_host_one() -> None:
 def test_a_constrained_step_is_sampled_after_the_next_step_is_staged(
     llm: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With overlap, a step that waits on its masks is sampled by the next call, after that
-    call has staged its own forward (so only the sampler and a launch follow the masks); the
+    """With overlap, a step that waits on masks from the grammar thread is sampled by the next
+    call, after that call has staged its own forward (so only the sampler and a launch follow the masks); the
     output equals stepping in sync."""
     engine = llm.engine
+    monkeypatch.setattr(engine, "inline_masks_below_s", 0.0)  # masks on the grammar thread
     calls: list[str] = []
     stage, sample = engine.runner.stage, engine._sample_unsampled
     monkeypatch.setattr(engine.runner, "stage", lambda seqs: calls.append("stage") or stage(seqs))
