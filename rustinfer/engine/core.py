@@ -49,7 +49,7 @@ from rustinfer.engine.structured import (
     banned_from_bitmask,
     banned_tokens,
     fill_bitmask,
-    fill_bitmask_pinned,
+    mask_words,
 )
 from rustinfer.errors import ContextLengthExceededError, DuplicateRequestError, InvalidRequestError
 from rustinfer.progress import progress_bar
@@ -194,6 +194,8 @@ class EngineCore:
         # a JSON schema without length bounds take for 16 rows (~0.05 ms).
         self.inline_masks_below_s = _INLINE_MASKS_BELOW_S
         self._mask_seconds = 0.0
+        self._mask_buffers = [torch.empty((0, 0), dtype=torch.int32)] * 3
+        self._mask_ring = 0
         self._sampling: _SamplingState | None = None
         self.overlap = cfg.overlap if cfg.overlap is not None else self.device.type == "cuda"
         self._tokens_generated = 0
@@ -532,19 +534,33 @@ class EngineCore:
         pinned: bool,
         started: threading.Event | None = None,
     ) -> np.ndarray | torch.Tensor:
-        """:func:`fill_bitmask` (``pinned``: :func:`fill_bitmask_pinned`), on either thread;
-        sets ``started`` first, and keeps a running mean of how long a step's masks take."""
+        """:func:`fill_bitmask`, on either thread (``pinned``: into one of the engine's pinned
+        buffers, returned as a tensor); sets ``started`` first, and keeps a running mean of how
+        long a step's masks take."""
         if started is not None:
             started.set()
         begin = time.perf_counter()
         if pinned:
-            masks: np.ndarray | torch.Tensor = fill_bitmask_pinned(
-                matchers, self.vocab_size, executor
-            )
+            buffer = self._pinned_mask_buffer(len(matchers))
+            fill_bitmask(matchers, self.vocab_size, executor, buffer.numpy())
+            masks: np.ndarray | torch.Tensor = buffer
         else:
             masks = fill_bitmask(matchers, self.vocab_size, executor)
         self._mask_seconds += 0.25 * (time.perf_counter() - begin - self._mask_seconds)
         return masks
+
+    def _pinned_mask_buffer(self, rows: int) -> torch.Tensor:
+        """[rows, words] int32 pinned host memory for a step's masks, from a ring of three
+        (allocating pinned memory costs more than the masks). Reuse is safe by the engine's
+        order of work: a step's masks are filled only after the previous step's tokens reached
+        the host, and that copy runs on the stream after the previous masks' upload."""
+        self._mask_ring = (self._mask_ring + 1) % len(self._mask_buffers)
+        buffer = self._mask_buffers[self._mask_ring]
+        if buffer.shape[0] < rows:
+            words = mask_words(self.vocab_size)
+            buffer = torch.empty((max(rows, 16), words), dtype=torch.int32, pin_memory=True)
+            self._mask_buffers[self._mask_ring] = buffer
+        return buffer[:rows]
 
     def _grammar_rows(
         self, reqs: list[Request]

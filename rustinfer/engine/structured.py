@@ -225,7 +225,7 @@ def banned_from_bitmask(
     bitmask: np.ndarray | torch.Tensor, vocab_size: int, device: torch.device
 ) -> torch.Tensor:
     """:func:`fill_bitmask`'s packed masks as :func:`banned_tokens` returns them (a pinned
-    tensor from :func:`fill_bitmask_pinned` goes to the GPU in one asynchronous copy)."""
+    tensor goes to the GPU in one asynchronous copy, with no staging copy)."""
     import numpy as np
 
     from rustinfer.engine.host_copy import upload
@@ -247,6 +247,11 @@ def _unpack_banned(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return (bits == 0).view(words.shape[0], -1)[:, :vocab_size]
 
 
+def mask_words(vocab_size: int) -> int:
+    """int32 words in one row of a packed mask (:func:`fill_bitmask`)."""
+    return -(-vocab_size // _WORD_BITS)
+
+
 def fill_bitmask(
     matchers: list[llguidance.LLMatcher | None],
     vocab_size: int,
@@ -259,9 +264,8 @@ def fill_bitmask(
     import llguidance.numpy as llg_numpy
     import numpy as np
 
-    words = -(-vocab_size // _WORD_BITS)
     if out is None:
-        out = np.empty((len(matchers), words), dtype=np.int32)
+        out = np.empty((len(matchers), mask_words(vocab_size)), dtype=np.int32)
     bitmask = out
     bitmask.fill(-1)
     rows = [(m, row) for row, m in enumerate(matchers) if m is not None]
@@ -271,20 +275,6 @@ def fill_bitmask(
         for matcher, row in rows:
             llg_numpy.fill_next_token_bitmask(matcher, bitmask, row)
     return bitmask
-
-
-def fill_bitmask_pinned(
-    matchers: list[llguidance.LLMatcher | None],
-    vocab_size: int,
-    executor: llguidance.LLExecutor | None = None,
-) -> torch.Tensor:
-    """:func:`fill_bitmask` into pinned host memory, for a GPU: the upload is then one
-    asynchronous copy with no staging copy (torch's pinned-memory cache keeps the block from
-    being handed out again before that copy has read it)."""
-    words = -(-vocab_size // _WORD_BITS)
-    pinned = torch.empty((len(matchers), words), dtype=torch.int32, pin_memory=True)
-    fill_bitmask(matchers, vocab_size, executor, pinned.numpy())
-    return pinned
 
 
 @functools.cache
