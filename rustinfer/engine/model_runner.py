@@ -165,14 +165,10 @@ class ModelRunner:
         longest = max(1, min(2048, max_model_len - 1, self.num_blocks * bs - 1))
         many = max(1, min(64, self.num_blocks // 2))
         vocab = self.model.config.vocab_size
-        # Tokens per sequence, per step: a short prompt, two middle ones, a long one, and many
-        # short ones at once. Kernels may change path with the prompt's length, and a library
-        # kernel with it: rustinfer-ops-cuda's prefill attention takes torch's SDPA from 1,024
-        # tokens, whose FlashAttention kernels come in two variants, for lengths that are a
-        # multiple of its 128-row tiles and for those that are not, each loaded on first use
-        # (the first 1,200-token prompt after ready took 90-620 ms, the next 10).
-        middle = [[min(n, longest)] for n in (1024, 1031)]
-        shapes = [[min(8, longest)], *middle, [longest], [min(2 * bs, longest)] * many]
+        # Tokens per sequence, per step: a short prompt, a middle one, a long one, and many short
+        # ones at once. Kernels may change path with the prompt's length (rustinfer-ops-cuda's
+        # prefill attention takes torch's SDPA from 1,024 tokens, loaded on first use).
+        shapes = [[min(8, longest)], [min(1024, longest)], [longest], [min(2 * bs, longest)] * many]
         if progress is not None:
             progress.total += len(shapes)
             progress.refresh()

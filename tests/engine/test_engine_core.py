@@ -247,7 +247,7 @@ def test_warm_up_leaves_no_trace(tmp_path):
     core = EngineCore(loaded, EngineConfig(kv_cache_bytes=1 << 20))
     bar = tqdm(total=1, file=io.StringIO())  # one for the whole-engine request
     core._warm_up(bar)
-    assert bar.total == 6 and bar.n == 6  # the runner's five step shapes, then the request
+    assert bar.total == 5 and bar.n == 5  # the runner's four step shapes, then the request
     stats = core.stats()
     assert stats["tokens_generated"] == 0 and stats["tokens_per_second"] == 0
     assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
