@@ -1,14 +1,13 @@
 """Where a decode step's wall time goes on the GPU, free and under a JSON schema, without a profiler.
 
-``bench/structured_profile.py`` uses cProfile, which slows the engine's Python several times and
-sees one thread. This wraps the engine's parts with wall-clock timers instead (a few microseconds
-each) and times the GPU's side with CUDA events around the forward and the sampler, then prints
-per decode step: the wall time, the GPU's busy time, and each host part's time, including the
-time the engine's thread spends waiting (for the GPU: reading a step back; for the grammar
-thread: a step's masks) and the masks' own time (on whichever thread computes them). Last, the grammar's own
-floor in the same process: a batch's ``consume_token`` calls and its masks computed every way
-llguidance offers (one by one, on its executor with 2 to 16 threads), for matchers part-way into
-the story string.
+``bench/structured_profile.py`` uses cProfile, which slows the engine's Python several times. This
+wraps the engine's parts with wall-clock timers instead (a few microseconds each) and times the
+GPU's side with CUDA events around the forward and the sampler, then prints per decode step: the
+wall time, the GPU's busy time, and each host part's time, including the time the engine's thread
+waits for the GPU (reading a step back). A free run after the constrained one shows the host's
+drift. Last, the grammar's own floor in the same process: a batch's ``consume_token`` calls and
+its masks computed every way llguidance offers (one by one, on its executor with 2 to 16
+threads), each row at its own place in the story string.
 
     python bench/structured_timeline.py --model smollm2.gguf --device cuda --batch 16
 """
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
 import functools
 import time
 from typing import Any
@@ -92,14 +90,6 @@ def main() -> None:
     ap.add_argument(
         "--seeded", action="store_true", help="a seed per request (one noise draw each)"
     )
-    ap.add_argument(
-        "--mask-paths",
-        nargs="+",
-        choices=["auto", "inline", "thread"],
-        default=["auto"],
-        help="the constrained run once per value: where the engine computes a step's masks "
-        "(auto: its own choice by their running cost)",
-    )
     args = ap.parse_args()
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.batch,
               enable_prefix_caching=False, load_format=args.load_format)  # fmt: skip
@@ -126,18 +116,13 @@ def main() -> None:
     timers.wrap(type(engine.sampler), "__call__", "sampler", gpu=True)
     timers.wrap(core_module.EngineCore, "_sample", "_sample (with mask wait)")
     timers.wrap(host_copy.HostTensors, "wait", "wait for the GPU (read back)")
-    timers.wrap(concurrent.futures.Future, "result", "wait for the masks")
     timers.wrap(engine.outputs, "process", "outputs.process")
     timers.wrap(core_module.EngineCore, "_finish_with_masks", "_finish_with_masks (all)")
-    timers.wrap(core_module.EngineCore, "_fill_masks", "masks (either thread)")
+    timers.wrap(core_module.EngineCore, "_fill_masks", "masks")
     timers.wrap(core_module, "banned_from_bitmask", "banned_from_bitmask")
     steps = args.output_len
-    default_below = engine.inline_masks_below_s
-    below = {"auto": default_below, "inline": float("inf"), "thread": 0.0}
-    runs = [("free", None, "auto")] + [(f"json_schema, masks {p}", so, p) for p in args.mask_paths]
-    runs.append(("free again (drift)", None, "auto"))
-    for label, structured, path in runs:
-        engine.inline_masks_below_s = below[path]
+    runs = [("free", None), ("json_schema", so), ("free again (drift)", None)]
+    for label, structured in runs:
         timers.host.clear()
         timers.events.clear()
         wall = run(structured)
@@ -168,10 +153,12 @@ def grammar_floor(engine: core_module.EngineCore, so: StructuredOutput, batch: i
     mask = np.full((batch, words), -1, dtype=np.int32)
 
     def fresh() -> list[Any]:
+        # Row i starts i tokens further in: rows at the same place would share the lexer's
+        # cached work, which rows generating their own text do not.
         out = []
-        for _ in range(batch):
+        for i in range(batch):
             m = compiler.matcher(so)
-            for t in prefix:
+            for t in prefix + tokens[:i]:
                 m.consume_token(t)
             out.append(m)
         return out

@@ -6,7 +6,6 @@ Synchronous and single-threaded by design: the asyncio face runs it in its own t
 
 from __future__ import annotations
 
-import concurrent.futures
 import gc
 import logging
 import threading
@@ -28,7 +27,6 @@ from rustinfer.engine.model_runner import (
     DEFAULT_BLOCK_SIZE,
     ModelRunner,
     ScheduledSequence,
-    StagedStep,
     num_blocks_for_budget,
 )
 from rustinfer.engine.output_processor import Finished, OutputProcessor
@@ -47,7 +45,6 @@ from rustinfer.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig
 from rustinfer.engine.structured import (
     GrammarCompiler,
     banned_from_bitmask,
-    banned_tokens,
     fill_bitmask,
     mask_words,
 )
@@ -76,17 +73,6 @@ class EngineConfig:
     # and read its tokens back afterwards (None: on CUDA only; on the CPU a launch is the whole
     # forward, so overlapping would only delay each token by a step).
     overlap: bool | None = None
-
-
-@dataclass
-class _Unsampled:
-    """A launched forward whose sampler waits for its rows' grammar masks (computing on the
-    grammar thread): sampled by the next step, after that one is staged."""
-
-    reqs: list[Request]
-    rows: dict[str, int]
-    logits: torch.Tensor
-    masks: concurrent.futures.Future[np.ndarray | torch.Tensor] | None
 
 
 @dataclass
@@ -129,7 +115,6 @@ class _SamplingState:
 
 _DEFAULT_CPU_KV_BYTES = 2 << 30
 _WARM_UP_PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-_INLINE_MASKS_BELOW_S = 2e-4
 # Larger decode batches are compute-bound: launches no longer dominate and graphs gain little.
 _MAX_GRAPH_BATCH = 256
 
@@ -186,14 +171,7 @@ class EngineCore:
         self.children: dict[str, list[str]] = {}  # request id -> its sequence ids
         self._pending: list[RequestOutput] = []  # finals of aborted sequences, reported next step
         self._in_flight: _InFlight | None = None  # launched, tokens not yet read back
-        self._unsampled: _Unsampled | None = None  # forward launched, sampler waits on masks
-        # A step's grammar masks cheaper than this (running mean) are computed on the engine's
-        # thread; costlier ones on the grammar thread, beside the read-back step's outputs, and
-        # the step is sampled after the next one is staged (see :meth:`step`). Handing work to
-        # another thread and back costs ~0.1-0.2 ms on the H200's host, more than the masks of
-        # a JSON schema without length bounds take for 16 rows (~0.05 ms).
-        self.inline_masks_below_s = _INLINE_MASKS_BELOW_S
-        self._mask_seconds = 0.0
+        # Pinned host buffers for grammar masks on CUDA (see _pinned_mask_buffer), made on use.
         self._mask_buffers = [torch.empty((0, 0), dtype=torch.int32)] * 3
         self._mask_ring = 0
         self._sampling: _SamplingState | None = None
@@ -344,10 +322,7 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return (
-            self.scheduler.num_unfinished > 0
-            or bool(self._pending)
-            or self._in_flight is not None
-            or self._unsampled is not None
+            self.scheduler.num_unfinished > 0 or bool(self._pending) or self._in_flight is not None
         )
 
     def step(self) -> list[RequestOutput]:
@@ -358,29 +333,12 @@ class EngineCore:
         host reads the tokens back (detokenizes, checks stops) while the GPU runs. A step's
         outputs then come out of the next call. A sequence that stops on a token computes one
         more row that is thrown away; one that reaches max_tokens is not scheduled again.
-
-        A step whose rows sample under grammars waits for their masks, which need the tokens of
-        the step before on the host: its forward is launched, the step before read back and the
-        matchers advanced, then the masks computed. Cheap masks (a running mean under
-        ``inline_masks_below_s``) are computed right there and the step sampled. Costly ones go
-        to the grammar thread while this one builds the read-back step's outputs, and the step's
-        sampler is left to the next call, which schedules and stages the step after it first:
-        only the sampler and a launch then stand between the masks and the next forward.
         """
         outputs, self._pending = self._pending, []
         prev, self._in_flight = self._in_flight, None
-        unsampled, self._unsampled = self._unsampled, None
         plan = self.scheduler.schedule()
-        staged = None
-        if unsampled is not None:
-            if plan.scheduled and not self._needs_known_tokens(plan, sampling_key(unsampled.reqs)):
-                seqs = self._sequences(plan.scheduled, unsampled.rows)
-                staged = self.runner.stage(seqs)
-            prev = self._sample_unsampled(unsampled)
         if prev is not None and (
-            not plan.scheduled
-            or not self.overlap
-            or (staged is None and self._needs_known_tokens(plan))
+            not plan.scheduled or not self.overlap or self._needs_known_tokens(plan)
         ):
             outputs.extend(self._finish(prev))
             prev = None
@@ -391,7 +349,7 @@ class EngineCore:
         # forward does not: with constrained rows waiting on the step in flight, that step is
         # read back (and their matchers advanced) between this step's forward and its sampler.
         read_back_first = prev is not None and self._grammar_waits_on(plan)
-        launched = self._launch(plan, prev, staged, outputs, read_back_first)
+        launched = self._launch(plan, prev, outputs if read_back_first else None)
         if prev is not None and not read_back_first:
             outputs.extend(self._finish(prev))  # while the GPU runs the step just launched
         # After the previous step's tokens are known: the prefix cache hashes what this step
@@ -400,9 +358,7 @@ class EngineCore:
         for req in launched.reqs:
             if not req.is_finished:
                 req.num_pending_tokens = 1
-        if isinstance(launched, _Unsampled):
-            self._unsampled = launched
-        elif self.overlap:
+        if self.overlap:
             self._in_flight = launched
         else:
             outputs.extend(self._finish(launched))
@@ -417,53 +373,39 @@ class EngineCore:
             if w.completes_sequence
         )
 
-    def _needs_known_tokens(
-        self, plan: SchedulerOutput, sampling_state: tuple[tuple[str, bool], ...] | None = None
-    ) -> bool:
+    def _needs_known_tokens(self, plan: SchedulerOutput) -> bool:
         """Whether the step in flight must be read back before ``plan`` launches: a sequence
         that waits on a device-side token samples with a rule that reads its output tokens
         (penalties, min_tokens) and the sampling state has to be built afresh (the batch
         changed), so the host needs that token. (A grammar needs it too, but only before the
-        sampler: :meth:`step` reads the step back between this one's forward and sampler.)
-        ``sampling_state`` is the key of the sampling state the step in flight will have left
-        (default: the one it left)."""
+        sampler: :meth:`step` reads the step back between this one's forward and sampler.)"""
         reqs = [w.request for w in plan.scheduled if w.completes_sequence]
         pending = [r for r in reqs if r.num_pending_tokens]
         if not any(needs_output_history(r.params) for r in pending):
             return False
-        if sampling_state is None:
-            sampling_state = self._sampling.key if self._sampling is not None else None
-        return sampling_state != sampling_key(reqs)
+        cached = self._sampling
+        return cached is None or cached.key != sampling_key(reqs)
 
     def _launch(
         self,
         plan: SchedulerOutput,
         prev: _InFlight | None,
-        staged: StagedStep | None,
-        outputs: list[RequestOutput],
-        read_back: bool = False,
-    ) -> _InFlight | _Unsampled:
-        """Run the forward of ``plan`` (staged already, or now; asynchronously on CUDA; its
-        pending decodes read the step in flight ``prev``'s ids) and its sampler, queueing the
-        copy of the sampled tokens to the host. With ``read_back`` (this step's grammars wait
-        on ``prev``'s tokens), that step is read back between the two (its outputs appended
-        to ``outputs``) and the masks computed; when they go to the grammar thread, the step is
-        left unsampled."""
-        if staged is None:
-            staged = self.runner.stage(self._sequences(plan.scheduled, prev.rows if prev else None))
-        logits = self.runner.launch(staged, prev.token_ids if prev is not None else None)
+        prev_outputs: list[RequestOutput] | None = None,
+    ) -> _InFlight:
+        """Run the forward and the sampler of ``plan`` (asynchronously on CUDA; its pending
+        decodes read the step in flight ``prev``'s ids) and queue the copy of the sampled tokens
+        to the host. With ``prev_outputs``, ``prev`` is read back between the two (its outputs
+        appended there) and this step's grammar masks computed."""
+        seqs = self._sequences(plan.scheduled, prev.rows if prev is not None else None)
+        logits = self.runner.execute(seqs, prev.token_ids if prev is not None else None)
         reqs = [w.request for w in plan.scheduled if w.completes_sequence]
-        rows = {r.request_id: i for i, r in enumerate(reqs)}
-        if read_back:
-            assert prev is not None
-            inline = self._mask_seconds < self.inline_masks_below_s
-            masks = self._finish_with_masks(prev, reqs, outputs, inline)
-            if not inline:
-                return _Unsampled(reqs, rows, logits, masks)
-            return self._in_flight_of(reqs, rows, self._sample(logits, reqs, masks))
+        masks = None
+        if prev is not None and prev_outputs is not None:
+            masks = self._finish_with_masks(prev, reqs, prev_outputs)
         if not reqs:
             return _InFlight([], {}, None, None)
-        return self._in_flight_of(reqs, rows, self._sample(logits, reqs))
+        rows = {r.request_id: i for i, r in enumerate(reqs)}
+        return self._in_flight_of(reqs, rows, self._sample(logits, reqs, masks))
 
     def _in_flight_of(
         self, reqs: list[Request], rows: dict[str, int], sampled: SamplerOutput
@@ -479,24 +421,13 @@ class EngineCore:
         )
         return _InFlight(reqs, rows, sampled.token_ids, host)
 
-    def _sample_unsampled(self, step: _Unsampled) -> _InFlight:
-        """Sample a step whose forward has run (its masks may still be computing)."""
-        return self._in_flight_of(
-            step.reqs, step.rows, self._sample(step.logits, step.reqs, step.masks)
-        )
-
     def _finish_with_masks(
-        self,
-        flight: _InFlight,
-        reqs: list[Request],
-        outputs: list[RequestOutput],
-        inline: bool = False,
-    ) -> concurrent.futures.Future[np.ndarray | torch.Tensor] | None:
+        self, flight: _InFlight, reqs: list[Request], outputs: list[RequestOutput]
+    ) -> np.ndarray | torch.Tensor | None:
         """Read the step in flight back for a step whose rows ``reqs`` sample under grammars:
-        advance their matchers with the tokens first, then compute this step's masks (on this
-        thread when ``inline``, else started on the grammar thread) and turn the tokens into
-        outputs (detokenizing, stop strings), meanwhile when the masks run on the grammar thread.
-        The masks' future, or None when no row has a grammar left."""
+        advance their matchers with the tokens, compute this step's masks, then turn the tokens
+        into outputs (detokenizing, stop strings). The packed masks, or None when no row has a
+        grammar left."""
         if flight.host is None:
             return None
         sampled = self._wait(flight)
@@ -509,45 +440,20 @@ class EngineCore:
         # Rows that finish on these tokens (a stop, the grammar's end) still get a mask: their
         # row of this step is thrown away.
         rows = self._grammar_rows(reqs)
-        masks: concurrent.futures.Future[np.ndarray | torch.Tensor] | None = None
-        if rows is not None:
-            pinned = self.device.type == "cuda"
-            if inline:
-                masks = concurrent.futures.Future()
-                masks.set_result(self._fill_masks(rows[0], rows[1], pinned))
-            else:
-                thread = self.grammar_compiler().mask_thread
-                started = threading.Event()
-                masks = thread.submit(self._fill_masks, rows[0], rows[1], pinned, started)
-                # Hand the GIL over until the grammar thread is inside llguidance: a thread
-                # waiting for the GIL gets it only when the holder blocks or after the switch
-                # interval (5 ms), so without this the masks started only when this thread
-                # blocked on them.
-                started.wait()
+        masks = self._fill_masks(*rows) if rows is not None else None
         outputs.extend(self._outputs_of(flight, sampled, grammar_done))
         return masks
 
     def _fill_masks(
-        self,
-        matchers: list[llguidance.LLMatcher | None],
-        executor: llguidance.LLExecutor | None,
-        pinned: bool,
-        started: threading.Event | None = None,
+        self, matchers: list[llguidance.LLMatcher | None], executor: llguidance.LLExecutor | None
     ) -> np.ndarray | torch.Tensor:
-        """:func:`fill_bitmask`, on either thread (``pinned``: into one of the engine's pinned
-        buffers, returned as a tensor); sets ``started`` first, and keeps a running mean of how
-        long a step's masks take."""
-        if started is not None:
-            started.set()
-        begin = time.perf_counter()
-        if pinned:
-            buffer = self._pinned_mask_buffer(len(matchers))
-            fill_bitmask(matchers, self.vocab_size, executor, buffer.numpy())
-            masks: np.ndarray | torch.Tensor = buffer
-        else:
-            masks = fill_bitmask(matchers, self.vocab_size, executor)
-        self._mask_seconds += 0.25 * (time.perf_counter() - begin - self._mask_seconds)
-        return masks
+        """A step's packed masks (:func:`fill_bitmask`); on CUDA into one of the engine's pinned
+        buffers, returned as a tensor, which goes up in one asynchronous copy."""
+        if self.device.type != "cuda":
+            return fill_bitmask(matchers, self.vocab_size, executor)
+        buffer = self._pinned_mask_buffer(len(matchers))
+        fill_bitmask(matchers, self.vocab_size, executor, buffer.numpy())
+        return buffer
 
     def _pinned_mask_buffer(self, rows: int) -> torch.Tensor:
         """[rows, words] int32 pinned host memory for a step's masks, from a ring of three
@@ -625,7 +531,7 @@ class EngineCore:
         self,
         logits: torch.Tensor,
         reqs: list[Request],
-        masks: concurrent.futures.Future[np.ndarray | torch.Tensor] | None = None,
+        masks: np.ndarray | torch.Tensor | None = None,
     ) -> SamplerOutput:
         if all(is_plain_greedy(r.params, r.num_output_tokens) for r in reqs):
             self._sampling = None
@@ -650,15 +556,13 @@ class EngineCore:
             )
             self._sampling = cached = _SamplingState(key, batch)
         batch.banned = None
-        if masks is not None:  # computed on the grammar thread since the step before was read
-            if not masks.done():
-                self.sampler.draw_noise(batch, self.device)  # meanwhile
-            batch.banned = banned_from_bitmask(masks.result(), self.vocab_size, self.device)
-        elif (rows := self._grammar_rows(reqs)) is not None:
+        if masks is None and (rows := self._grammar_rows(reqs)) is not None:
             # The grammar's mask is this step's (its matcher has seen every earlier token). A
             # sequence that finished on the token read back just before (a stop, its grammar's
             # end) still has a row here, thrown away: no mask for it.
-            batch.banned = banned_tokens(rows[0], self.vocab_size, self.device, rows[1])
+            masks = self._fill_masks(*rows)
+        if masks is not None:
+            batch.banned = banned_from_bitmask(masks, self.vocab_size, self.device)
         out = self.sampler(logits, batch)
         cached.last_token_ids = out.token_ids
         return out

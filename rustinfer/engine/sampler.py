@@ -81,9 +81,6 @@ class SamplingBatch:
     # [B, V] bool: the tokens each row's grammar forbids this step (structured outputs); set per
     # step by the engine, None when no row has a grammar.
     banned: torch.Tensor | None = None
-    # [B, V] float32: this step's sampling noise, drawn ahead by :meth:`Sampler.draw_noise` (the
-    # engine draws it while it waits for a grammar's masks); used once, then cleared.
-    noise: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -299,7 +296,6 @@ class Sampler:
         logprob_out = self._logprobs(logits, batch)
         # Clone so the caller's logits (and the raw logprobs above) stay untouched.
         processed = apply_penalties(logits.clone(), batch)
-        noise, batch.noise = batch.noise, None
         if batch.all_greedy:
             greedy_ids = processed.argmax(dim=-1)
             return SamplerOutput(greedy_ids, *self._gather(logprob_out, greedy_ids))
@@ -307,21 +303,10 @@ class Sampler:
         greedy_ids = processed.argmax(dim=-1) if batch.greedy_mask is not None else None
         truncated = apply_truncation(processed, batch)
         probs = truncated.softmax(dim=-1)
-        if noise is None:
-            noise = _exponential_noise(probs, batch)
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = (probs / _exponential_noise(probs, batch)).argmax(dim=-1)
         if greedy_ids is not None:
             sampled = torch.where(batch.greedy_mask, greedy_ids, sampled)
         return SamplerOutput(sampled, *self._gather(logprob_out, sampled))
-
-    @staticmethod
-    def draw_noise(batch: SamplingBatch, device: torch.device) -> None:
-        """Draw the next call's sampling noise now (the same draws, from the same generators,
-        that call would make), so the call itself launches fewer kernels."""
-        if batch.all_greedy or batch.noise is not None:
-            return
-        like = torch.empty((batch.num_rows, batch.vocab_size), dtype=torch.float32, device=device)
-        batch.noise = _exponential_noise(like, batch)
 
     @staticmethod
     def _logprobs(

@@ -151,17 +151,6 @@ class GrammarCompiler:
                 self._executor = llguidance.LLExecutor()
             return self._executor
 
-    @property
-    def mask_thread(self) -> concurrent.futures.ThreadPoolExecutor:
-        """One thread that computes a step's masks (:func:`fill_bitmask`) while the engine's
-        thread processes the step read back before it (made on first use)."""
-        with self._lock:
-            if self._mask_thread is None:
-                self._mask_thread = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="rustinfer-grammar-masks"
-                )
-            return self._mask_thread
-
     def matcher(self, so: StructuredOutput) -> llguidance.LLMatcher:
         """A fresh matcher at the start of ``so``'s grammar (one per sequence)."""
         import llguidance

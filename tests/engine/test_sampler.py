@@ -316,31 +316,3 @@ def test_plain_greedy_rows_skip_the_sampling_batch(kwargs, outputs, plain) -> No
         )
         full = Sampler()(logits, batch).token_ids
         assert torch.equal(Sampler.greedy(logits).token_ids, full)
-
-
-def test_noise_drawn_ahead_samples_what_the_call_would_have() -> None:
-    """The engine draws a step's noise while it waits for a grammar's masks: the same tokens as
-    drawing it in the call, for seeded rows, greedy rows beside them and unseeded rows."""
-    vocab = 257
-    params = [
-        SamplingParams(temperature=0.9, seed=5),
-        SamplingParams(temperature=0),
-        SamplingParams(temperature=1.2, seed=6, top_p=0.9),
-        SamplingParams(temperature=0.7),
-    ]
-    logits = [torch.randn(4, vocab) for _ in range(6)]
-    runs = []
-    for ahead in (False, True):
-        torch.manual_seed(11)  # the unseeded row draws from the default generator
-        gens = [torch.Generator().manual_seed(p.seed) if p.seed else None for p in params]
-        batch = build(params, vocab, generators=gens)
-        tokens = []
-        for step in logits:
-            if ahead:
-                Sampler.draw_noise(batch, CPU)
-                assert batch.noise is not None
-            tokens.append(sampler(step.clone(), batch).token_ids.tolist())
-            assert batch.noise is None  # used once
-        runs.append(tokens)
-    assert runs[0] == runs[1]
-    assert len({t[0] for t in runs[0]}) > 1  # real draws

@@ -136,20 +136,8 @@ def test_a_bad_constraint_is_refused_naming_its_field(llm: LLM) -> None:
         StructuredOutput.choice([], "guided_choice")
 
 
-# The engine computes a step's masks on its own thread while they are cheap, else on the grammar
-# thread (and samples that step after staging the next): both must give what stepping in sync
-# gives.
-MASK_PATHS = pytest.mark.parametrize(
-    "inline_below_s", [float("inf"), 0.0], ids=["inline", "thread"]
-)
-
-
-@MASK_PATHS
-def test_a_step_in_flight_gives_the_same_constrained_output(
-    llm: LLM, inline_below_s: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_step_in_flight_gives_the_same_constrained_output(llm: LLM) -> None:
     """With overlap the engine must read each constrained token back before the next mask."""
-    monkeypatch.setattr(llm.engine, "inline_masks_below_s", inline_below_s)
     so = StructuredOutput.json_schema(schema_variants()[4])
     params = SamplingParams(temperature=0.9, seed=5, n=2, max_tokens=200, structured=so)
     outs = []
@@ -161,15 +149,11 @@ def test_a_step_in_flight_gives_the_same_constrained_output(
     assert outs[0] == outs[1]
 
 
-@MASK_PATHS
-def test_constrained_rows_ending_mid_batch_with_a_step_in_flight(
-    llm: LLM, inline_below_s: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_constrained_rows_ending_mid_batch_with_a_step_in_flight(llm: LLM) -> None:
     """With overlap, a step's constrained rows are read back between the next step's forward and
     its sampler. Rows whose grammar ends (a choice, a short regex), or that stop on a string,
     while others run on still have a row in the step already launched: it is thrown away, and
     everything else comes out as when stepping in sync."""
-    monkeypatch.setattr(llm.engine, "inline_masks_below_s", inline_below_s)
     requests = [
         SamplingParams(temperature=0, max_tokens=20, structured=StructuredOutput.choice(
             ["yes", "no"], "guided_choice")),
@@ -295,36 +279,3 @@ def test_device_unpacking_of_the_bitmask_equals_the_host_one() -> None:
     got = _unpack_banned(torch.from_numpy(words), vocab)
     assert got.shape == (3, vocab) and torch.equal(got, torch.from_numpy(host))
     assert not got[0, :32].any() and got[1, 32:63].all() and not got[1, 63]
-
-
-def test_a_constrained_step_is_sampled_after_the_next_step_is_staged(
-    llm: LLM, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With overlap, a step that waits on masks from the grammar thread is sampled by the next
-    call, after that call has staged its own forward (so only the sampler and a launch follow the masks); the
-    output equals stepping in sync."""
-    engine = llm.engine
-    monkeypatch.setattr(engine, "inline_masks_below_s", 0.0)  # masks on the grammar thread
-    calls: list[str] = []
-    stage, sample = engine.runner.stage, engine._sample_unsampled
-    monkeypatch.setattr(engine.runner, "stage", lambda seqs: calls.append("stage") or stage(seqs))
-    monkeypatch.setattr(
-        engine, "_sample_unsampled", lambda step: calls.append("sample") or sample(step)
-    )
-    so = StructuredOutput.json_schema(schema_variants()[2])
-    params = SamplingParams(temperature=0.9, seed=13, n=3, max_tokens=48, structured=so)
-    outs = []
-    for overlap in (False, True):
-        engine.overlap = overlap
-        calls.clear()
-        (result,) = llm.chat([PROMPT], params)
-        outs.append([o.text for o in result.outputs])
-    engine.overlap = False
-    assert outs[0] == outs[1]
-    # Every constrained decode step but those where the batch changes (a row finished, and the
-    # sampling state must be rebuilt from known tokens) and the last.
-    samples = calls.count("sample")
-    staged_first = sum(
-        1 for a, b in zip(calls, calls[1:], strict=False) if (a, b) == ("stage", "sample")
-    )
-    assert samples >= 10 and staged_first >= 0.75 * samples, calls
