@@ -31,7 +31,7 @@ fi
 # GGUF, when present at $RUSTINFER_SMOLLM2_GGUF, adds the bf16 real-model tests.
 if [[ " $STAGES " == *" tests "* ]]; then
   echo "== cuda tests"
-  CUDA_TESTS=${CUDA_TESTS:-"tests/kernels tests/test_cuda_graphs.py tests/test_cuda.py tests/server/test_serve_cuda.py tests/test_cuda_bf16_smollm2.py tests/test_cuda_bf16_batches.py"}
+  CUDA_TESTS=${CUDA_TESTS:-"tests/kernels tests/test_cuda_graphs.py tests/test_cuda.py tests/server/test_serve_cuda.py tests/test_cuda_bf16_smollm2.py tests/test_cuda_bf16_batches.py tests/test_cuda_structured.py"}
   # shellcheck disable=SC2086
   timeout "${TESTS_TIMEOUT:-420}" python3 -m pytest -q -rfE -s -m cuda $CUDA_TESTS \
     -p no:cacheprovider >"$OUT/cuda_tests.log" 2>&1
