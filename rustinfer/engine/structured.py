@@ -13,7 +13,6 @@ its first mask in a few ms); xgrammar pulls in transformers and triton as runtim
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import json
 import threading
@@ -97,7 +96,6 @@ class GrammarCompiler:
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         self._error: BaseException | None = None
         self._executor: llguidance.LLExecutor | None = None
-        self._mask_thread: concurrent.futures.ThreadPoolExecutor | None = None
 
         def build() -> None:
             try:
