@@ -458,8 +458,9 @@ class EngineCore:
     def _pinned_mask_buffer(self, rows: int) -> torch.Tensor:
         """[rows, words] int32 pinned host memory for a step's masks, from a ring of three
         (allocating pinned memory costs more than the masks). Reuse is safe by the engine's
-        order of work: a step's masks are filled only after the previous step's tokens reached
-        the host, and that copy runs on the stream after the previous masks' upload."""
+        order of work: a step fills at most once and at most one step is in flight unread, so the
+        buffer three fills back served a step whose tokens have reached the host, and that copy
+        ran on the stream after the buffer's upload."""
         self._mask_ring = (self._mask_ring + 1) % len(self._mask_buffers)
         buffer = self._mask_buffers[self._mask_ring]
         if buffer.shape[0] < rows:
