@@ -38,9 +38,11 @@ INTERRUPT_TRIES = 3
 
 def _as_from_a_terminal() -> None:
     """In the child before exec: SIGINT unblocked and at its default, as a shell starts a
-    foreground command. Both survive exec, and the test process's may not be so: after the
-    whole suite ran in it, a chat spawned from it never saw a Ctrl-C (three presses, 60 s),
-    while alone the same test passes."""
+    foreground command (both survive exec). A safeguard, not the known cure of the full-suite
+    misses (a chat that never saw a Ctrl-C in three presses): a probe of the test process after
+    every test of a whole suite run found its SIGINT handler and main-thread mask unchanged
+    throughout, so those misses were more likely presses landing while the chat was busy, which
+    the retries in ``interrupt_until_prompt`` cover."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
