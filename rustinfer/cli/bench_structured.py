@@ -68,9 +68,11 @@ def add_structured_parser(bench_sub: Any) -> None:
 
 def _decode_tok_s(
     llm: Any, batch: int, output_len: int, structured: Any, seeded: bool = False
-) -> float:
+) -> tuple[float, int]:
     """Decode tokens per second of ``batch`` requests run together: tokens after the first of
-    each, over the longest decode among them (the engine's own timings)."""
+    each, over the longest decode among them (the engine's own timings); and the tokens made
+    (fewer than ``batch * output_len`` when a grammar ended some requests early: the batch then
+    shrank during the run)."""
     from rustinfer.engine.sampling_params import SamplingParams
 
     params = [
@@ -88,7 +90,7 @@ def _decode_tok_s(
     if structured is None and any(n != output_len for n in made):
         raise RuntimeError("a free request stopped early: the two runs would not be comparable")
     decode_s = max(r.timings.decode_s or 0.0 for r in results)
-    return sum(n - 1 for n in made) / decode_s
+    return sum(n - 1 for n in made) / decode_s, sum(made)
 
 
 def run_structured_bench(args: argparse.Namespace) -> int:
@@ -109,14 +111,18 @@ def run_structured_bench(args: argparse.Namespace) -> int:
     }
     llm.chat([PROMPT], [_warm_params(so)])  # compile and first-use costs, untimed
     for batch in args.batch:
-        free, constrained = [], []
+        free, constrained, made = [], [], []
         for _ in range(args.repeat):
-            free.append(_decode_tok_s(llm, batch, args.output_len, None, args.seeded))
-            constrained.append(_decode_tok_s(llm, batch, args.output_len, so, args.seeded))
+            free.append(_decode_tok_s(llm, batch, args.output_len, None, args.seeded)[0])
+            rate, tokens = _decode_tok_s(llm, batch, args.output_len, so, args.seeded)
+            constrained.append(rate)
+            made.append(tokens / (batch * args.output_len))
         f, c = statistics.median(free), statistics.median(constrained)
         result[f"b{batch}_free_tok_s"] = round(f, 2)
         result[f"b{batch}_json_schema_tok_s"] = round(c, 2)
         result[f"b{batch}_cost_percent"] = round((1 - c / f) * 100, 1)
+        # Below 1 when a grammar ended requests early (possible with --schema plain).
+        result[f"b{batch}_json_share_of_tokens"] = round(min(made), 3)
     engine = llm.engine
     start = time.perf_counter()
     compiler = GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_ids)
