@@ -17,8 +17,7 @@ import cProfile
 import pstats
 import time
 
-from rustinfer.cli.bench_structured import PROMPT, SCHEMA
-from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.cli.bench_structured import PROMPT, SCHEMA, bench_params
 from rustinfer.engine.structured import StructuredOutput
 from rustinfer.llm import LLM
 
@@ -49,11 +48,7 @@ def main() -> None:
     so = StructuredOutput.json_schema(SCHEMA)
 
     def run(structured: StructuredOutput | None) -> float:
-        params = [
-            SamplingParams(temperature=0.8, seed=i, max_tokens=args.output_len, ignore_eos=True,
-                           structured=structured)
-            for i in range(args.batch)
-        ]  # fmt: skip
+        params = bench_params(args.batch, args.output_len, structured, True)
         start = time.perf_counter()
         llm.chat([PROMPT] * args.batch, params)
         return time.perf_counter() - start

@@ -22,19 +22,9 @@ from typing import Any
 
 import torch
 
-from rustinfer.cli.bench_structured import PROMPT, SCHEMA
-
-try:
-    from rustinfer.cli.bench_structured import SCHEMAS
-except ImportError:  # an older tree, timed for comparison
-    SCHEMAS = {"bounded": SCHEMA}
-    SCHEMAS["plain"] = {
-        **SCHEMA,
-        "properties": {**SCHEMA["properties"], "story": {"type": "string"}},
-    }
+from rustinfer.cli.bench_structured import PROMPT, SCHEMAS, bench_params
 from rustinfer.engine import core as core_module
 from rustinfer.engine import host_copy
-from rustinfer.engine.sampling_params import SamplingParams
 from rustinfer.engine.structured import StructuredOutput
 from rustinfer.llm import LLM
 
@@ -97,11 +87,7 @@ def main() -> None:
     so = StructuredOutput.json_schema(SCHEMAS[args.schema])
 
     def run(structured: StructuredOutput | None) -> float:
-        params = [
-            SamplingParams(temperature=0.8, seed=i if args.seeded else None,
-                           max_tokens=args.output_len, ignore_eos=True, structured=structured)
-            for i in range(args.batch)
-        ]  # fmt: skip
+        params = bench_params(args.batch, args.output_len, structured, args.seeded)
         start = time.perf_counter()
         llm.chat([PROMPT] * args.batch, params)
         return time.perf_counter() - start

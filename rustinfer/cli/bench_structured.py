@@ -66,16 +66,12 @@ def add_structured_parser(bench_sub: Any) -> None:
     p.set_defaults(func=run_structured_bench)
 
 
-def _decode_tok_s(
-    llm: Any, batch: int, output_len: int, structured: Any, seeded: bool = False
-) -> tuple[float, int]:
-    """Decode tokens per second of ``batch`` requests run together: tokens after the first of
-    each, over the longest decode among them (the engine's own timings); and the tokens made
-    (fewer than ``batch * output_len`` when a grammar ended some requests early: the batch then
-    shrank during the run)."""
+def bench_params(batch: int, output_len: int, structured: Any, seeded: bool = False) -> list[Any]:
+    """The benchmark's requests: temperature 0.8, ``output_len`` tokens with EOS ignored, under
+    ``structured`` (None: free text); ``seeded``: request i has seed i."""
     from rustinfer.engine.sampling_params import SamplingParams
 
-    params = [
+    return [
         SamplingParams(
             temperature=0.8,
             seed=i if seeded else None,
@@ -85,7 +81,16 @@ def _decode_tok_s(
         )
         for i in range(batch)
     ]
-    results = llm.chat([PROMPT] * batch, params)
+
+
+def _decode_tok_s(
+    llm: Any, batch: int, output_len: int, structured: Any, seeded: bool = False
+) -> tuple[float, int]:
+    """Decode tokens per second of ``batch`` requests run together: tokens after the first of
+    each, over the longest decode among them (the engine's own timings); and the tokens made
+    (fewer than ``batch * output_len`` when a grammar ended some requests early: the batch then
+    shrank during the run)."""
+    results = llm.chat([PROMPT] * batch, bench_params(batch, output_len, structured, seeded))
     made = [len(r.outputs[0].token_ids) for r in results]
     if structured is None and any(n != output_len for n in made):
         raise RuntimeError("a free request stopped early: the two runs would not be comparable")
