@@ -67,7 +67,10 @@ def test_inter_token_intervals_cover_every_token_after_the_first(loaded):
     outs = asyncio.run(_run_one(loaded, PROMPTS[2], GREEDY))
     gaps = [g for o in outs for g in o.inter_token_s]
     assert len(gaps) == GREEDY.max_tokens - 1 and all(g >= 0 for g in gaps)
-    assert [o.num_output_tokens for o in outs] == list(range(1, GREEDY.max_tokens + 1))
+    # A reader that falls behind gets merged outputs (RequestStream), so under load two steps'
+    # tokens may come as one output: the counts only have to rise to max_tokens.
+    counts = [o.num_output_tokens for o in outs]
+    assert counts == sorted(set(counts)) and counts[-1] == GREEDY.max_tokens
 
 
 async def _run_one(loaded, prompt, params):
