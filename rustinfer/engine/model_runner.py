@@ -261,8 +261,9 @@ class ModelRunner:
     def stage(self, seqs: Sequence[ScheduledSequence]) -> StagedStep:
         """The host half of :meth:`execute`: build the step's inputs (a decode graph's pinned
         mirrors, or an eager step's uploads, queued behind whatever is on the stream) without
-        running the model. The engine stages the next step while it waits on something else;
-        at most one step may be staged and not yet launched."""
+        running the model, so a caller can build a step ahead of its launch or time the halves
+        apart (``bench/structured_timeline.py``). At most one step may be staged and not yet
+        launched."""
         if not seqs:
             raise ValueError("an engine step schedules at least one sequence")
         pending = [(i, s.prev_row) for i, s in enumerate(seqs) if s.prev_row is not None]

@@ -251,9 +251,9 @@ def fill_bitmask(
     import llguidance.numpy as llg_numpy
     import numpy as np
 
-    if out is None:
-        out = np.empty((len(matchers), mask_words(vocab_size)), dtype=np.int32)
-    bitmask = out
+    bitmask = (
+        out if out is not None else np.empty((len(matchers), mask_words(vocab_size)), np.int32)
+    )
     bitmask.fill(-1)
     rows = [(m, row) for row, m in enumerate(matchers) if m is not None]
     if executor is not None and len(rows) > 1:
