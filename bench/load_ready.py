@@ -8,18 +8,23 @@ load), then times ``load_model`` plus ``EngineCore`` (CUDA graphs captured, kern
 request after ready against the tenth. Prints one JSON line. ``--prompt-lens`` then sends, per
 length, two prompts of that length (different tokens: no prefix-cache hit) and reports both TTFTs
 and the Triton kernels compiled or loaded during the first: a length whose first prompt is much
-slower than its second pays a first use the warm-up missed.
+slower than its second pays a first use the warm-up missed; ``--profile-first`` runs the first
+prompt of the given lengths under torch.profiler and prints where its time went (stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -54,11 +59,33 @@ class Timeline(logging.Handler):
         self.lines.append((round(time.perf_counter() - self.start, 3), record.getMessage()))
 
 
+def profiled_ttft_ms(run: Callable[[], Any], prompt_len: int) -> float:
+    """TTFT of ``run``'s request under torch.profiler (host and CUDA), whose busiest entries by
+    host time and by own CUDA time are written to stderr: what a first use spends its time on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timings = run()
+    table = prof.key_averages()
+    print(f"== first {prompt_len}-token prompt under the profiler", file=sys.stderr)
+    print(table.table(sort_by="cpu_time_total", row_limit=25), file=sys.stderr)
+    print(table.table(sort_by="self_cuda_time_total", row_limit=10), file=sys.stderr)
+    return round(timings.ttft_s * 1000, 2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--prompt-lens", type=int, nargs="*", default=[])
+    ap.add_argument(
+        "--profile-first",
+        type=int,
+        nargs="*",
+        default=[],
+        help="prompt lengths (of --prompt-lens) whose first prompt runs under torch.profiler: "
+        "its busiest host and CUDA entries go to stderr",
+    )
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
     write_checkpoint(Path(args.config), folder)
@@ -109,7 +136,11 @@ def main() -> None:
             compiled.clear()
             segments = torch.cuda.memory_stats().get("segment.all.allocated", 0)
             prompt = [(7 * n + 31 * k + j) % 5000 + 3 for j in range(n)]
-            row[f"ttft_ms_{k}"] = round(ttft_of(f"len{n}-{k}", prompt, one).ttft_s * 1000, 2)
+            if k == 0 and n in args.profile_first:
+                run = functools.partial(ttft_of, f"len{n}-0", prompt, one)
+                row["ttft_ms_0"] = profiled_ttft_ms(run, n)
+            else:
+                row[f"ttft_ms_{k}"] = round(ttft_of(f"len{n}-{k}", prompt, one).ttft_s * 1000, 2)
             # cudaMalloc calls the caching allocator made for this prompt (a new size class).
             new = torch.cuda.memory_stats().get("segment.all.allocated", 0) - segments
             row[f"new_segments_{k}"] = new
