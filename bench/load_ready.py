@@ -59,18 +59,18 @@ class Timeline(logging.Handler):
         self.lines.append((round(time.perf_counter() - self.start, 3), record.getMessage()))
 
 
-def profiled_ttft_ms(run: Callable[[], Any], prompt_len: int) -> float:
-    """TTFT of ``run``'s request under torch.profiler (host and CUDA), whose busiest entries by
-    host time and by own CUDA time are written to stderr: what a first use spends its time on."""
+def profiled(run: Callable[[], Any], prompt_len: int) -> Any:
+    """``run()`` under torch.profiler (host and CUDA); its busiest entries by host time and by
+    own CUDA time go to stderr: what a first use spends its time on."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        timings = run()
+        result = run()
     table = prof.key_averages()
     print(f"== first {prompt_len}-token prompt under the profiler", file=sys.stderr)
     print(table.table(sort_by="cpu_time_total", row_limit=25), file=sys.stderr)
     print(table.table(sort_by="self_cuda_time_total", row_limit=10), file=sys.stderr)
-    return round(timings.ttft_s * 1000, 2)
+    return result
 
 
 def main() -> None:
@@ -136,11 +136,9 @@ def main() -> None:
             compiled.clear()
             segments = torch.cuda.memory_stats().get("segment.all.allocated", 0)
             prompt = [(7 * n + 31 * k + j) % 5000 + 3 for j in range(n)]
-            if k == 0 and n in args.profile_first:
-                run = functools.partial(ttft_of, f"len{n}-0", prompt, one)
-                row["ttft_ms_0"] = profiled_ttft_ms(run, n)
-            else:
-                row[f"ttft_ms_{k}"] = round(ttft_of(f"len{n}-{k}", prompt, one).ttft_s * 1000, 2)
+            run = functools.partial(ttft_of, f"len{n}-{k}", prompt, one)
+            timed = profiled(run, n) if k == 0 and n in args.profile_first else run()
+            row[f"ttft_ms_{k}"] = round(timed.ttft_s * 1000, 2)
             # cudaMalloc calls the caching allocator made for this prompt (a new size class).
             new = torch.cuda.memory_stats().get("segment.all.allocated", 0) - segments
             row[f"new_segments_{k}"] = new

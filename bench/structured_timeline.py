@@ -25,7 +25,7 @@ import torch
 from rustinfer.cli.bench_structured import PROMPT, SCHEMAS, bench_params
 from rustinfer.engine import core as core_module
 from rustinfer.engine import host_copy
-from rustinfer.engine.structured import StructuredOutput
+from rustinfer.engine.structured import StructuredOutput, mask_words
 from rustinfer.llm import LLM
 
 
@@ -37,9 +37,7 @@ class Timers:
         )
 
     def wrap(self, owner: Any, name: str, label: str, gpu: bool = False) -> None:
-        fn = getattr(owner, name, None)
-        if fn is None:  # an older engine without this part
-            return
+        fn = getattr(owner, name)
         gpu = gpu and torch.cuda.is_available()
 
         @functools.wraps(fn)
@@ -100,7 +98,7 @@ def main() -> None:
     timers.wrap(engine.runner, "stage", "runner.stage")
     timers.wrap(engine.runner, "launch", "runner.launch (forward)", gpu=True)
     timers.wrap(type(engine.sampler), "__call__", "sampler", gpu=True)
-    timers.wrap(core_module.EngineCore, "_sample", "_sample (with mask wait)")
+    timers.wrap(core_module.EngineCore, "_sample", "_sample (masks up, sampler)")
     timers.wrap(host_copy.HostTensors, "wait", "wait for the GPU (read back)")
     timers.wrap(engine.outputs, "process", "outputs.process")
     timers.wrap(core_module.EngineCore, "_finish_with_masks", "_finish_with_masks (all)")
@@ -135,8 +133,7 @@ def grammar_floor(engine: core_module.EngineCore, so: StructuredOutput, batch: i
     prefix = engine.tokenizer.encode('{"title":"The Keeper","story":"Once upon a', False)
     text = " time the keeper walked along the shore and counted the ships in the bay" * 4
     tokens = engine.tokenizer.encode(text, False)
-    words = -(-engine.vocab_size // 32)
-    mask = np.full((batch, words), -1, dtype=np.int32)
+    mask = np.full((batch, mask_words(engine.vocab_size)), -1, dtype=np.int32)
 
     def fresh() -> list[Any]:
         # Row i starts i tokens further in: rows at the same place would share the lexer's

@@ -31,7 +31,7 @@ SCHEMA = {
 }
 # The same object with the story's length unbounded: llguidance's lexer keeps one state for "inside
 # a string" instead of one per position under a length bound, so its masks are mostly cached (a
-# bounded string's cost 10-15x more per step). Generation may close the string early here; the
+# bounded string's cost 5-20x more per step, bench/structured_timeline.py's floor). Generation may close the string early here; the
 # rate then counts the tokens each request made.
 PLAIN_SCHEMA = {
     **SCHEMA,

@@ -67,8 +67,8 @@ class OutputProcessor:
         ``sampled`` holds host tensors (the engine copies them from the device without a wait).
         A row whose request finished meanwhile (it was aborted, or it stopped on the token before
         while this step was in flight) is dropped. ``grammar_done``: requests (by id) whose
-        matcher the engine has already advanced with this token, and whether that completed the
-        grammar; their matchers are not touched here (another thread may be reading them).
+        matcher the engine has already advanced with this token (before computing the next step's
+        masks), and whether that completed the grammar; those matchers are not advanced again.
         """
         now = time.monotonic()
         token_ids = sampled.token_ids.tolist()
