@@ -225,11 +225,6 @@ class Bench:
         if args.prefill_lens:
             lens = tuple(int(n) for n in args.prefill_lens.split(","))
             self.shapes = dataclasses.replace(self.shapes, prefill_lens=lens)
-        if args.prompt_sdpa != "auto":
-            from rustinfer_ops_cuda.kernels import prompt_sdpa
-
-            # The op column with the SDPA path at every whole-prompt length, or at none.
-            prompt_sdpa.SDPA_BANDS = ((1, None),) if args.prompt_sdpa == "on" else ()
         self.dtype = torch.bfloat16
         # Triton's interpreter computes bf16 tl.dot wrongly (see tests/kernels/conftest.py), so
         # the attention kernels run in fp16 in smoke mode.
@@ -1132,13 +1127,6 @@ def main() -> int:
     )
     ap.add_argument(
         "--prefill-lens", metavar="N,N", help="whole-prompt lengths of the prefill rows"
-    )
-    ap.add_argument(
-        "--prompt-sdpa",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="which whole prompts the op column sends to gather + SDPA: the measured lengths "
-        "(auto), all (on: what SDPA_BANDS was chosen from), none (off)",
     )
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
     ap.add_argument("--out", default=default_out, help="JSON results (default: $OUT/kernels.json)")

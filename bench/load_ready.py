@@ -9,7 +9,8 @@ request after ready against the tenth. Prints one JSON line. ``--prompt-lens`` t
 length, two prompts of that length (different tokens: no prefix-cache hit) and reports both TTFTs
 and the Triton kernels compiled or loaded during the first: a length whose first prompt is much
 slower than its second pays a first use the warm-up missed; ``--profile-first`` runs the first
-prompt of the given lengths under torch.profiler and prints where its time went (stderr).
+prompt of the given lengths under torch.profiler and prints where its time went (stderr);
+``--profile-first-request`` does the same for the first request after ready.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def main() -> None:
         help="prompt lengths (of --prompt-lens) whose first prompt runs under torch.profiler: "
         "its busiest host and CUDA entries go to stderr",
     )
+    ap.add_argument(
+        "--profile-first-request",
+        action="store_true",
+        help="run the first request after ready under torch.profiler (busiest entries to stderr)",
+    )
     args = ap.parse_args()
     folder = Path(tempfile.mkdtemp())
     write_checkpoint(Path(args.config), folder)
@@ -110,9 +116,13 @@ def main() -> None:
                 final = out
         return final.timings
 
-    timings = [
-        ttft_of(f"r{i}", [(13 * i + j) % 5000 + 3 for j in range(60)], params) for i in range(10)
-    ]
+    def nth_request(i: int):
+        run = functools.partial(
+            ttft_of, f"r{i}", [(13 * i + j) % 5000 + 3 for j in range(60)], params
+        )
+        return profiled(run, 60) if i == 0 and args.profile_first_request else run()
+
+    timings = [nth_request(i) for i in range(10)]
     compiled: list[str] = []
     triton_hooks = None
     try:

@@ -30,6 +30,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = (
     16  # tokens per KV block: small enough to waste little, large enough for kernels
 )
+# On CUDA an eager step's token count is rounded up to a multiple of this (padding tokens write
+# their K/V to a block no sequence owns). cuBLAS chooses a GEMM kernel for every new problem
+# shape on first use, 2-4 ms per shape on an H200 (neither eager module loading nor cuBLASLt
+# avoids it: BENCHMARKS.md), so every unseen step size (a prompt, or a prompt beside some
+# decodes) cost ~10 ms once; rounded, there are 64 times fewer sizes and the warm-up covers the
+# short ones. The padded rows cost little: up to a few hundred rows a GEMM's time is the read of
+# its weights, and past that 63 rows are a few percent.
+CUDA_PAD_TOKENS_TO = 64
+# Padded step sizes the warm-up runs (prompts up to this many tokens meet no new GEMM shape).
+WARM_PADDED_UP_TO = 256
 
 
 @dataclass
@@ -112,11 +122,18 @@ class ModelRunner:
         max_model_len: int | None = None,
         graph_max_batch: int = 0,
         progress: tqdm | None = None,
+        pad_tokens_to: int | None = None,
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
+        # Eager steps round their token count up to this (1: no padding; default: on CUDA only).
+        if pad_tokens_to is None:
+            pad_tokens_to = CUDA_PAD_TOKENS_TO if device.type == "cuda" else 1
+        if pad_tokens_to < 1:
+            raise ValueError(f"pad_tokens_to must be >= 1, got {pad_tokens_to}")
+        self.pad_tokens_to = pad_tokens_to
         # On CUDA, decode block tables are as wide as the model's context, eager or graphed: the
         # decode kernel picks its split-KV count from the table's width, so a graphed step and an
         # eager step of the same batch run the same splits and give the same bits.
@@ -131,8 +148,11 @@ class ModelRunner:
             and max_model_len is not None
             and model.dtype in (torch.bfloat16, torch.float16)
         )
-        # Graphs pad batches with rows that write to a block no sequence owns: one more block.
-        self.kv_caches = allocate_kv_caches(model, num_blocks + use_graphs, block_size, device)
+        # Graphs and padded eager steps pad with rows that write to a block no sequence owns: one
+        # more block.
+        padded = use_graphs or pad_tokens_to > 1
+        self.scratch_block = num_blocks if padded else None
+        self.kv_caches = allocate_kv_caches(model, num_blocks + padded, block_size, device)
         self.graphs = None
         if use_graphs:
             from rustinfer.engine.cuda_graphs import DecodeGraphs
@@ -166,9 +186,13 @@ class ModelRunner:
         many = max(1, min(64, self.num_blocks // 2))
         vocab = self.model.config.vocab_size
         # Tokens per sequence, per step: a short prompt, a middle one, a long one, and many short
-        # ones at once. Kernels may change path with the prompt's length (rustinfer-ops-cuda's
-        # prefill attention takes torch's SDPA from 1,024 tokens, loaded on first use).
+        # ones at once. Kernels may change variant with the prompt's length (rustinfer-ops-cuda's
+        # prefill attention picks its tile shape and grid from it).
         shapes = [[min(8, longest)], [min(1024, longest)], [longest], [min(2 * bs, longest)] * many]
+        # Every padded size of a short prompt: cuBLAS picks its kernels per shape on first use.
+        if self.pad_tokens_to > 1:
+            step = self.pad_tokens_to
+            shapes += [[n] for n in range(2 * step, min(WARM_PADDED_UP_TO, longest) + 1, step)]
         if progress is not None:
             progress.total += len(shapes)
             progress.refresh()
@@ -279,7 +303,22 @@ class ModelRunner:
                 [s.block_table for s in seqs],
             )
             return StagedStep(pending, decode=decode)
-        return StagedStep(pending, inputs=self.prepare(seqs))
+        return StagedStep(pending, inputs=self.prepare(self.padded(seqs)))
+
+    def padded(self, seqs: Sequence[ScheduledSequence]) -> Sequence[ScheduledSequence]:
+        """``seqs`` with padding sequences after them that round the step's token count up to a
+        multiple of ``pad_tokens_to``. They write their K/V to the scratch block and sample
+        nothing; a step of decodes is padded with one-token sequences (it stays a decode step)."""
+        pad = -sum(len(s.token_ids) for s in seqs) % self.pad_tokens_to
+        if pad == 0 or self.scratch_block is None:
+            return seqs
+        scratch = self.scratch_block
+        if all(len(s.token_ids) == 1 for s in seqs):
+            fill = [ScheduledSequence([0], 0, [scratch], needs_logits=False)] * pad
+        else:
+            blocks = [scratch] * -(-pad // self.block_size)
+            fill = [ScheduledSequence([0] * pad, 0, blocks, needs_logits=False)]
+        return [*seqs, *fill]
 
     @torch.inference_mode()
     def launch(

@@ -129,3 +129,54 @@ def test_warm_up_fits_any_pool_and_leaves_results_unchanged(model, num_blocks):
     fresh = ModelRunner(model, torch.device("cpu"), num_blocks=num_blocks, block_size=BLOCK)
     seq = [ScheduledSequence(PROMPTS[1], 0, [0])]
     torch.testing.assert_close(runner.execute(seq), fresh.execute(seq), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pad_to", [5, 8])
+def test_padded_steps_give_the_same_logits_and_cache(model, pad_to):
+    """On CUDA eager steps round their token count up (fewer GEMM shapes for cuBLAS to meet);
+    the padding sequences write only the scratch block, sample nothing, and leave every real
+    row's logits and K/V as an unpadded step computes them. A step of decodes stays one (padded
+    with one-token sequences). Padding wider than a block takes several scratch-table entries."""
+    plain = ModelRunner(model, torch.device("cpu"), num_blocks=32, block_size=BLOCK)
+    padded = ModelRunner(
+        model, torch.device("cpu"), num_blocks=32, block_size=BLOCK, pad_tokens_to=pad_to
+    )
+    assert plain.scratch_block is None and padded.scratch_block == 32
+    tables = _tables(len(PROMPTS), 8)
+    steps = [
+        [ScheduledSequence(PROMPTS[0], 0, tables[0])],
+        [
+            ScheduledSequence([9], len(PROMPTS[0]), tables[0]),
+            ScheduledSequence(PROMPTS[1], 0, tables[1]),
+            ScheduledSequence(PROMPTS[2][:6], 0, tables[2], needs_logits=False),
+        ],
+        [
+            ScheduledSequence([4], len(PROMPTS[0]) + 1, tables[0]),
+            ScheduledSequence([7], len(PROMPTS[1]), tables[1]),
+        ],
+    ]
+    for seqs in steps:
+        filled = padded.padded(seqs)
+        assert sum(len(s.token_ids) for s in filled) % pad_to == 0
+        extra = filled[len(seqs) :]
+        assert all(not s.needs_logits and set(s.block_table) == {32} for s in extra)
+        if all(len(s.token_ids) == 1 for s in seqs):
+            assert padded.prepare(filled).attn.is_decode
+        torch.testing.assert_close(
+            padded.execute(seqs), plain.execute(seqs), atol=1e-10, rtol=1e-10
+        )
+    # The positions each sequence wrote (the pools' other slots hold whatever memory held).
+    written = {0: len(PROMPTS[0]) + 2, 1: len(PROMPTS[1]) + 1, 2: 6}
+    blocks = torch.tensor([tables[i][p // BLOCK] for i, n in written.items() for p in range(n)])
+    offsets = torch.tensor([p % BLOCK for n in written.values() for p in range(n)])
+    for (k_pad, v_pad), (k, v) in zip(padded.kv_caches, plain.kv_caches, strict=True):
+        assert k_pad.shape[0] == k.shape[0] + 1  # the scratch block
+        for got, want in ((k_pad, k), (v_pad, v)):
+            torch.testing.assert_close(
+                got[blocks, offsets], want[blocks, offsets], atol=1e-10, rtol=1e-10
+            )
+
+
+def test_padding_needs_a_positive_multiple(model):
+    with pytest.raises(ValueError, match="pad_tokens_to must be >= 1"):
+        ModelRunner(model, torch.device("cpu"), num_blocks=4, block_size=BLOCK, pad_tokens_to=0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from ops.helpers import assert_matches_spec, dtype_id, strided
 from ops.paged import cu_seqlens, decode_args, paged_kv, prefill_args, token_heads
-from rustinfer_ops_cuda.kernels import decode_attention, prefill_attention, prompt_sdpa
+from rustinfer_ops_cuda.kernels import decode_attention
 from rustinfer_ops_cuda.kernels.decode_attention import attention_decode
 from rustinfer_ops_cuda.kernels.prefill_attention import PrefillConfig, attention_prefill
 from rustinfer_ops_cuda.kernels.rope_store import rope_kv_store
@@ -330,84 +330,6 @@ def test_prefill_cuda_configs(block_m, block_n, num_warps, paired):
     cfg = PrefillConfig(block_m, block_n, num_warps, 3, paired)
     seqs = [(1, 1), (129, 129), (700, 383), (1000, 1000)]
     check_prefill(seqs, (32, 8), 64, torch.bfloat16, config=cfg)
-
-
-def _spy_on_prompt_sdpa(monkeypatch: pytest.MonkeyPatch, min_tokens: int) -> list[int]:
-    """Send every prompt from ``min_tokens`` on to the SDPA path and record the prompt length of
-    every call that takes it."""
-    monkeypatch.setattr(prompt_sdpa, "SDPA_BANDS", ((min_tokens, None),))
-    taken: list[int] = []
-    real = prefill_attention.prompt_sdpa
-
-    def spy(q, *args):
-        taken.append(q.shape[0])
-        return real(q, *args)
-
-    monkeypatch.setattr(prefill_attention, "prompt_sdpa", spy)
-    return taken
-
-
-def _qkv_slice(q: torch.Tensor) -> torch.Tensor:
-    """q as the model hands it over: the first columns of a wider fused QKV row (aligned)."""
-    rows, width = q.shape[0], q.shape[1] * q.shape[2]
-    wide = torch.full((rows, width + 64), float("nan"), dtype=q.dtype, device=q.device)
-    view = wide[:, :width].view(q.shape)
-    view.copy_(q)
-    return view
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("heads", [(32, 8), (8, 8), (9, 3)], ids=lambda h: f"{h[0]}q{h[1]}kv")
-@pytest.mark.parametrize("tokens", [300, 1100])
-@pytest.mark.parametrize("layout", ["contig", "qkv-slice", "misaligned"])
-def test_prefill_cuda_whole_prompt_through_sdpa(tokens, heads, head_dim, dtype, layout,
-                                                monkeypatch):  # fmt: skip
-    # A lone whole prompt with the host's hint (max_seq_len == max_query_len == T) takes the
-    # gather + SDPA path on the card it was measured on, and still meets the op's spec: pages
-    # in table order (shuffled blocks), a last page only partly used, GQA and plain heads. A q
-    # FlashAttention cannot read in place (rows off 16-byte alignment) stays on the Triton kernel.
-    if torch.cuda.get_device_capability() != prompt_sdpa.MEASURED_CAPABILITY:
-        pytest.skip("the SDPA path is enabled only on compute capability 9.0")
-    taken = _spy_on_prompt_sdpa(monkeypatch, 256)
-    args = prefill_args([(tokens, tokens)], heads, head_dim, 16, dtype)
-    moved = _on_device(args, "cuda", layout == "misaligned")
-    if layout == "qkv-slice":
-        moved[0] = _qkv_slice(moved[0])
-    out = prefill_attention.attention_prefill(*moved, tokens)
-    assert taken == ([] if layout == "misaligned" else [tokens])
-    assert out.is_contiguous() and out.shape == args[0].shape
-    assert_matches_spec("attention_prefill", out.cpu(), ATTENTION_PREFILL.reference(*args), dtype)
-
-
-@cuda
-def test_prefill_cuda_sdpa_path_only_for_lone_whole_prompts(monkeypatch):
-    # A cached prefix (max_seq_len > max_query_len), two sequences, no hint, a short prompt, a
-    # float32 prompt, an explicit tile config: each stays on the Triton kernel, and still
-    # meets the spec.
-    taken = _spy_on_prompt_sdpa(monkeypatch, 256)
-    cases = [
-        ([(700, 300)], torch.bfloat16, 700, None),
-        ([(300, 300), (300, 300)], torch.bfloat16, 300, None),
-        ([(300, 300)], torch.bfloat16, None, None),
-        ([(200, 200)], torch.bfloat16, 200, None),
-        ([(300, 300)], torch.float32, 300, None),
-        (
-            [(300, 300)],
-            torch.bfloat16,
-            300,
-            prefill_attention.default_config(64, torch.device("cuda")),
-        ),
-    ]
-    for seqs, dtype, hint, config in cases:
-        args = prefill_args(seqs, (32, 8), 64, 16, dtype)
-        out = prefill_attention.attention_prefill(
-            *_on_device(args, "cuda", False), hint, config=config
-        )
-        expected = ATTENTION_PREFILL.reference(*args, hint)
-        assert_matches_spec("attention_prefill", out.cpu(), expected, dtype)
-    assert taken == []
 
 
 @cuda

@@ -30,7 +30,6 @@ from rustinfer_ops_cuda.kernels.attention_common import (
 )
 from rustinfer_ops_cuda.kernels.checks import check_paged_attention, check_tensor
 from rustinfer_ops_cuda.kernels.launch import launch_on
-from rustinfer_ops_cuda.kernels.prompt_sdpa import prompt_sdpa, takes_prompt_sdpa
 
 
 @dataclass(frozen=True)
@@ -275,11 +274,14 @@ def attention_prefill(
     *,
     config: PrefillConfig | None = None,
 ) -> torch.Tensor:
-    """The ``attention_prefill`` op (see its spec). A whole prompt of one sequence (known from
-    ``max_seq_len``) goes to torch's SDPA at the lengths where that was measured faster
-    (``prompt_sdpa``); everything else, and every call with a ``config`` (which sets the Triton
-    kernel's tile shape, for benchmark sweeps and the batch-invariant mode), runs the Triton
-    kernel."""
+    """The ``attention_prefill`` op (see its spec), on the Triton kernel for every shape.
+    ``config`` sets the kernel's tile shape (benchmark sweeps, the batch-invariant mode).
+
+    Not torch's SDPA for lone whole prompts, though cuDNN's backend is 10-28% faster there at
+    1k-16k tokens on an H200: it builds an execution plan for each new sequence length (48-460
+    ms a call, paid by every layer: 0.84 s for a first 1,200-token prompt of a 1B model), and the
+    backend without plans (FlashAttention-2) is slower than this kernel at every length
+    (BENCHMARKS.md, first use of a prompt length). ``max_seq_len`` is not needed here."""
     check_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q=cu_seqlens_q)
     tokens, n_heads, head_dim = q.shape
     page, n_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -290,9 +292,6 @@ def attention_prefill(
     out = torch.empty((tokens, n_heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0:
         return out
-    if config is None and takes_prompt_sdpa(q, batch, max_query_len, max_seq_len):
-        with launch_on(q.device):
-            return prompt_sdpa(q, k_cache, v_cache, block_tables, scale)
     group = n_heads // n_kv_heads
     sms = multiprocessor_count(q.device) if q.device.type == "cuda" else 1
     cfg = config or _grid_config(q, n_heads, group, batch, max_query_len, sms)
