@@ -189,10 +189,13 @@ class ModelRunner:
         # ones at once. Kernels may change variant with the prompt's length (rustinfer-ops-cuda's
         # prefill attention picks its tile shape and grid from it).
         shapes = [[min(8, longest)], [min(1024, longest)], [longest], [min(2 * bs, longest)] * many]
-        # Every padded size of a short prompt: cuBLAS picks its kernels per shape on first use.
+        # Every padded size of a short prompt, as a prompt one token short of it: the step then
+        # carries a padding sequence, as most prompts' steps do (a batch of two specializes
+        # Triton's kernels differently from one), and cuBLAS meets the padded size's shapes.
         if self.pad_tokens_to > 1:
             step = self.pad_tokens_to
-            shapes += [[n] for n in range(2 * step, min(WARM_PADDED_UP_TO, longest) + 1, step)]
+            top = min(WARM_PADDED_UP_TO, longest + 1)
+            shapes += [[n - 1] for n in range(2 * step, top + 1, step)]
         if progress is not None:
             progress.total += len(shapes)
             progress.refresh()
