@@ -61,21 +61,38 @@ class LLM:
         seed: int = 0,
         quantization: str = "auto",
         batch_invariant: bool = False,
+        tensor_parallel_size: int = 1,
         **engine_options: Any,
     ) -> None:
         """Load ``model`` (None: the embedded default); ``engine_options`` are EngineConfig fields.
         ``quantization``: auto, none, gguf, int8 or int4 (``int4-g64``: group size), see
         :class:`rustinfer.config.QuantizationConfig`; ``batch_invariant``: a request's output
-        does not depend on the batch it runs in (slower kernels; CUDA)."""
-        loaded = load_model(
-            model,
-            device=device,
-            dtype=dtype,
-            load_format=load_format,
-            seed=seed,
-            quantization=quantization,
-            batch_invariant=batch_invariant,
-        )
+        does not depend on the batch it runs in (slower kernels; CUDA); ``tensor_parallel_size``:
+        the weights split across that many devices or CPU processes (README, tensor
+        parallelism)."""
+        if tensor_parallel_size > 1:
+            from rustinfer.distributed.workers import LoadSpec, load_tensor_parallel
+
+            spec = LoadSpec(
+                None if model is None else str(model),
+                device,
+                dtype,
+                load_format,
+                quantization,
+                batch_invariant,
+                seed,
+            )
+            loaded = load_tensor_parallel(spec, tensor_parallel_size)
+        else:
+            loaded = load_model(
+                model,
+                device=device,
+                dtype=dtype,
+                load_format=load_format,
+                seed=seed,
+                quantization=quantization,
+                batch_invariant=batch_invariant,
+            )
         self._attach(loaded, EngineCore(loaded, EngineConfig(**engine_options)))
 
     def _attach(self, loaded: LoadedModel, engine: EngineCore) -> None:

@@ -106,7 +106,8 @@ def run_structured_bench(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
               quantization=args.quantization, batch_invariant=args.batch_invariant,
-              max_num_seqs=max(args.batch), enable_prefix_caching=False)  # fmt: skip
+              tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=max(args.batch),
+              enable_prefix_caching=False)  # fmt: skip
     so = StructuredOutput.json_schema(SCHEMAS[args.schema])
     result: dict[str, Any] = {
         "output_len": args.output_len,

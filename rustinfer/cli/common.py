@@ -43,6 +43,14 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="a request's output does not depend on what else runs beside it (greedy tokens "
         "alone = in a batch); slower kernels, CUDA only",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model's weights across N devices (N GPUs from --device on, or N CPU "
+        "processes), one worker process per extra rank (default 1)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
 

@@ -147,8 +147,10 @@ class EngineCore:
         progress = progress_bar(1, "warming kernels and graphs", "step") if warm else None
         # The model's device made current while capturing and warming (the caller's thread may
         # have another one current: graphs and streams made without a device land there).
+        # A tensor-parallel model's runner sends each call to the other ranks' workers first.
+        make_runner = ModelRunner if loaded.parallel is None else loaded.parallel.runner
         with loaded.device.as_current():
-            self.runner = ModelRunner(
+            self.runner = make_runner(
                 self.model,
                 self.device,
                 num_blocks,

@@ -94,7 +94,8 @@ def kv_bytes_per_block(model: Model, block_size: int) -> int:
     """K and V of every layer for one block of tokens."""
     c = model.config
     itemsize = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * model.num_kv_layers * block_size * c.num_key_value_heads * c.head_dim * itemsize
+    heads = model.kv_heads_budgeted  # under tensor parallelism: the rank that holds the most
+    return 2 * model.num_kv_layers * block_size * heads * c.head_dim * itemsize
 
 
 def num_blocks_for_budget(model: Model, block_size: int, budget_bytes: int) -> int:

@@ -46,6 +46,9 @@ class Model(torch.nn.Module, abc.ABC):
     model maps them onto its packed layout.
     """
 
+    # Whether the constructor takes ``tp`` (a :class:`~rustinfer.distributed.parallel.
+    # TensorParallel`) and shards itself across its ranks.
+    supports_tensor_parallel: ClassVar[bool] = False
     # The ops its forward looks up (``self.ops.<name>``); the loader resolves only these, so a
     # kernel plugin need not implement ops this model never calls. None: every op spec.
     ops_used: ClassVar[tuple[str, ...] | None] = None
@@ -82,6 +85,12 @@ class Model(torch.nn.Module, abc.ABC):
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         c = self.config
         return (num_blocks, block_size, c.num_key_value_heads, c.head_dim)
+
+    @property
+    def kv_heads_budgeted(self) -> int:
+        """KV heads a cache block holds on the rank that holds the most: every rank makes as many
+        blocks as the engine counts, so that rank sets the budget (one rank: the model's own)."""
+        return self.config.num_key_value_heads
 
     @property
     def num_kv_layers(self) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 
 from rustinfer.config import ModelConfig
+from rustinfer.distributed.parallel import DecoderShards, TensorParallel
 from rustinfer.errors import ModelLoadError
 from rustinfer.models.base import AttentionMetadata, KVCaches, Model
 from rustinfer.models.decoder_weights import (
@@ -82,8 +83,13 @@ class DenseDecoderForCausalLM(Model):
     """GQA attention, rope, SwiGLU MLP, RMSNorm, optionally tied embeddings.
 
     Parameters are packed: per layer one QKV matrix ``[(Hq + 2 Hkv) * D, H]`` and one gate/up matrix
-    ``[2 I, H]``, so each layer runs 4 matmuls.
+    ``[2 I, H]``, so each layer runs 4 matmuls. Under tensor parallelism (``tp`` of more than one
+    rank) each rank holds its heads, its part of the MLP and of the vocabulary
+    (:class:`~rustinfer.distributed.parallel.DecoderShards`), and the forward joins them with two
+    all-reduces a layer, one for the embedding and an all-gather of the logits.
     """
+
+    supports_tensor_parallel = True
 
     ops_used = (
         "embedding",
@@ -104,7 +110,13 @@ class DenseDecoderForCausalLM(Model):
         """The optional tensors this family has under ``config``; raise ModelLoadError for a
         config the forward cannot run (it is called before any weight is read)."""
 
-    def __init__(self, config: ModelConfig, ops: OpTable, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        ops: OpTable,
+        dtype: torch.dtype,
+        tp: TensorParallel | None = None,
+    ) -> None:
         super().__init__(config, ops, dtype)
         refusal = sliding_window_refusal(config)
         if refusal is not None:
@@ -112,21 +124,31 @@ class DenseDecoderForCausalLM(Model):
         self.layout = type(self).decoder_layout(config)
         c, layout = config, self.layout
         h, d = c.hidden_size, c.head_dim
-        self.q_size = c.num_attention_heads * d
-        self.kv_size = c.num_key_value_heads * d
+        self.tp = tp or TensorParallel()
+        self.shards = (
+            DecoderShards.plan(c, self.tp.rank, self.tp.size) if self.tp.size > 1 else None
+        )
+        shards = self.shards
+        # This rank's heads, MLP rows and vocabulary rows (the whole model at one rank).
+        self.num_q_heads = shards.num_q_heads if shards else c.num_attention_heads
+        self.num_kv_heads = shards.num_kv_heads if shards else c.num_key_value_heads
+        inter = shards.intermediate_size if shards else c.intermediate_size
+        vocab_rows = shards.vocab_rows if shards else c.vocab_size
+        self.q_size = self.num_q_heads * d
+        self.kv_size = self.num_kv_heads * d
         self.scale = d**-0.5
 
         def empty(*shape: int) -> torch.nn.Parameter:
             return torch.nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
-        self.embed_tokens = empty(c.vocab_size, h)
+        self.embed_tokens = empty(vocab_rows, h)
         for i in range(c.num_hidden_layers):
             p = f"layers.{i}."
             params = {
                 "qkv_weight": empty(self.q_size + 2 * self.kv_size, h),
                 "o_weight": empty(h, self.q_size),
-                "gate_up_weight": empty(2 * c.intermediate_size, h),
-                "down_weight": empty(h, c.intermediate_size),
+                "gate_up_weight": empty(2 * inter, h),
+                "down_weight": empty(h, inter),
                 "input_norm": empty(h),
                 "post_attn_norm": empty(h),
             }
@@ -138,12 +160,12 @@ class DenseDecoderForCausalLM(Model):
                 params["q_norm"] = empty(d)  # one scale per head dimension, shared by all heads
                 params["k_norm"] = empty(d)
             if layout.mlp_bias:
-                params["gate_up_bias"] = empty(2 * c.intermediate_size)
+                params["gate_up_bias"] = empty(2 * inter)
                 params["down_bias"] = empty(h)
             for name, param in params.items():
                 self.register_parameter((p + name).replace(".", "_"), param)
         self.norm = empty(h)
-        self.lm_head = self.embed_tokens if c.tie_word_embeddings else empty(c.vocab_size, h)
+        self.lm_head = self.embed_tokens if c.tie_word_embeddings else empty(vocab_rows, h)
         # float32 for every half/single dtype (the rope op rotates in fp32, see its spec); float64
         # models keep float64 angles so they stay an exact oracle.
         cache_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -183,15 +205,17 @@ class DenseDecoderForCausalLM(Model):
                     f"(num_hidden_layers={self.config.num_hidden_layers}, {self.layout}); "
                     "is the config right?"
                 )
-            target = (
-                param if slot.rows is None else param[slot.row_start : slot.row_start + slot.rows]
-            )
+            row_start = slot.row_start
+            if self.shards is not None:
+                tensor, row_start = self.shards.take(hf_name, tensor, self.config.head_dim)
+            rows = slot.rows if self.shards is None or slot.rows is None else tensor.shape[0]
+            target = param if rows is None else param[row_start : row_start + rows]
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ModelLoadError(
                     f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, the config implies "
                     f"{tuple(target.shape)}"
                 )
-            if not packer.take(slot.param, slot.row_start, tensor):  # quantized: stacked below
+            if not packer.take(slot.param, row_start, tensor):  # quantized: stacked below
                 target.copy_(tensor)
             seen.add(hf_name)
         missing = sorted(expected - seen)
@@ -239,11 +263,11 @@ class DenseDecoderForCausalLM(Model):
         kv_caches: KVCaches,
         attn: AttentionMetadata,
     ) -> torch.Tensor:
-        ops, c = self.ops, self.config
+        ops, c, tp = self.ops, self.config, self.tp
         eps = c.rms_norm_eps
         n_tokens = input_ids.shape[0]
-        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        hidden = ops.embedding(input_ids, self.embed_tokens)  # [T, H]
+        hq, hkv, d = self.num_q_heads, self.num_kv_heads, c.head_dim
+        hidden = self._embed(input_ids)  # [T, H]
         residual: torch.Tensor | None = None
         for layer, (k_cache, v_cache) in zip(self._layers, kv_caches, strict=True):
             if residual is None:
@@ -280,13 +304,40 @@ class DenseDecoderForCausalLM(Model):
                     attn.max_seq_len,
                 )
             hidden = ops.linear(o.reshape(n_tokens, hq * d), layer["o_weight"], layer["o_bias"])
+            tp.all_reduce(hidden)  # the ranks' heads' partial sums (identity at one rank)
             x, residual = ops.fused_add_rmsnorm(hidden, residual, layer["post_attn_norm"], eps)
             gate_up = ops.linear(x, layer["gate_up_weight"], layer["gate_up_bias"])
             hidden = ops.linear(ops.silu_and_mul(gate_up), layer["down_weight"], layer["down_bias"])
+            tp.all_reduce(hidden)
         assert residual is not None, "a model has at least one layer"
         out, _ = ops.fused_add_rmsnorm(hidden, residual, self.norm, eps)
         return out
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.shards is None:
+            return self.ops.embedding(input_ids, self.embed_tokens)
+        # Each rank looks up the ids in its vocabulary rows (others read row 0 and are zeroed);
+        # the all-reduce then hands every rank every row.
+        start, end = self.shards.vocab
+        inside = (input_ids >= start) & (input_ids < end)
+        local = torch.where(inside, input_ids - start, 0)
+        rows = self.ops.embedding(local, self.embed_tokens)
+        rows = rows * inside.unsqueeze(1).to(rows.dtype)
+        return self.tp.all_reduce(rows)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # float32 out (samplers work in it; float64 models keep float64, the exact oracle).
-        return self.ops.logits(hidden, self.lm_head)
+        logits = self.ops.logits(hidden, self.lm_head)
+        if self.shards is None:
+            return logits
+        return self.tp.all_gather_columns(logits)[:, : self.config.vocab_size]
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, self.num_kv_heads, self.config.head_dim)
+
+    @property
+    def kv_heads_budgeted(self) -> int:
+        if self.shards is None:
+            return self.num_kv_heads
+        size = self.tp.size
+        return max(DecoderShards.plan(self.config, rank, size).num_kv_heads for rank in range(size))

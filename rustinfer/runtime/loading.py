@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -26,6 +26,10 @@ from rustinfer.plugins import get_registries
 from rustinfer.registry import OP_OVERRIDE_ENV, Registries, RegistryError, parse_op_overrides
 from rustinfer.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from rustinfer.distributed.parallel import TensorParallel
+    from rustinfer.distributed.workers import TensorParallelGroup
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +44,8 @@ class LoadedModel:
     load_seconds: float
     quantization: str = "none"  # how matmul weights are held: none, gguf, int8-g32, int4-g64...
     batch_invariant: bool = False  # ops pinned to their batch-invariant implementations
+    # The worker processes that hold the other ranks' shards (tensor parallelism), on the driver.
+    parallel: TensorParallelGroup | None = None
 
     @property
     def name(self) -> str:
@@ -121,7 +127,23 @@ class ModelOptions(Protocol):
 
 
 def load_model_from(options: ModelOptions) -> LoadedModel:
-    """:func:`load_model` of the model ``options`` name."""
+    """:func:`load_model` of the model ``options`` name; with a ``tensor_parallel_size`` above
+    one, rank 0's shard with the workers that hold the others."""
+    size = getattr(options, "tensor_parallel_size", 1) or 1
+    if size < 1:
+        raise ModelLoadError(f"--tensor-parallel-size must be >= 1, got {size}")
+    if size > 1:
+        from rustinfer.distributed.workers import LoadSpec, load_tensor_parallel
+
+        spec = LoadSpec(
+            options.model,
+            options.device,
+            options.dtype,
+            options.load_format,
+            str(options.quantization),
+            options.batch_invariant,
+        )
+        return load_tensor_parallel(spec, size)
     return load_model(
         options.model,
         options.device,
@@ -141,11 +163,13 @@ def load_model(
     registries: Registries | None = None,
     quantization: str | QuantizationConfig | None = "auto",
     batch_invariant: bool = False,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """Load ``model`` (None: the embedded default) onto ``device`` in ``dtype``; ``quantization``
     (see :class:`QuantizationConfig`): auto keeps a GGUF file's quantized matrices quantized;
     ``batch_invariant``: ops whose results for a sequence do not depend on the batch it runs in
-    (slower; see :func:`batch_invariant_overrides`)."""
+    (slower; see :func:`batch_invariant_overrides`); ``tp``: load only this rank's shard of a
+    tensor-parallel group (dense weights; see :mod:`rustinfer.distributed`)."""
     start = time.perf_counter()
     regs = registries or get_registries()
     dev = resolve_device(device, regs)
@@ -201,10 +225,23 @@ def load_model(
                 "--quantization none (or auto)"
             )
         quant = QuantizationConfig("none")
+    sharded = tp is not None and tp.size > 1
+    if sharded and quant.is_quantized:
+        if str(quantization) != "auto":
+            raise ModelLoadError(
+                f"tensor parallelism shards dense weights, but --quantization {quantization} keeps "
+                "them quantized; use --quantization none (or auto)"
+            )
+        quant = QuantizationConfig("none")
+    if sharded and not cls.supports_tensor_parallel:
+        raise ModelLoadError(
+            f"{config.architecture} ({cls.__name__}) does not support tensor parallelism; use "
+            "--tensor-parallel-size 1"
+        )
     if quant.is_quantized:
         ops = with_quantized_ops(ops, regs, dev.type, torch_dtype)
     logger.debug("ops for %s/%s: %s", dev.type, torch_dtype, ops.chosen)
-    net = cls(config, ops, torch_dtype)
+    net = cls(config, ops, torch_dtype, tp=tp) if sharded else cls(config, ops, torch_dtype)
     if source.format == "dummy":
         # Drawn on a GPU when there is one: 8B random numbers take a minute on a CPU.
         where = dev.torch_device if dev.type == "cuda" else "cpu"

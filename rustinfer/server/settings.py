@@ -63,6 +63,12 @@ class ServeSettings(BaseSettings):
         description="a request's output does not depend on what else runs beside it (greedy "
         "tokens alone = in a batch); slower kernels, CUDA only",
     )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="split the model's weights across N devices (N GPUs from --device on, or N "
+        "CPU processes), one worker process per extra rank",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="server log level"
     )

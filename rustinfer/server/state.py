@@ -12,7 +12,12 @@ import threading
 from collections.abc import Callable
 
 from rustinfer.engine.async_engine import AsyncEngine
-from rustinfer.errors import NotReadyError, RustinferError, ShuttingDownError
+from rustinfer.errors import (
+    NotReadyError,
+    RustinferError,
+    ShuttingDownError,
+    UnavailableError,
+)
 from rustinfer.server.metrics import EngineMetrics
 from rustinfer.server.openai.chat import ChatCompletions
 from rustinfer.server.openai.completions import Completions
@@ -48,6 +53,13 @@ class ServerState:
         self.failed = threading.Event()
         self.shutting_down = False
         self.on_failure: list[Callable[[BaseException], None]] = []
+        # Why a loaded engine can no longer serve (a tensor-parallel worker died), else None.
+        self.broken: str | None = None
+
+    def mark_broken(self, reason: str) -> None:
+        """The engine cannot serve any more: health checks fail from now on (the process
+        exits soon after; see :mod:`rustinfer.distributed.workers`)."""
+        self.broken = reason
 
     @property
     def model_name(self) -> str | None:
@@ -67,6 +79,9 @@ class ServerState:
             if device.type == "cuda":
                 self.system.set_gpu(device.index or 0)
             self.engine = engine
+            parallel = engine.core.loaded.parallel
+            if parallel is not None:
+                parallel.on_failure(self.mark_broken)
             self.serving = Serving(engine, name, self._tool_call_parser)
             self.chat = ChatCompletions(self.serving)
             self.completions = Completions(self.serving)
@@ -87,6 +102,8 @@ class ServerState:
         """The serving object, or a 503-mapped error while loading or shutting down."""
         if self.shutting_down:
             raise ShuttingDownError("the server is shutting down: no new requests")
+        if self.broken is not None:
+            raise UnavailableError(f"the engine cannot serve: {self.broken}")
         if self.serving is None:
             raise NotReadyError(
                 "the model is still loading: retry in a few seconds (GET /ready, or the gRPC health service)"

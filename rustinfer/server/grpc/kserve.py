@@ -73,7 +73,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=not self.state.failed.is_set())
+        state = self.state
+        return pb.ServerLiveResponse(live=not state.failed.is_set() and state.broken is None)
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext

@@ -37,14 +37,24 @@ def add_routes(app: FastAPI, state: ServerState, auth: ApiKeyCheck) -> None:
     started = int(time.time())
 
     @public.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if state.broken is not None:
+            body = error_body(
+                f"the engine cannot serve: {state.broken}", "service_unavailable", None, "unhealthy"
+            )
+            return JSONResponse(body, 503)
+        return JSONResponse({"status": "ok"})
 
     @public.get("/ready")
     async def ready() -> JSONResponse:
         if state.shutting_down:
             body = error_body(
                 "the server is shutting down", "service_unavailable", None, "shutting_down"
+            )
+            return JSONResponse(body, 503)
+        if state.broken is not None:
+            body = error_body(
+                f"the engine cannot serve: {state.broken}", "service_unavailable", None, "unhealthy"
             )
             return JSONResponse(body, 503)
         if state.failed.is_set():

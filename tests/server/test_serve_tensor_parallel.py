@@ -1,0 +1,72 @@
+"""``rustinfer serve --tensor-parallel-size 2`` on the CPU (gloo): it answers the OpenAI SDK as one
+rank does, and a worker that dies makes it report unhealthy and exit, leaving no process behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import psutil
+from server_helpers import start_server
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _workers(pid: int) -> list[psutil.Process]:
+    """The server's tensor-parallel workers: its children started by multiprocessing's spawn."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # a short-lived helper that already exited
+            continue
+    return found
+
+
+def _answer(url: str) -> str:
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    out = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=QUESTION, max_tokens=24, temperature=0
+    )
+    return out.choices[0].message.content or ""
+
+
+def test_tensor_parallel_server_answers_and_dies_cleanly_with_a_worker(tmp_path):
+    server = start_server(
+        tmp_path, "--tensor-parallel-size", "2", "--quantization", "none", "--dtype", "float32"
+    )
+    try:
+        workers = _workers(server.process.pid)
+        assert len(workers) == 1
+        answer = _answer(server.url)
+        assert "Paris" in answer
+        # One rank's answer, from `rustinfer generate` (same flags, greedy): the same text.
+        alone = subprocess.run(
+            [sys.executable, "-m", "rustinfer", "generate", "--device", "cpu", "--threads", "2",
+             "--quantization", "none", "--dtype", "float32", "--max-tokens", "24",
+             "--temperature", "0", "--json", QUESTION[0]["content"]],
+            capture_output=True, text=True, check=True, timeout=300,
+        )  # fmt: skip
+        assert json.loads(alone.stdout.strip().splitlines()[-1])["text"] == answer
+
+        workers[0].kill()
+        deadline = time.monotonic() + 10
+        status = 200
+        while status == 200 and time.monotonic() < deadline:
+            try:
+                status = httpx.get(server.url + "/health", timeout=2).status_code
+            except httpx.HTTPError:
+                break  # already gone
+            time.sleep(0.1)
+        assert status != 200, "the server stayed healthy without its worker"
+        code = server.process.wait(timeout=60)
+        assert code != 0
+        assert "tensor-parallel worker rank 1" in server.log()
+        assert not psutil.pid_exists(workers[0].pid) or workers[0].status() == psutil.STATUS_ZOMBIE
+    finally:
+        server.stop()

@@ -1,0 +1,229 @@
+"""Tensor parallelism on the CPU (gloo): the shard plan, greedy tokens at TP=2 and TP=3 equal to
+one rank's on SmolLM2, and the faults (a worker that dies or hangs, a driver that dies)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import torch
+
+from rustinfer.config import ModelConfig
+from rustinfer.distributed.parallel import DecoderShards, TensorParallel, even_range
+from rustinfer.distributed.workers import LoadSpec, TensorParallelGroup, load_tensor_parallel
+from rustinfer.engine.core import EngineConfig, EngineCore
+from rustinfer.engine.model_runner import ScheduledSequence
+from rustinfer.engine.sampling_params import SamplingParams
+from rustinfer.errors import ModelLoadError
+from rustinfer.runtime.loading import load_model
+
+# The embedded SmolLM2-135M (9 query heads, 3 KV heads), dense float32 so every rank shards it.
+SPEC = LoadSpec(None, "cpu", "float32", quantization="none", threads=1)
+PROMPTS = [
+    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3398, 2, 198],
+    [1, 4093, 314, 260, 3575, 282, 4649, 47, 2],
+    [1, 504, 3458, 314, 2987, 30, 657, 314, 253, 2556, 8626, 1135, 351, 253, 3412, 282, 5749, 28],
+]
+NEW_TOKENS = 20
+
+
+def _config(hq: int, hkv: int, vocab: int = 49152, inter: int = 1536) -> ModelConfig:
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=vocab,
+        hidden_size=64 * hq,
+        intermediate_size=inter,
+        num_hidden_layers=2,
+        num_attention_heads=hq,
+        num_key_value_heads=hkv,
+        head_dim=64,
+    )
+
+
+def test_even_range_covers_everything_once():
+    for total, size in [(10, 3), (9, 2), (1536, 2), (7, 7)]:
+        runs = [even_range(total, r, size) for r in range(size)]
+        assert runs[0][0] == 0 and runs[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    "hq, hkv, size, q_heads, kv_heads",
+    [
+        (9, 3, 2, [(0, 3), (3, 9)], [(0, 1), (1, 3)]),  # SmolLM2-135M: uneven KV groups
+        (9, 3, 3, [(0, 3), (3, 6), (6, 9)], [(0, 1), (1, 2), (2, 3)]),
+        (32, 8, 2, [(0, 16), (16, 32)], [(0, 4), (4, 8)]),  # Llama-3.1-8B
+        (32, 8, 16, [(2 * r, 2 * r + 2) for r in range(16)], [(r // 2, r // 2 + 1) for r in range(16)]),
+        (4, 2, 4, [(r, r + 1) for r in range(4)], [(r // 2, r // 2 + 1) for r in range(4)]),
+    ],
+)  # fmt: skip
+def test_heads_split_by_kv_group(hq, hkv, size, q_heads, kv_heads):
+    plans = [DecoderShards.plan(_config(hq, hkv), r, size) for r in range(size)]
+    assert [p.q_heads for p in plans] == q_heads
+    assert [p.kv_heads for p in plans] == kv_heads
+    for p in plans:  # a rank's query heads read only its own KV heads
+        group = hq // hkv
+        assert {h // group for h in range(*p.q_heads)} <= set(range(*p.kv_heads))
+
+
+@pytest.mark.parametrize("hq, hkv, size", [(9, 3, 4), (9, 3, 6), (32, 8, 12)])
+def test_sizes_the_heads_do_not_allow_are_refused(hq, hkv, size):
+    with pytest.raises(ModelLoadError, match=f"tensor-parallel size {size} does not fit"):
+        DecoderShards.plan(_config(hq, hkv), 0, size)
+
+
+def test_vocabulary_shards_are_padded_to_one_size():
+    plans = [DecoderShards.plan(_config(3, 3, vocab=10), r, 3) for r in range(3)]
+    assert [p.vocab for p in plans] == [(0, 4), (4, 8), (8, 10)]
+    assert {p.vocab_rows for p in plans} == {4}
+    full = torch.arange(10 * 3, dtype=torch.float32).view(10, 3)
+    rows, start = plans[2].take("model.embed_tokens.weight", full, 64)
+    assert start == 0 and rows.shape == (4, 3)
+    assert torch.equal(rows[:2], full[8:]) and not rows[2:].any()
+
+
+def test_one_rank_is_the_identity():
+    tp = TensorParallel()
+    x = torch.randn(3, 4)
+    assert tp.all_reduce(x) is x and tp.all_gather_columns(x) is x
+    with pytest.raises(ValueError, match="needs a process group"):
+        TensorParallel(0, 2)
+
+
+def _greedy(loaded, n: int = NEW_TOKENS) -> dict[str, list[int]]:
+    """Every prompt at once through the engine (a mixed batch: prefills beside decodes)."""
+    core = EngineCore(loaded, EngineConfig(max_num_seqs=8))
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        core.add_request(f"r{i}", prompt, params)
+    out: dict[str, list[int]] = {}
+    while core.has_unfinished():
+        for o in core.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    torch.set_num_threads(1)
+    return load_model(None, "cpu", "float32", quantization="none")
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_greedy_tokens_equal_one_rank(one_rank, size):
+    expected = _greedy(one_rank)
+    loaded = load_tensor_parallel(SPEC, size, timeout_s=120, failure_exit_s=None)
+    group = loaded.parallel
+    try:
+        assert loaded.model.num_kv_heads < one_rank.model.num_kv_heads
+        assert _greedy(loaded) == expected
+        # The logits themselves: the all-gathered vocabulary of a prompt's step against one rank's.
+        core = EngineCore(loaded, EngineConfig(max_num_seqs=2))
+        step = [ScheduledSequence(PROMPTS[0], 0, list(range(4)))]
+        ref = EngineCore(one_rank, EngineConfig(max_num_seqs=2)).runner.execute(step)
+        got = core.runner.execute(step)
+        assert got.shape == ref.shape == (1, one_rank.config.vocab_size)
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+    finally:
+        group.close()
+    assert all(w.exitcode == 0 for w in group.workers)  # stopped cleanly, nothing left behind
+
+
+def _wait(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_worker_that_dies_fails_the_engine_at_once(one_rank):
+    loaded = load_tensor_parallel(SPEC, 3, timeout_s=120, failure_exit_s=None)
+    group = loaded.parallel
+    heard: list[str] = []
+    group.on_failure(heard.append)
+    try:
+        core = EngineCore(loaded, EngineConfig(max_num_seqs=2))
+        core.add_request("a", PROMPTS[1], SamplingParams(temperature=0, max_tokens=50))
+        core.step()
+        os.kill(group.workers[0].pid, signal.SIGKILL)
+        assert _wait(lambda: heard, 10), "the monitor did not notice the dead worker"
+        assert "rank 1" in heard[0] and "exited with code -9" in heard[0]
+        # The other worker is stopped too, and the engine says why instead of hanging.
+        assert _wait(lambda: not any(w.is_alive() for w in group.workers), 15)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="rank 1 .* exited"):
+            while core.has_unfinished():
+                core.step()
+        assert time.monotonic() - started < 5
+    finally:
+        group.close()
+
+
+def test_a_hung_worker_times_out_the_step(one_rank):
+    loaded = load_tensor_parallel(SPEC, 2, timeout_s=6, failure_exit_s=None)
+    group = loaded.parallel
+    worker = group.workers[0]
+    try:
+        core = EngineCore(loaded, EngineConfig(max_num_seqs=2))
+        os.kill(worker.pid, signal.SIGSTOP)  # alive, but never answers
+        core.add_request("a", PROMPTS[1], SamplingParams(temperature=0, max_tokens=4))
+        started = time.monotonic()
+        with pytest.raises(RuntimeError):
+            while core.has_unfinished():
+                core.step()
+        assert time.monotonic() - started < 30
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+        group.close()
+    assert not worker.is_alive()
+
+
+def test_workers_die_with_their_driver(tmp_path):
+    # A driver killed without any chance to clean up (SIGKILL) takes its workers with it.
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from rustinfer.distributed.workers import LoadSpec, TensorParallelGroup
+        group = TensorParallelGroup(LoadSpec(None, "cpu", "float32", quantization="none",
+                                             threads=1), 3, timeout_s=120)
+        print(" ".join(str(w.pid) for w in group.workers), flush=True)
+        time.sleep(600)
+        """
+    )
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert _wait(lambda: not any(_alive(p) for p in pids), 15), "orphan workers survived"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_quantized_weights_and_one_process_group_are_refused():
+    with pytest.raises(ModelLoadError, match="--quantization gguf keeps them quantized"):
+        load_tensor_parallel(
+            LoadSpec(None, "cpu", "float32", quantization="gguf", threads=1),
+            2,
+            timeout_s=60,
+            failure_exit_s=None,
+        )
+    with pytest.raises(ValueError, match="at least 2 ranks"):
+        TensorParallelGroup(SPEC, 1)
