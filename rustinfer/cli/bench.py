@@ -77,10 +77,12 @@ def random_prompt(loaded: LoadedModel, length: int, seed: int) -> list[int]:
 
 
 def machine_fields(loaded: LoadedModel) -> dict[str, str | int]:
+    size = loaded.parallel.size if loaded.parallel is not None else 1
     return {
         "device": f"{loaded.device} ({loaded.device.name()})",
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        "tensor_parallel_size": size,
     }
 
 

@@ -111,6 +111,11 @@ def _init_group(
     world = dist.group.WORLD
     assert world is not None
     control = world if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    if backend == "nccl":
+        # NCCL makes its communicator on the first collective: here, eagerly, and not inside the
+        # first CUDA-graph capture of a decode step.
+        dist.all_reduce(torch.zeros(1, device=device), group=world)
+        torch.cuda.synchronize(device)
     return TensorParallel(rank, size, world), control
 
 

@@ -67,6 +67,29 @@ def test_tensor_parallel_server_answers_and_dies_cleanly_with_a_worker(tmp_path)
         code = server.process.wait(timeout=60)
         assert code != 0
         assert "tensor-parallel worker rank 1" in server.log()
-        assert not psutil.pid_exists(workers[0].pid) or workers[0].status() == psutil.STATUS_ZOMBIE
+        assert not _running(workers[0])
     finally:
         server.stop()
+
+
+def test_tensor_parallel_server_stops_with_its_workers(tmp_path):
+    server = start_server(
+        tmp_path, "--tensor-parallel-size", "2", "--quantization", "none", "--dtype", "float32"
+    )
+    try:
+        workers = _workers(server.process.pid)
+        assert len(workers) == 1
+    finally:
+        code = server.stop()  # SIGTERM: a clean shutdown
+    assert code == 0, server.log()
+    gone = time.monotonic() + 15
+    while time.monotonic() < gone and any(_running(w) for w in workers):
+        time.sleep(0.1)
+    assert not any(_running(w) for w in workers), "a worker outlived the server"
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
