@@ -227,3 +227,28 @@ def test_quantized_weights_and_one_process_group_are_refused():
         )
     with pytest.raises(ValueError, match="at least 2 ranks"):
         TensorParallelGroup(SPEC, 1)
+
+
+def test_a_checkpoint_with_biases_and_an_odd_vocabulary_shards_exactly(tmp_path):
+    """A safetensors Llama (float32 on disk, run in float64: each shard converts only its slice)
+    with q/k/v/o and MLP biases, an untied LM head and 97 vocabulary rows (shards of 49, the last
+    padded): TP=2's logits equal one rank's up to summation order."""
+    from model_helpers import random_weights, tiny_config, write_checkpoint
+
+    cfg = tiny_config(kv_heads=2)
+    cfg.update(attention_bias=True, mlp_bias=True)
+    path = str(write_checkpoint(tmp_path / "m", cfg, random_weights(cfg, seed=5)))
+    assert any(name.endswith("o_proj.bias") for name in random_weights(cfg))
+    one = load_model(path, "cpu", "float64")
+    two = load_tensor_parallel(
+        LoadSpec(path, "cpu", "float64", threads=1), 2, timeout_s=120, failure_exit_s=None
+    )
+    try:
+        engine = EngineConfig(max_num_seqs=2, max_model_len=64)
+        step = [ScheduledSequence([1, 5, 17, 42, 3, 88, 9, 60, 61, 62, 7], 0, [0, 1, 2])]
+        ref = EngineCore(one, engine).runner.execute(step)
+        got = EngineCore(two, engine).runner.execute(step)
+        assert got.shape == ref.shape == (1, 97)
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    finally:
+        two.parallel.close()

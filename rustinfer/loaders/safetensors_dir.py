@@ -112,14 +112,16 @@ class SafetensorsWeights:
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
 
-    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor in ``dtype`` (None: as stored)."""
         for path, names in self._files.items():
             # safe_open(framework="pt") maps the file; get_tensor returns a view of that mapping,
-            # so a tensor already in ``dtype`` is handed on without a copy.
+            # so a tensor already in ``dtype`` is handed on without a copy (and a consumer that
+            # reads a slice of it reads only that slice's pages).
             with safe_open(path, framework="pt") as handle:
                 for name in names:
                     tensor = handle.get_tensor(name)
-                    yield name, tensor if tensor.dtype == dtype else tensor.to(dtype)
+                    yield name, tensor if dtype in (None, tensor.dtype) else tensor.to(dtype)
 
 
 def load_hf_dir(folder: Path, *, with_weights: bool = True) -> ModelSource:

@@ -77,9 +77,16 @@ class ModelSource:
         return {} if self.store is None else self.store.tensor_shapes()
 
     def weights(
-        self, dtype: torch.dtype, quantization: QuantizationConfig | None = None
+        self,
+        dtype: torch.dtype,
+        quantization: QuantizationConfig | None = None,
+        *,
+        as_stored: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Yield ``(name, tensor)`` on CPU in ``dtype`` and torch layout, one tensor at a time.
+        ``as_stored``: a safetensors file's tensors come in their stored dtype, as views of the
+        mapped file, for a consumer that converts while it copies the part it keeps (a
+        tensor-parallel shard then reads only its own pages, whatever the dtypes).
 
         Names keep the file's spelling (HF ``model.layers.0.self_attn.q_proj.weight``, GGUF
         ``blk.0.attn_q.weight``); mapping them onto parameters is the model's job.
@@ -103,7 +110,9 @@ class ModelSource:
             assert quantization is not None
             pairs = quantize_weights(self.store.iter_tensors(torch.float32), quantization, dtype)
         elif method == "none":
-            pairs = self.store.iter_tensors(dtype)
+            pairs = self.store.iter_tensors(
+                None if as_stored and self.format == "safetensors" else dtype
+            )
         else:
             raise ModelLoadError(f"quantization {method!r} must be made concrete before loading")
         yield from track(pairs, self.num_tensors, f"Loading {where}")

@@ -251,7 +251,8 @@ def load_model(
             drawn = quantize_weights(drawn, quant, torch_dtype)
         net.load_weights(drawn)
     else:
-        net.load_weights(source.weights(torch_dtype, quant))
+        # A shard converts only its slice of each tensor (copying it into its parameter).
+        net.load_weights(source.weights(torch_dtype, quant, as_stored=sharded))
     weights_read = time.perf_counter()
     net = net.to(dev.torch_device).eval()
     dev.synchronize()
