@@ -3,6 +3,7 @@ one rank's on SmolLM2, and the faults (a worker that dies or hangs, a driver tha
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -252,3 +253,48 @@ def test_a_checkpoint_with_biases_and_an_odd_vocabulary_shards_exactly(tmp_path)
         torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
     finally:
         two.parallel.close()
+
+
+@pytest.mark.parametrize("kv_heads, size", [(4, 4), (2, 4)], ids=["kv-split", "kv-replicated"])
+def test_four_ranks_split_or_replicate_the_kv_heads(tmp_path, kv_heads, size):
+    """N = 4 on gloo: 8 query heads over 4 KV heads (one each) or over 2 (each KV head held by
+    the two ranks whose query heads read it): logits equal one rank's."""
+    from model_helpers import random_weights, tiny_config, write_checkpoint
+
+    cfg = tiny_config(kv_heads=kv_heads)
+    cfg.update(num_attention_heads=8, hidden_size=64, intermediate_size=96)
+    path = str(write_checkpoint(tmp_path / "m", cfg, random_weights(cfg, seed=7)))
+    one = load_model(path, "cpu", "float64")
+    many = load_tensor_parallel(
+        LoadSpec(path, "cpu", "float64", threads=1), size, timeout_s=120, failure_exit_s=None
+    )
+    try:
+        assert many.model.num_q_heads == 2 and many.model.num_kv_heads == 1
+        engine = EngineConfig(max_num_seqs=2, max_model_len=64)
+        step = [ScheduledSequence([1, 5, 17, 42, 3, 88, 9, 60, 61, 62, 7], 0, [0, 1, 2])]
+        ref = EngineCore(one, engine).runner.execute(step)
+        got = EngineCore(many, engine).runner.execute(step)
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
+    finally:
+        many.parallel.close()
+
+
+def test_torchrun_launch_generates_as_one_rank(tmp_path):
+    """``torchrun --nproc-per-node 2 -m rustinfer generate``: rank 0 runs the command, rank 1
+    holds its shard; the greedy tokens are one process's."""
+    flags = ["generate", "--device", "cpu", "--threads", "1", "--quantization", "none",
+             "--dtype", "float32", "--max-tokens", "12", "--temperature", "0", "--json",
+             "What is the capital of France?"]  # fmt: skip
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "-m", "rustinfer", *flags],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    alone = subprocess.run(
+        [sys.executable, "-m", "rustinfer", *flags],
+        capture_output=True, text=True, timeout=300, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    lines = [json.loads(x) for x in launched.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1, launched.stdout  # only rank 0 answers
+    assert lines[0]["token_ids"] == json.loads(alone.stdout.splitlines()[-1])["token_ids"]

@@ -90,6 +90,26 @@ def rank_device(device: str, rank: int) -> str:
     return device
 
 
+def torchrun_rank() -> tuple[int, int] | None:
+    """(rank, world size) when torchrun started this process as one of several ranks, else None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ["RANK"]), world) if world > 1 else None
+
+
+def spec_from_options(options: Any) -> LoadSpec:
+    """The :class:`LoadSpec` of the CLI's model flags or the server's settings."""
+    return LoadSpec(
+        options.model,
+        options.device,
+        options.dtype,
+        options.load_format,
+        str(options.quantization),
+        options.batch_invariant,
+    )
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -97,7 +117,7 @@ def _free_port() -> int:
 
 
 def _init_group(
-    rank: int, size: int, port: int, device: str, timeout_s: float
+    rank: int, size: int, init_method: str, device: str, timeout_s: float
 ) -> tuple[TensorParallel, dist.ProcessGroup]:
     """Join the group (every rank calls this in the same order); the tensor-parallel handle and
     the gloo group that carries the driver's commands."""
@@ -106,7 +126,7 @@ def _init_group(
         torch.cuda.set_device(torch.device(device))
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timeout
+        backend, init_method=init_method, rank=rank, world_size=size, timeout=timeout
     )
     world = dist.group.WORLD
     assert world is not None
@@ -134,15 +154,37 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(rank: int, size: int, port: int, spec: LoadSpec, timeout_s: float) -> None:
-    """A worker's whole life: join, load its shard, follow the driver's commands until stop."""
+    """A spawned worker's whole life: join, load its shard, follow the driver until stop."""
     _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
+    follow(rank, size, f"tcp://127.0.0.1:{port}", spec, timeout_s)
+
+
+def follow_as_torchrun_rank(spec: LoadSpec, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+    """A rank other than 0 of a torchrun launch: hold a shard for rank 0's engine (whatever
+    command rank 0 runs), then exit 0 when it stops."""
+    launched = torchrun_rank()
+    assert launched is not None and launched[0] != 0
+    rank, size = launched
+    follow(rank, size, "env://", spec, timeout_s, int(os.environ.get("LOCAL_RANK", rank)))
+    return 0
+
+
+def follow(
+    rank: int,
+    size: int,
+    init_method: str,
+    spec: LoadSpec,
+    timeout_s: float,
+    local_rank: int | None = None,
+) -> None:
+    """Join the group, load this rank's shard, and run the driver's commands until stop."""
     from rustinfer.engine.model_runner import ModelRunner
 
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
-    device = rank_device(spec.device, rank)
-    tp, control = _init_group(rank, size, port, device, timeout_s)
+    device = rank_device(spec.device, rank if local_rank is None else local_rank)
+    tp, control = _init_group(rank, size, init_method, device, timeout_s)
     loaded = spec.load(device, tp)
     runner: ModelRunner | None = None
     while True:
@@ -176,7 +218,10 @@ class TensorParallelGroup:
         size: int,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         failure_exit_s: float | None = DEFAULT_FAILURE_EXIT_S,
+        init_method: str | None = None,
     ) -> None:
+        """Spawn the workers of ranks 1..size-1, or (``init_method="env://"``, under torchrun)
+        join the ranks torchrun started."""
         if size < 2:
             raise ValueError(f"a tensor-parallel group needs at least 2 ranks, got {size}")
         if dist.is_initialized():
@@ -198,25 +243,30 @@ class TensorParallelGroup:
         self.failed: str | None = None
         self._failure_callbacks: list[Callable[[str], None]] = []
         self._closing = False
-        port = _free_port()
-        context = mp.get_context("spawn")
-        self.workers = [
-            context.Process(
-                target=_worker_main,
-                args=(rank, size, port, spec, timeout_s),
-                name=f"rustinfer-tp-rank-{rank}",
-                daemon=True,
-            )
-            for rank in range(1, size)
-        ]
-        for worker in self.workers:
-            worker.start()
+        # Under torchrun the other ranks are torchrun's (it stops them all if one dies); here
+        # they are this process's children, watched by a monitor thread.
+        self.workers: list[mp.process.BaseProcess] = []
+        if init_method is None:
+            port = _free_port()
+            init_method = f"tcp://127.0.0.1:{port}"
+            context = mp.get_context("spawn")
+            self.workers = [
+                context.Process(
+                    target=_worker_main,
+                    args=(rank, size, port, spec, timeout_s),
+                    name=f"rustinfer-tp-rank-{rank}",
+                    daemon=True,
+                )
+                for rank in range(1, size)
+            ]
+            for worker in self.workers:
+                worker.start()
         atexit.register(self.close)
         self._monitor = threading.Thread(
             target=self._watch, name="rustinfer-tp-monitor", daemon=True
         )
         self._monitor.start()
-        self.tp, self.control = _init_group(0, size, port, self.device, timeout_s)
+        self.tp, self.control = _init_group(0, size, init_method, self.device, timeout_s)
         logger.info("tensor parallelism: %d ranks on %s", size, self.device)
 
     # -- faults ---------------------------------------------------------------------------------
@@ -353,10 +403,12 @@ def load_tensor_parallel(
     size: int,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     failure_exit_s: float | None = DEFAULT_FAILURE_EXIT_S,
+    init_method: str | None = None,
 ) -> LoadedModel:
-    """Start ``size - 1`` workers, load rank 0's shard here, and return it with the group
-    attached (an engine built on it drives every rank)."""
-    group = TensorParallelGroup(spec, size, timeout_s, failure_exit_s)
+    """Start ``size - 1`` workers (or join torchrun's ranks: ``init_method="env://"``), load
+    rank 0's shard here, and return it with the group attached (an engine built on it drives
+    every rank)."""
+    group = TensorParallelGroup(spec, size, timeout_s, failure_exit_s, init_method)
     try:
         loaded = group.spec.load(group.device, group.tp)
     except BaseException:

@@ -129,21 +129,26 @@ class ModelOptions(Protocol):
 def load_model_from(options: ModelOptions) -> LoadedModel:
     """:func:`load_model` of the model ``options`` name; with a ``tensor_parallel_size`` above
     one, rank 0's shard with the workers that hold the others."""
+    from rustinfer.distributed.workers import (
+        load_tensor_parallel,
+        spec_from_options,
+        torchrun_rank,
+    )
+
     size = getattr(options, "tensor_parallel_size", 1) or 1
     if size < 1:
         raise ModelLoadError(f"--tensor-parallel-size must be >= 1, got {size}")
+    launched = torchrun_rank()  # rank 0 of a torchrun launch (the others never get here)
+    if launched is not None:
+        world = launched[1]
+        if size not in (1, world):
+            raise ModelLoadError(
+                f"--tensor-parallel-size {size} differs from torchrun's {world} processes; "
+                "give the same number (or leave the flag out under torchrun)"
+            )
+        return load_tensor_parallel(spec_from_options(options), world, init_method="env://")
     if size > 1:
-        from rustinfer.distributed.workers import LoadSpec, load_tensor_parallel
-
-        spec = LoadSpec(
-            options.model,
-            options.device,
-            options.dtype,
-            options.load_format,
-            str(options.quantization),
-            options.batch_invariant,
-        )
-        return load_tensor_parallel(spec, size)
+        return load_tensor_parallel(spec_from_options(options), size)
     return load_model(
         options.model,
         options.device,
