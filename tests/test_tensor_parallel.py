@@ -177,12 +177,20 @@ def test_a_hung_worker_times_out_the_step(one_rank):
         os.kill(worker.pid, signal.SIGSTOP)  # alive, but never answers
         core.add_request("a", PROMPTS[1], SamplingParams(temperature=0, max_tokens=4))
         started = time.monotonic()
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="across the ranks failed"):
             while core.has_unfinished():
                 core.step()
         assert time.monotonic() - started < 30
+        # The group is broken for good: marked failed, its worker stopped, the next step refused.
+        assert _wait(lambda: group.failed is not None, 10)
+        assert "tensor-parallel step failed" in group.failed
+        assert _wait(lambda: not worker.is_alive(), 15)
+        core.add_request("b", PROMPTS[0], SamplingParams(temperature=0, max_tokens=2))
+        with pytest.raises(RuntimeError, match="tensor-parallel step failed"):
+            core.step()
     finally:
-        os.kill(worker.pid, signal.SIGCONT)
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGCONT)
         group.close()
     assert not worker.is_alive()
 
@@ -298,3 +306,27 @@ def test_torchrun_launch_generates_as_one_rank(tmp_path):
     lines = [json.loads(x) for x in launched.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1, launched.stdout  # only rank 0 answers
     assert lines[0]["token_ids"] == json.loads(alone.stdout.splitlines()[-1])["token_ids"]
+
+
+def test_a_bad_step_fails_on_every_rank_and_the_next_one_runs(tmp_path):
+    """A step every rank rejects before any collective (a block table too short) is an error for
+    the engine, not a broken group: the ranks stay in step and the next step runs."""
+    from model_helpers import random_weights, tiny_config, write_checkpoint
+
+    cfg = tiny_config(kv_heads=2)
+    path = str(write_checkpoint(tmp_path / "m", cfg, random_weights(cfg, seed=9)))
+    two = load_tensor_parallel(
+        LoadSpec(path, "cpu", "float64", threads=1), 2, timeout_s=60, failure_exit_s=None
+    )
+    try:
+        runner = EngineCore(two, EngineConfig(max_num_seqs=2, max_model_len=64)).runner
+        with pytest.raises(ValueError, match="block table covers"):
+            runner.execute([ScheduledSequence(list(range(1, 40)), 0, [0])])
+        good = [ScheduledSequence([1, 5, 17, 42], 0, [0])]
+        ref = EngineCore(load_model(path, "cpu", "float64"), EngineConfig(max_model_len=64))
+        torch.testing.assert_close(
+            runner.execute(good), ref.runner.execute(good), atol=1e-10, rtol=1e-10
+        )
+        assert two.parallel.failed is None and all(w.is_alive() for w in two.parallel.workers)
+    finally:
+        two.parallel.close()

@@ -15,7 +15,9 @@ and to divide the query heads; each KV head is then replicated on the N / Hkv ra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +25,23 @@ import torch.distributed as dist
 from rustinfer.config import ModelConfig
 from rustinfer.errors import ModelLoadError
 
-__all__ = ["DecoderShards", "TensorParallel", "even_range"]
+__all__ = ["CollectiveError", "DecoderShards", "TensorParallel", "collective", "even_range"]
+
+
+class CollectiveError(RuntimeError):
+    """A collective across the ranks failed: a rank died, hung past the timeout, or its link
+    broke. The group cannot be used after it."""
+
+
+def collective(op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``op(*args, **kwargs)``, a torch.distributed call, its failure as :class:`CollectiveError`
+    (torch raises a plain RuntimeError, e.g. gloo's timeout)."""
+    try:
+        return op(*args, **kwargs)
+    except RuntimeError as exc:
+        raise CollectiveError(
+            f"{getattr(op, '__name__', op)} across the ranks failed: {exc}"
+        ) from exc
 
 
 def even_range(total: int, rank: int, size: int) -> tuple[int, int]:
@@ -50,7 +68,7 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of ``x`` over the ranks, in place."""
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            collective(dist.all_reduce, x, group=self.group)
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +76,7 @@ class TensorParallel:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        collective(dist.all_gather, parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=1)
 
 

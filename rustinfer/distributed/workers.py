@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from rustinfer.distributed.parallel import TensorParallel
+from rustinfer.distributed.parallel import CollectiveError, TensorParallel, collective
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -189,23 +189,31 @@ def follow(
     runner: ModelRunner | None = None
     while True:
         message: list[Any] = [None]
-        dist.broadcast_object_list(message, src=0, group=control)
+        collective(dist.broadcast_object_list, message, src=0, group=control)
         kind, *args = message[0]
         if kind == "stop":
             break
-        if kind == "runner":
-            runner = ModelRunner(loaded.model, loaded.device.torch_device, *args)
-        elif kind == "warm_up":
-            assert runner is not None
-            runner.warm_up(*args)
-        elif kind == "execute":
-            assert runner is not None
-            seqs, prev_shape, prev_dtype = args
-            prev = None
-            if prev_shape is not None:
-                prev = torch.empty(prev_shape, dtype=prev_dtype, device=loaded.device.torch_device)
-                dist.broadcast(prev, src=0, group=tp.group)
-            runner.execute(seqs, prev)
+        try:
+            if kind == "runner":
+                runner = ModelRunner(loaded.model, loaded.device.torch_device, *args)
+            elif kind == "warm_up":
+                assert runner is not None
+                runner.warm_up(*args)
+            elif kind == "execute":
+                assert runner is not None
+                seqs, prev_shape, prev_dtype = args
+                prev = None
+                if prev_shape is not None:
+                    device = loaded.device.torch_device
+                    prev = torch.empty(prev_shape, dtype=prev_dtype, device=device)
+                    collective(dist.broadcast, prev, src=0, group=tp.group)
+                runner.execute(seqs, prev)
+        except CollectiveError:
+            raise  # the group is broken: this process exits, and the driver hears of it
+        except Exception:
+            # The driver's runner met the same inputs and fails the same way, before any
+            # collective: the ranks stay in step, the engine fails that step's requests.
+            logger.exception("rank %d: %s failed", rank, kind)
     dist.destroy_process_group()
 
 
@@ -310,8 +318,14 @@ class TensorParallelGroup:
     def command(self, kind: str, *args: Any) -> None:
         """Send one command to every worker (they run it next, in order)."""
         if self.failed is not None:
-            raise RuntimeError(self.failed)
-        dist.broadcast_object_list([(kind, *args)], src=0, group=self.control)
+            raise CollectiveError(self.failed)
+        collective(dist.broadcast_object_list, [(kind, *args)], src=0, group=self.control)
+
+    def fail_later(self, reason: str) -> None:
+        """Mark the group failed from another thread (the caller's error propagates now; the
+        process exits after ``failure_exit_s`` unless closed first)."""
+        if self.failed is None:
+            threading.Thread(target=self._fail, args=(reason,), daemon=True).start()
 
     def runner(
         self,
@@ -388,10 +402,15 @@ class TensorParallelRunner:
         seqs = list(seqs)
         shape = None if prev_token_ids is None else tuple(prev_token_ids.shape)
         dtype = None if prev_token_ids is None else prev_token_ids.dtype
-        self.group.command("execute", seqs, shape, dtype)
-        if prev_token_ids is not None:
-            dist.broadcast(prev_token_ids, src=0, group=self.group.tp.group)
-        return self.local.execute(seqs, prev_token_ids)
+        try:
+            self.group.command("execute", seqs, shape, dtype)
+            if prev_token_ids is not None:
+                collective(dist.broadcast, prev_token_ids, src=0, group=self.group.tp.group)
+            return self.local.execute(seqs, prev_token_ids)
+        except CollectiveError as exc:
+            # A rank hung past the timeout or its link broke: no later step can run.
+            self.group.fail_later(f"tensor-parallel step failed: {exc}")
+            raise
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (graphs, kv_caches, block_size, ...) is the local runner's.
