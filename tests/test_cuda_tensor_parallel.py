@@ -6,6 +6,7 @@ cuda lane with two GPUs or more (skipped otherwise).
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ pytestmark = [
 
 CONFIG = str(Path(__file__).parents[1] / "bench" / "configs" / "llama-3.1-8b" / "config.json")
 POSITIONS = 256
-ENGINE = EngineConfig(max_num_seqs=4, max_model_len=1024)
+# A small KV pool: the TP=1 engine must leave GPU 0 room for rank 0 of the TP=2 one.
+ENGINE = EngineConfig(max_num_seqs=4, max_model_len=1024, kv_cache_bytes=2 << 30)
 
 
 def _teacher_forced_logits(runner, tokens: list[int]) -> torch.Tensor:
@@ -40,8 +42,10 @@ def test_llama_8b_shapes_at_tp2_agree_with_tp1():
     one = load_model(CONFIG, "cuda:0", "bfloat16", "dummy")
     torch.manual_seed(0)
     tokens = torch.randint(0, one.config.vocab_size, (POSITIONS,)).tolist()
-    ref = _teacher_forced_logits(EngineCore(one, ENGINE).runner, tokens)
-    del one
+    core = EngineCore(one, ENGINE)
+    ref = _teacher_forced_logits(core.runner, tokens)
+    del core, one
+    gc.collect()
     torch.cuda.empty_cache()
     two = load_tensor_parallel(
         LoadSpec(CONFIG, "cuda", "bfloat16", "dummy"), 2, timeout_s=300, failure_exit_s=None

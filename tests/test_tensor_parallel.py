@@ -330,3 +330,16 @@ def test_a_bad_step_fails_on_every_rank_and_the_next_one_runs(tmp_path):
         assert two.parallel.failed is None and all(w.is_alive() for w in two.parallel.workers)
     finally:
         two.parallel.close()
+
+
+def test_the_python_api_takes_a_tensor_parallel_size(one_rank):
+    from rustinfer.llm import LLM
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(None, device="cpu", dtype="float32", quantization="none", tensor_parallel_size=2)
+    try:
+        got = llm.generate(["The capital of France is"], params)[0].outputs[0].token_ids
+    finally:
+        llm.loaded.parallel.close()
+    alone = LLM(None, device="cpu", dtype="float32", quantization="none")
+    assert got == alone.generate(["The capital of France is"], params)[0].outputs[0].token_ids
