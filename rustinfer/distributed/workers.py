@@ -2,9 +2,10 @@
 
 The driver (rank 0) runs the engine: scheduler, sampler, outputs, and its own shard. Each worker
 loads its shard and then only follows: every call the engine makes on its runner (build the
-runner, warm it up, run a step) is first broadcast to the workers over a gloo group, so every
-rank runs the same step on the same inputs and the collectives inside the forward meet. Only the
-driver reads logits. The scheduler runs once.
+runner, warm it up, run a step) is first sent to the workers through a shared-memory
+:class:`~rustinfer.distributed.channel.CommandChannel`, so every rank runs the same step on the
+same inputs and the collectives inside the forward meet. Only the driver reads logits. The
+scheduler runs once.
 
 Faults: a monitor thread in the driver watches the workers. One that exits (a crash, a failed load,
 a kill) marks the group failed, calls the registered failure callbacks (the server reports
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from rustinfer.distributed.channel import ChannelError, CommandChannel
 from rustinfer.distributed.parallel import CollectiveError, TensorParallel, collective
 
 if TYPE_CHECKING:
@@ -110,6 +112,12 @@ def spec_from_options(options: Any) -> LoadSpec:
     )
 
 
+def _spin_s(device: str) -> float:
+    """How long a rank spins for the next command before it sleeps: a GPU rank has cores to
+    spare and a step that follows within a millisecond; CPU ranks share the cores they compute on."""
+    return 2e-3 if device.startswith("cuda") else 0.0
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -185,12 +193,15 @@ def follow(
         torch.set_num_threads(spec.threads)
     device = rank_device(spec.device, rank if local_rank is None else local_rank)
     tp, control = _init_group(rank, size, init_method, device, timeout_s)
+    name: list[Any] = [None]
+    collective(dist.broadcast_object_list, name, src=0, group=control)
+    channel = CommandChannel.attach(name[0], size - 1, _spin_s(device))
     loaded = spec.load(device, tp)
     runner: ModelRunner | None = None
     while True:
-        message: list[Any] = [None]
-        collective(dist.broadcast_object_list, message, src=0, group=control)
-        kind, *args = message[0]
+        # An idle server sends nothing for as long as it likes; a dead driver ends this process
+        # (the parent watch, or torchrun).
+        kind, *args = channel.receive(rank, float("inf"), lambda: True)
         if kind == "stop":
             break
         try:
@@ -214,6 +225,7 @@ def follow(
             # The driver's runner met the same inputs and fails the same way, before any
             # collective: the ranks stay in step, the engine fails that step's requests.
             logger.exception("rank %d: %s failed", rank, kind)
+    channel.close()
     dist.destroy_process_group()
 
 
@@ -275,6 +287,9 @@ class TensorParallelGroup:
         )
         self._monitor.start()
         self.tp, self.control = _init_group(0, size, init_method, self.device, timeout_s)
+        self.timeout_s = timeout_s
+        self.channel = CommandChannel.create(size - 1, spin_s=_spin_s(self.device))
+        collective(dist.broadcast_object_list, [self.channel.name], src=0, group=self.control)
         logger.info("tensor parallelism: %d ranks on %s", size, self.device)
 
     # -- faults ---------------------------------------------------------------------------------
@@ -319,7 +334,10 @@ class TensorParallelGroup:
         """Send one command to every worker (they run it next, in order)."""
         if self.failed is not None:
             raise CollectiveError(self.failed)
-        collective(dist.broadcast_object_list, [(kind, *args)], src=0, group=self.control)
+        try:
+            self.channel.send((kind, *args), self.timeout_s, lambda: self.failed is None)
+        except ChannelError as exc:
+            raise CollectiveError(self.failed or str(exc)) from exc
 
     def fail_later(self, reason: str) -> None:
         """Mark the group failed from another thread (the caller's error propagates now; the
@@ -347,11 +365,14 @@ class TensorParallelGroup:
         if self._closing:
             return
         self._closing = True
-        if self.failed is None and all(w.is_alive() for w in self.workers):
-            with contextlib.suppress(Exception):
-                dist.broadcast_object_list([("stop",)], src=0, group=self.control)
-        for worker in self.workers:
-            worker.join(timeout=10)
+        channel = getattr(self, "channel", None)  # absent when the group never formed
+        if channel is not None:
+            if self.failed is None and all(w.is_alive() for w in self.workers):
+                with contextlib.suppress(ChannelError):
+                    channel.send(("stop",), 10.0, lambda: True)
+            for worker in self.workers:
+                worker.join(timeout=10)
+            channel.close()
         self._terminate_workers()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
