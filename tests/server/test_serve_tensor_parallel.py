@@ -7,11 +7,12 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import psutil
-from server_helpers import start_server
+from server_helpers import LiveServer, start_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -28,6 +29,16 @@ def _workers(pid: int) -> list[psutil.Process]:
     return found
 
 
+def _tp2_server(tmp_path: Path) -> tuple[LiveServer, list[psutil.Process]]:
+    """The embedded model served at TP=2 (dense float32), and its one worker process."""
+    server = start_server(
+        tmp_path, "--tensor-parallel-size", "2", "--quantization", "none", "--dtype", "float32"
+    )
+    workers = _workers(server.process.pid)
+    assert len(workers) == 1, server.log()
+    return server, workers
+
+
 def _answer(url: str) -> str:
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     out = client.chat.completions.create(
@@ -37,12 +48,8 @@ def _answer(url: str) -> str:
 
 
 def test_tensor_parallel_server_answers_and_dies_cleanly_with_a_worker(tmp_path):
-    server = start_server(
-        tmp_path, "--tensor-parallel-size", "2", "--quantization", "none", "--dtype", "float32"
-    )
+    server, workers = _tp2_server(tmp_path)
     try:
-        workers = _workers(server.process.pid)
-        assert len(workers) == 1
         answer = _answer(server.url)
         assert "Paris" in answer
         # One rank's answer, from `rustinfer generate` (same flags, greedy): the same text.
@@ -73,14 +80,8 @@ def test_tensor_parallel_server_answers_and_dies_cleanly_with_a_worker(tmp_path)
 
 
 def test_tensor_parallel_server_stops_with_its_workers(tmp_path):
-    server = start_server(
-        tmp_path, "--tensor-parallel-size", "2", "--quantization", "none", "--dtype", "float32"
-    )
-    try:
-        workers = _workers(server.process.pid)
-        assert len(workers) == 1
-    finally:
-        code = server.stop()  # SIGTERM: a clean shutdown
+    server, workers = _tp2_server(tmp_path)
+    code = server.stop()  # SIGTERM: a clean shutdown
     assert code == 0, server.log()
     gone = time.monotonic() + 15
     while time.monotonic() < gone and any(_running(w) for w in workers):
