@@ -18,7 +18,7 @@ import contextlib
 import pickle
 import time
 from collections.abc import Callable
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
@@ -81,10 +81,11 @@ class CommandChannel:
     def attach(cls, name: str, readers: int, spin_s: float = 0.0) -> CommandChannel:
         try:
             shm = shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
-        except TypeError:  # Python < 3.13 tracks every attached block and unlinks it at exit
+        except TypeError:
+            # Python < 3.13 registers an attached block with the resource tracker too. A spawned
+            # worker shares the driver's tracker, where the driver's unlink unregisters it once;
+            # unregistering here as well would make that a KeyError in the tracker.
             shm = shared_memory.SharedMemory(name=name)
-            with contextlib.suppress(Exception):
-                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
         return cls(shm, readers, owner=False, spin_s=spin_s)
 
     @property

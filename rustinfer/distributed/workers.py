@@ -24,6 +24,7 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ import torch.distributed as dist
 
 from rustinfer.distributed.channel import ChannelError, CommandChannel
 from rustinfer.distributed.parallel import CollectiveError, TensorParallel, collective
+from rustinfer.errors import RustinferError
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -165,7 +167,11 @@ def _worker_main(rank: int, size: int, port: int, spec: LoadSpec, timeout_s: flo
     """A spawned worker's whole life: join, load its shard, follow the driver until stop."""
     _die_with_parent()
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(message)s")
-    follow(rank, size, f"tcp://127.0.0.1:{port}", spec, timeout_s)
+    try:
+        follow(rank, size, f"tcp://127.0.0.1:{port}", spec, timeout_s)
+    except RustinferError as exc:  # a message that says what to fix (the driver says it too)
+        logger.error("%s", exc)
+        sys.exit(1)
 
 
 def follow_as_torchrun_rank(spec: LoadSpec, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
