@@ -395,3 +395,35 @@ def test_the_command_channel_fails_clearly():
         assert time.monotonic() - started < 5
     finally:
         channel.close()
+
+
+def test_prefix_hits_and_preemption_run_the_same_at_tp2(one_rank):
+    """A pool of 12 blocks for six requests that share a 40-token prefix: some start from cached
+    blocks, some are preempted and recomputed; TP=2 makes one rank's tokens, with the same
+    number of blocks (each rank's budget counts its own KV heads)."""
+    from rustinfer.engine.model_runner import kv_bytes_per_block
+
+    shared = PROMPTS[2] * 2 + PROMPTS[0][:4]  # 40 tokens
+    prompts = [shared + [100 + i, 200 + i] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+
+    def run(loaded) -> tuple[dict[str, list[int]], int, int]:
+        budget = 12 * kv_bytes_per_block(loaded.model, 16)
+        core = EngineCore(loaded, EngineConfig(max_num_seqs=6, kv_cache_bytes=budget))
+        for i, prompt in enumerate(prompts):
+            core.add_request(f"r{i}", prompt, params)
+        out: dict[str, list[int]] = {}
+        while core.has_unfinished():
+            for o in core.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return out, core.scheduler.num_preemptions, core.blocks.num_blocks
+
+    expected, preempted, blocks = run(one_rank)
+    assert preempted > 0 and blocks == 12
+    loaded = load_tensor_parallel(SPEC, 2, timeout_s=120, failure_exit_s=None)
+    try:
+        got, preempted_tp, blocks_tp = run(loaded)
+    finally:
+        loaded.parallel.close()
+    assert blocks_tp == 12 and preempted_tp == preempted
+    assert got == expected
