@@ -31,7 +31,7 @@ PROMPTS = [
     [1, 4093, 314, 260, 3575, 282, 4649, 47, 2],
     [1, 504, 3458, 314, 2987, 30, 657, 314, 253, 2556, 8626, 1135, 351, 253, 3412, 282, 5749, 28],
 ]
-NEW_TOKENS = 20
+NEW_TOKENS = 12
 
 
 def _config(hq: int, hkv: int, vocab: int = 49152, inter: int = 1536) -> ModelConfig:
@@ -116,24 +116,60 @@ def one_rank():
     return load_model(None, "cpu", "float32", quantization="none")
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_greedy_tokens_equal_one_rank(one_rank, size):
-    expected = _greedy(one_rank)
-    loaded = load_tensor_parallel(SPEC, size, timeout_s=120, failure_exit_s=None)
+@pytest.fixture(scope="class")
+def two_ranks():
+    """SmolLM2 at TP=2, shared by the tests that only drive it (starting a group costs seconds)."""
+    loaded = load_tensor_parallel(SPEC, 2, timeout_s=120, failure_exit_s=None)
+    yield loaded
+    loaded.parallel.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory) -> str:
+    """A small random Llama (6 query heads over 3 KV heads: N = 2 and 3 both fit) for the
+    tests about processes, not numbers."""
+    from model_helpers import random_weights, tiny_config, write_checkpoint
+
+    cfg = tiny_config(kv_heads=3)
+    return str(write_checkpoint(tmp_path_factory.mktemp("tiny"), cfg, random_weights(cfg, seed=9)))
+
+
+def _tiny_spec(path: str) -> LoadSpec:
+    return LoadSpec(path, "cpu", "float64", threads=1)
+
+
+TINY_PROMPT = [1, 5, 17, 42, 3, 88, 9, 60, 61, 62, 7]
+
+
+def _check_greedy_and_logits(one_rank, loaded) -> None:
+    assert loaded.model.num_kv_heads < one_rank.model.num_kv_heads
+    assert _greedy(loaded) == _greedy(one_rank)
+    # The logits themselves: the all-gathered vocabulary of a prompt's step against one rank's.
+    step = [ScheduledSequence(PROMPTS[0], 0, list(range(4)))]
+    ref = EngineCore(one_rank, EngineConfig(max_num_seqs=2)).runner.execute(step)
+    got = EngineCore(loaded, EngineConfig(max_num_seqs=2)).runner.execute(step)
+    assert got.shape == ref.shape == (1, one_rank.config.vocab_size)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_greedy_tokens_at_tp3_equal_one_rank(one_rank):
+    loaded = load_tensor_parallel(SPEC, 3, timeout_s=120, failure_exit_s=None)
     group = loaded.parallel
     try:
-        assert loaded.model.num_kv_heads < one_rank.model.num_kv_heads
-        assert _greedy(loaded) == expected
-        # The logits themselves: the all-gathered vocabulary of a prompt's step against one rank's.
-        core = EngineCore(loaded, EngineConfig(max_num_seqs=2))
-        step = [ScheduledSequence(PROMPTS[0], 0, list(range(4)))]
-        ref = EngineCore(one_rank, EngineConfig(max_num_seqs=2)).runner.execute(step)
-        got = core.runner.execute(step)
-        assert got.shape == ref.shape == (1, one_rank.config.vocab_size)
-        torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+        _check_greedy_and_logits(one_rank, loaded)
     finally:
         group.close()
     assert all(w.exitcode == 0 for w in group.workers)  # stopped cleanly, nothing left behind
+
+
+class TestTwoRanks:
+    """SmolLM2 at TP=2, one group for the class (a process holds one group at a time)."""
+
+    def test_greedy_tokens_equal_one_rank(self, one_rank, two_ranks):
+        _check_greedy_and_logits(one_rank, two_ranks)
+
+    def test_prefix_hits_and_preemption_run_the_same(self, one_rank, two_ranks):
+        _check_prefix_hits_and_preemption(one_rank, two_ranks)
 
 
 def _wait(condition, timeout_s: float) -> bool:
@@ -145,14 +181,14 @@ def _wait(condition, timeout_s: float) -> bool:
     return False
 
 
-def test_a_worker_that_dies_fails_the_engine_at_once(one_rank):
-    loaded = load_tensor_parallel(SPEC, 3, timeout_s=120, failure_exit_s=None)
+def test_a_worker_that_dies_fails_the_engine_at_once(tiny_path):
+    loaded = load_tensor_parallel(_tiny_spec(tiny_path), 3, timeout_s=120, failure_exit_s=None)
     group = loaded.parallel
     heard: list[str] = []
     group.on_failure(heard.append)
     try:
-        core = EngineCore(loaded, EngineConfig(max_num_seqs=2))
-        core.add_request("a", PROMPTS[1], SamplingParams(temperature=0, max_tokens=50))
+        core = EngineCore(loaded, EngineConfig(max_num_seqs=2, max_model_len=128))
+        core.add_request("a", TINY_PROMPT, SamplingParams(temperature=0, max_tokens=50))
         core.step()
         os.kill(group.workers[0].pid, signal.SIGKILL)
         assert _wait(lambda: heard, 10), "the monitor did not notice the dead worker"
@@ -168,14 +204,14 @@ def test_a_worker_that_dies_fails_the_engine_at_once(one_rank):
         group.close()
 
 
-def test_a_hung_worker_times_out_the_step(one_rank):
-    loaded = load_tensor_parallel(SPEC, 2, timeout_s=6, failure_exit_s=None)
+def test_a_hung_worker_times_out_the_step(tiny_path):
+    loaded = load_tensor_parallel(_tiny_spec(tiny_path), 2, timeout_s=6, failure_exit_s=None)
     group = loaded.parallel
     worker = group.workers[0]
     try:
-        core = EngineCore(loaded, EngineConfig(max_num_seqs=2))
+        core = EngineCore(loaded, EngineConfig(max_num_seqs=2, max_model_len=128))
         os.kill(worker.pid, signal.SIGSTOP)  # alive, but never answers
-        core.add_request("a", PROMPTS[1], SamplingParams(temperature=0, max_tokens=4))
+        core.add_request("a", TINY_PROMPT, SamplingParams(temperature=0, max_tokens=4))
         started = time.monotonic()
         with pytest.raises(RuntimeError, match="did not take command|across the ranks failed"):
             while core.has_unfinished():
@@ -185,7 +221,7 @@ def test_a_hung_worker_times_out_the_step(one_rank):
         assert _wait(lambda: group.failed is not None, 10)
         assert "tensor-parallel step failed" in group.failed
         assert _wait(lambda: not worker.is_alive(), 15)
-        core.add_request("b", PROMPTS[0], SamplingParams(temperature=0, max_tokens=2))
+        core.add_request("b", TINY_PROMPT, SamplingParams(temperature=0, max_tokens=2))
         with pytest.raises(RuntimeError, match="tensor-parallel step failed"):
             core.step()
     finally:
@@ -308,22 +344,16 @@ def test_torchrun_launch_generates_as_one_rank(tmp_path):
     assert lines[0]["token_ids"] == json.loads(alone.stdout.splitlines()[-1])["token_ids"]
 
 
-def test_a_bad_step_fails_on_every_rank_and_the_next_one_runs(tmp_path):
+def test_a_bad_step_fails_on_every_rank_and_the_next_one_runs(tiny_path):
     """A step every rank rejects before any collective (a block table too short) is an error for
     the engine, not a broken group: the ranks stay in step and the next step runs."""
-    from model_helpers import random_weights, tiny_config, write_checkpoint
-
-    cfg = tiny_config(kv_heads=2)
-    path = str(write_checkpoint(tmp_path / "m", cfg, random_weights(cfg, seed=9)))
-    two = load_tensor_parallel(
-        LoadSpec(path, "cpu", "float64", threads=1), 2, timeout_s=60, failure_exit_s=None
-    )
+    two = load_tensor_parallel(_tiny_spec(tiny_path), 2, timeout_s=60, failure_exit_s=None)
     try:
         runner = EngineCore(two, EngineConfig(max_num_seqs=2, max_model_len=64)).runner
         with pytest.raises(ValueError, match="block table covers"):
             runner.execute([ScheduledSequence(list(range(1, 40)), 0, [0])])
         good = [ScheduledSequence([1, 5, 17, 42], 0, [0])]
-        ref = EngineCore(load_model(path, "cpu", "float64"), EngineConfig(max_model_len=64))
+        ref = EngineCore(load_model(tiny_path, "cpu", "float64"), EngineConfig(max_model_len=64))
         torch.testing.assert_close(
             runner.execute(good), ref.runner.execute(good), atol=1e-10, rtol=1e-10
         )
@@ -332,17 +362,18 @@ def test_a_bad_step_fails_on_every_rank_and_the_next_one_runs(tmp_path):
         two.parallel.close()
 
 
-def test_the_python_api_takes_a_tensor_parallel_size(one_rank):
+def test_the_python_api_takes_a_tensor_parallel_size(tiny_path):
     from rustinfer.llm import LLM
 
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    llm = LLM(None, device="cpu", dtype="float32", quantization="none", tensor_parallel_size=2)
+    options = {"device": "cpu", "dtype": "float64", "max_model_len": 128}
+    llm = LLM(tiny_path, tensor_parallel_size=2, **options)
     try:
-        got = llm.generate(["The capital of France is"], params)[0].outputs[0].token_ids
+        got = llm.generate([TINY_PROMPT], params)[0].outputs[0].token_ids
     finally:
         llm.loaded.parallel.close()
-    alone = LLM(None, device="cpu", dtype="float32", quantization="none")
-    assert got == alone.generate(["The capital of France is"], params)[0].outputs[0].token_ids
+    alone = LLM(tiny_path, **options)
+    assert got == alone.generate([TINY_PROMPT], params)[0].outputs[0].token_ids
 
 
 def _take_commands(name: str, reader: int, count: int, out) -> None:  # a spawned reader
@@ -397,7 +428,7 @@ def test_the_command_channel_fails_clearly():
         channel.close()
 
 
-def test_prefix_hits_and_preemption_run_the_same_at_tp2(one_rank):
+def _check_prefix_hits_and_preemption(one_rank, two_ranks) -> None:
     """A pool of 12 blocks for six requests that share a 40-token prefix: some start from cached
     blocks, some are preempted and recomputed; TP=2 makes one rank's tokens, with the same
     number of blocks (each rank's budget counts its own KV heads)."""
@@ -405,7 +436,7 @@ def test_prefix_hits_and_preemption_run_the_same_at_tp2(one_rank):
 
     shared = PROMPTS[2] * 2 + PROMPTS[0][:4]  # 40 tokens
     prompts = [shared + [100 + i, 200 + i] for i in range(6)]
-    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
     def run(loaded) -> tuple[dict[str, list[int]], int, int]:
         budget = 12 * kv_bytes_per_block(loaded.model, 16)
@@ -420,10 +451,6 @@ def test_prefix_hits_and_preemption_run_the_same_at_tp2(one_rank):
 
     expected, preempted, blocks = run(one_rank)
     assert preempted > 0 and blocks == 12
-    loaded = load_tensor_parallel(SPEC, 2, timeout_s=120, failure_exit_s=None)
-    try:
-        got, preempted_tp, blocks_tp = run(loaded)
-    finally:
-        loaded.parallel.close()
+    got, preempted_tp, blocks_tp = run(two_ranks)
     assert blocks_tp == 12 and preempted_tp == preempted
     assert got == expected

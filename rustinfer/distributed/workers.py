@@ -267,6 +267,7 @@ class TensorParallelGroup:
                 )
         self.failure_exit_s = failure_exit_s
         self.failed: str | None = None
+        self._fail_lock = threading.Lock()
         self._failure_callbacks: list[Callable[[str], None]] = []
         self._closing = False
         # Under torchrun the other ranks are torchrun's (it stops them all if one dies); here
@@ -307,7 +308,7 @@ class TensorParallelGroup:
             callback(self.failed)
 
     def _watch(self) -> None:
-        while not self._closing:
+        while not self._closing and self.failed is None:
             for rank, worker in enumerate(self.workers, start=1):
                 if not worker.is_alive() and not self._closing:
                     self._fail(
@@ -318,7 +319,10 @@ class TensorParallelGroup:
             time.sleep(0.2)
 
     def _fail(self, reason: str) -> None:
-        self.failed = reason
+        with self._fail_lock:  # the first reason is the one reported (stopping the others
+            if self.failed is not None:  # makes them exit too)
+                return
+            self.failed = reason
         logger.error("%s", reason)
         for callback in self._failure_callbacks:
             try:
