@@ -165,9 +165,8 @@ class DecoderShards:
             return tensor[:, lo:hi], 0
         if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
             rows = tensor[self.vocab[0] : self.vocab[1]]
-            if (
-                rows.shape[0] < self.vocab_rows
-            ):  # the last shard of a vocabulary that does not divide
+            # The last shard of a vocabulary that does not divide is padded with zero rows.
+            if rows.shape[0] < self.vocab_rows:
                 pad = rows.new_zeros((self.vocab_rows - rows.shape[0], *rows.shape[1:]))
                 rows = torch.cat([rows, pad])
             return rows, 0

@@ -130,7 +130,7 @@ def _init_group(
     rank: int, size: int, init_method: str, device: str, timeout_s: float
 ) -> tuple[TensorParallel, dist.ProcessGroup]:
     """Join the group (every rank calls this in the same order); the tensor-parallel handle and
-    the gloo group that carries the driver's commands."""
+    a gloo group for host objects (it carries the command channel's name once)."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
