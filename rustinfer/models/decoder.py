@@ -29,6 +29,7 @@ from rustinfer.models.decoder_weights import (
 from rustinfer.models.op_table import OpTable
 from rustinfer.models.quantized_params import QuantizedPacker
 from rustinfer.ops import build_cos_sin_cache
+from rustinfer.ops.quant import QuantizedWeight
 
 __all__ = ["DecoderLayout", "DenseDecoderForCausalLM", "sliding_window_refusal"]
 
@@ -194,6 +195,12 @@ class DenseDecoderForCausalLM(Model):
             hf_name = to_hf_name(name)
             if IGNORED.search(name):
                 continue
+            if hf_name == "lm_head.weight" and isinstance(tensor, QuantizedWeight):
+                if self._keep_quantized_head(tensor):
+                    continue
+                if self.config.tie_word_embeddings:
+                    continue  # the float embedding table serves as the head
+                tensor = tensor.dequantize(self.lm_head.dtype)
             if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 # Some tied checkpoints also store a copy of the embedding; the model reads one.
                 continue
@@ -228,15 +235,36 @@ class DenseDecoderForCausalLM(Model):
         self._prepare_linear_weights()
         self._bind_layers()
 
+    def _keep_quantized_head(self, head: QuantizedWeight) -> bool:
+        """Hold a quantized LM head as it came (a GGUF's Q8_0 embedding: a quarter of float32's
+        bytes, read in full every step) when the device has ``quantized_logits``, which keeps
+        the logits float32-accurate; the head is then its own tensor, no longer the embedding's.
+        Tensor-parallel shards split a float head by vocabulary instead."""
+        quantized_logits = getattr(self.ops, "quantized_logits", None)
+        prepare = getattr(self.ops, "prepare_quantized_weight", None)
+        if quantized_logits is None or prepare is None or self.shards is not None:
+            return False
+        if head.shape != (self.config.vocab_size, self.config.hidden_size):
+            raise ModelLoadError(
+                f"the quantized LM head has shape {head.shape}, the config implies "
+                f"{(self.config.vocab_size, self.config.hidden_size)}"
+            )
+        if isinstance(self._parameters.get("lm_head"), torch.nn.Parameter):
+            del self._parameters["lm_head"]  # the float head (or the tied table) is not read
+        self.lm_head = prepare(head)
+        return True
+
     def _prepare_linear_weights(self) -> None:
         """Give every matmul weight the layout this device's ``linear`` reads fastest (once, here).
 
-        A tied ``lm_head`` is the embedding table itself, so the embedding reads the same tensor.
+        A tied float ``lm_head`` is the embedding table itself, so the embedding reads the same
+        tensor; with a quantized head the table only serves row lookups and keeps its layout.
         """
+        table_is_head = self.config.tie_word_embeddings and not isinstance(
+            self.lm_head, QuantizedWeight
+        )
         for name, param in self.named_parameters():
-            if param.dim() == 2 and not (
-                name == "embed_tokens" and not self.config.tie_word_embeddings
-            ):
+            if param.dim() == 2 and not (name == "embed_tokens" and not table_is_head):
                 param.data = self.ops.prepare_linear_weight(param.data)
 
     def _bind_layers(self) -> None:
@@ -327,6 +355,8 @@ class DenseDecoderForCausalLM(Model):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # float32 out (samplers work in it; float64 models keep float64, the exact oracle).
+        if isinstance(self.lm_head, QuantizedWeight):
+            return self.ops.quantized_logits(hidden, self.lm_head)
         logits = self.ops.logits(hidden, self.lm_head)
         if self.shards is None:
             return logits

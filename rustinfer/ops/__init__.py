@@ -10,7 +10,12 @@ from rustinfer.ops.activation import SILU_AND_MUL
 from rustinfer.ops.attention import ATTENTION_DECODE, ATTENTION_PREFILL, KV_CACHE_STORE
 from rustinfer.ops.basic import ARGMAX, EMBEDDING, LINEAR, LOGITS, PREPARE_LINEAR_WEIGHT
 from rustinfer.ops.norm import FUSED_ADD_RMSNORM, RMSNORM
-from rustinfer.ops.quant import PREPARE_QUANTIZED_WEIGHT, QUANTIZED_LINEAR, QuantizedWeight
+from rustinfer.ops.quant import (
+    PREPARE_QUANTIZED_WEIGHT,
+    QUANTIZED_LINEAR,
+    QUANTIZED_LOGITS,
+    QuantizedWeight,
+)
 from rustinfer.ops.rope import ROPE, build_cos_sin_cache, llama3_inv_freq
 from rustinfer.ops.rope_store import ROPE_KV_STORE
 from rustinfer.ops.spec import EXACT, OpSpec, Tolerance
@@ -28,6 +33,7 @@ SPECS: dict[str, OpSpec] = {
         LOGITS,
         PREPARE_LINEAR_WEIGHT,
         QUANTIZED_LINEAR,
+        QUANTIZED_LOGITS,
         PREPARE_QUANTIZED_WEIGHT,
         ARGMAX,
         KV_CACHE_STORE,
@@ -49,6 +55,7 @@ __all__ = [
     "PREPARE_LINEAR_WEIGHT",
     "PREPARE_QUANTIZED_WEIGHT",
     "QUANTIZED_LINEAR",
+    "QUANTIZED_LOGITS",
     "RMSNORM",
     "ROPE",
     "ROPE_KV_STORE",

@@ -45,6 +45,7 @@ __all__ = [
     "FORMATS",
     "PREPARE_QUANTIZED_WEIGHT",
     "QUANTIZED_LINEAR",
+    "QUANTIZED_LOGITS",
     "QuantFormat",
     "QuantizedWeight",
     "pack_nibbles",
@@ -280,8 +281,9 @@ QUANTIZED_LINEAR = OpSpec(
     out:    [T, N], x's dtype: x @ dequantize(weight).T + bias, accumulated in at least float32.
 
     The reference takes the canonical weight (before preparing): the GGUF block values exactly
-    as llama.cpp defines them. The CPU serves float32 and bfloat16 (torch's packed int4 kernel);
-    Triton (CUDA) serves bfloat16, float16 and float32.
+    as llama.cpp defines them. The CPU serves float32 and bfloat16 (rustinfer's C kernel, or
+    torch's packed int4 kernel where no C compiler is found); Triton (CUDA) serves bfloat16,
+    float16 and float32.
     """,
     reference=quantized_linear_reference,
     tolerances={
@@ -302,6 +304,37 @@ QUANTIZED_LINEAR = OpSpec(
             "dequantized weights rounded once to fp16 (2^-11 each, a random walk: ~2^-11.8 rms) "
             "and the output rounded once to fp16; scales stay at least fp16-exact",
         ),
+    },
+)
+
+# The LM head on a quantized weight must keep ``logits``' promise of a float32 result (sampling
+# reads near-ties), so its tolerance is far tighter than quantized_linear's. What it admits: the
+# activations rounded to 16 bits per block of 32 values (the CPU kernel: 2^-16 of the block's
+# largest value, a random walk over K terms; measured ~1e-4 at most for O(1) logits at K = 576,
+# where bf16 activations would move them by ~1e-2) and float32 accumulation.
+_LOGITS_RULES = "activations rounded to 16 bits per block of 32 values, float32 sums"
+QUANTIZED_LOGITS = OpSpec(
+    name="quantized_logits",
+    doc="""quantized_logits(x, weight) -> out
+
+    The LM head of a model whose head matrix is held quantized (a GGUF file's Q8_0 embedding,
+    say): x [T, K] float32 or bfloat16; weight a QuantizedWeight [N, K] prepared by this device's
+    ``prepare_quantized_weight``; out [T, N] float32 = x @ dequantize(weight).T.
+
+    Optional: a device without it keeps the head in the model dtype (the model asks for it only
+    when a quantized head arrives). Its tolerance is ``logits``' float32 one at most: the point
+    of the op is a float32-accurate result from a quarter of the bytes.
+    """,
+    reference=lambda x, weight: quantized_linear_reference(x, weight, None),
+    tolerances={
+        torch.float64: Tolerance(
+            2.0**-40,
+            2.0**-44,
+            "the dequantized values are exact in float64; what remains is linear's float64 case",
+        ),
+        torch.float32: Tolerance(2.0**-11, 2.0**-16, _LOGITS_RULES),
+        torch.bfloat16: Tolerance(2.0**-11, 2.0**-16, _LOGITS_RULES),
+        torch.float16: Tolerance(2.0**-11, 2.0**-16, _LOGITS_RULES),
     },
 )
 

@@ -94,7 +94,20 @@ def with_quantized_ops(
     fns = {name: getattr(ops, name) for name in ops.chosen}
     fns = quantized_op_table(fns, quantized.quantized_linear)
     fns["prepare_quantized_weight"] = quantized.prepare_quantized_weight
-    return OpTable(fns, {**ops.chosen, **quantized.chosen})
+    chosen = {**ops.chosen, **quantized.chosen}
+    # Optional: without it a quantized LM head is held in the model dtype. It must come from
+    # the implementation that prepares the weights (it reads their layout).
+    try:
+        head = regs.ops.lookup("quantized_logits", device_type, dtype)
+    except RegistryError:
+        head = None
+    if (
+        head is not None
+        and head.name == regs.ops.lookup("quantized_linear", device_type, dtype).name
+    ):
+        fns["quantized_logits"] = head.load()
+        chosen["quantized_logits"] = head.describe()
+    return OpTable(fns, chosen)
 
 
 # auto on a GPU dequantizes a GGUF whose dense weights take at most this share of the free

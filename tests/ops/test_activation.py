@@ -11,6 +11,9 @@ from rustinfer.ops import SILU_AND_MUL
 
 from .helpers import FLOAT_DTYPES, assert_matches_spec, cpu_impl, dtype_id, maybe_strided, randn
 
+# Each test runs through the C kernels and the torch ones (conftest.py).
+pytestmark = pytest.mark.usefixtures("both_cpu_impls")
+
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("inter", [1, 13, 127, 1536])

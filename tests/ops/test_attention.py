@@ -12,6 +12,9 @@ from rustinfer.ops import KV_CACHE_STORE, SPECS
 from .helpers import FLOAT_DTYPES, assert_exact, assert_matches_spec, cpu_impl, dtype_id, randn
 from .paged import attention_scale, cu_seqlens, decode_args, paged_kv, prefill_args, token_heads
 
+# Each test runs through the C kernels and the torch ones (conftest.py).
+pytestmark = pytest.mark.usefixtures("both_cpu_impls")
+
 HEADS = [(4, 4), (9, 3), (8, 2)]  # GQA ratios 1, 3 (SmolLM2) and 4
 HEAD_IDS = [f"{q}q{kv}kv" for q, kv in HEADS]
 CONTEXTS = [1, 15, 16, 17, 33]  # around the 16-token block boundary

@@ -11,6 +11,9 @@ from rustinfer.ops import FUSED_ADD_RMSNORM, RMSNORM
 
 from .helpers import FLOAT_DTYPES, assert_matches_spec, cpu_impl, dtype_id, maybe_strided, randn
 
+# Each test runs through the C kernels and the torch ones (conftest.py).
+pytestmark = pytest.mark.usefixtures("both_cpu_impls")
+
 ROWS = [1, 7, 64]
 HIDDEN = [1, 13, 576, 1536]
 

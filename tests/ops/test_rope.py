@@ -15,6 +15,9 @@ from rustinfer.ops import ROPE, build_cos_sin_cache, llama3_inv_freq
 from .helpers import FLOAT_DTYPES, assert_matches_spec, cpu_impl, dtype_id, randn, strided
 from .rope_store_case import check_rope_kv_store
 
+# Each test runs through the C kernels and the torch ones (conftest.py).
+pytestmark = pytest.mark.usefixtures("both_cpu_impls")
+
 MAX_POSITIONS = 4096
 # Llama-3.2-1B's published rope configuration.
 LLAMA32_SCALING = RopeScaling(

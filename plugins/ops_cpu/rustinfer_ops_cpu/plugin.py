@@ -38,6 +38,23 @@ QUANTIZED_TARGETS = {
     "prepare_quantized_weight": "rustinfer_ops_cpu.quant:prepare_quantized_weight",
 }
 QUANTIZED_DTYPES = (torch.float32, torch.bfloat16)
+# Our C kernels (quant_native.py), ahead of torch's wherever a C compiler could build them; a
+# machine without one resolves to the torch implementations above (the requirement says why).
+NATIVE_NAME = "native"
+NATIVE_PRIORITY = 10
+NATIVE_TARGETS = {
+    "quantized_linear": "rustinfer_ops_cpu.quant_native:quantized_linear",
+    "prepare_quantized_weight": "rustinfer_ops_cpu.quant_native:prepare_quantized_weight",
+    "quantized_logits": "rustinfer_ops_cpu.quant_native:quantized_logits",
+}
+# The per-layer small ops in C for float32 (layer_native.py), the dtype quantized models run in.
+NATIVE_F32_TARGETS = {
+    "fused_add_rmsnorm": "rustinfer_ops_cpu.layer_native:fused_add_rmsnorm",
+    "silu_and_mul": "rustinfer_ops_cpu.layer_native:silu_and_mul",
+    "rope_kv_store": "rustinfer_ops_cpu.layer_native:rope_kv_store",
+    "attention_decode": "rustinfer_ops_cpu.layer_native:attention_decode",
+}
+NATIVE_REQUIRES = ("rustinfer_ops_cpu.native:unavailable_reason",)
 
 
 @hookimpl
@@ -46,6 +63,26 @@ def rustinfer_register_ops(register: RegisterOp) -> None:
         register(op, IMPL_NAME, target, device="cpu", dtypes=DTYPES)
     for op, target in QUANTIZED_TARGETS.items():
         register(op, IMPL_NAME, target, device="cpu", dtypes=QUANTIZED_DTYPES)
+    for op, target in NATIVE_TARGETS.items():
+        register(
+            op,
+            NATIVE_NAME,
+            target,
+            device="cpu",
+            dtypes=QUANTIZED_DTYPES,
+            priority=NATIVE_PRIORITY,
+            requires=NATIVE_REQUIRES,
+        )
+    for op, target in NATIVE_F32_TARGETS.items():
+        register(
+            op,
+            NATIVE_NAME,
+            target,
+            device="cpu",
+            dtypes=(torch.float32,),
+            priority=NATIVE_PRIORITY,
+            requires=NATIVE_REQUIRES,
+        )
 
 
 @hookimpl

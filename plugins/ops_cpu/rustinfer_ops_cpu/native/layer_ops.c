@@ -1,0 +1,149 @@
+/* The small per-layer ops of a float32 decode step, each one C call.
+ *
+ * Why: at batch 1 a SmolLM2 layer's norms, rope, KV store, attention and SwiGLU are a few
+ * thousand flops each, and each torch call around them costs 5-60 us of dispatch and allocation
+ * on a 2-core VM (BENCHMARKS.md, "Where a quantized decode step goes"): together more than the
+ * layer's matmuls. Here each op is one ctypes call (~2-4 us) doing only the arithmetic.
+ *
+ * Every function takes float32 rows with a row stride (the views a fused QKV or gate/up output
+ * hands out) and writes contiguous outputs. Loops are plain C the compiler vectorizes; sums that
+ * may be reordered say so with `omp simd reduction`.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* sum = x + residual (one float32 rounding, as torch's add); norm = sum * rsqrt(mean(sum^2) +
+ * eps) * weight, the HF LlamaRMSNorm order in float32. */
+void rq_add_rmsnorm(const float *x, int64_t ldx, const float *residual, int64_t ldr,
+                    const float *weight, float eps, int64_t T, int64_t H, float *norm,
+                    float *sum) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * ldx, *rr = residual + t * ldr;
+        float *s = sum + t * H, *n = norm + t * H;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < H; i++) {
+            const float v = xr[i] + rr[i];
+            s[i] = v;
+            squares += v * v;
+        }
+        const float inv = 1.0f / sqrtf(squares / (float)H + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < H; i++) n[i] = s[i] * inv * weight[i];
+    }
+}
+
+/* out [T, I] = silu(x[:, :I]) * x[:, I:], silu(g) = g / (1 + exp(-g)). */
+void rq_silu_mul(const float *x, int64_t ldx, int64_t T, int64_t I, float *out) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = x + t * ldx, *u = g + I;
+        float *o = out + t * I;
+        for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+}
+
+/* Rotate-half rope of one head in place of out: x [D] at angle row cs = [cos(D/2) | sin(D/2)]. */
+static inline void rotate(const float *x, const float *cs, int64_t D, float *out) {
+    const int64_t half = D / 2;
+    const float *c = cs, *s = cs + half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; i++) {
+        out[i] = x[i] * c[i] - x[i + half] * s[i];
+        out[i + half] = x[i + half] * c[i] + x[i] * s[i];
+    }
+}
+
+/* q_out [T, Hq, D] = rope(q); the cache slot of token t gets rope(k)[t] and v[t] (slot < 0: a
+ * padding token, nothing stored). q, k, v: rows with strides ldq, ldk, ldv, heads D apart. The
+ * caches are [slots, Hkv, D], contiguous. */
+void rq_rope_kv_store(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v,
+                      int64_t ldv, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                      const int64_t *positions, const float *cos_sin, float *k_cache,
+                      float *v_cache, const int64_t *slots, float *q_out) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *cs = cos_sin + positions[t] * D;
+        for (int64_t h = 0; h < Hq; h++) rotate(q + t * ldq + h * D, cs, D, q_out + (t * Hq + h) * D);
+        const int64_t slot = slots[t];
+        if (slot < 0) continue;
+        float *kc = k_cache + slot * Hkv * D, *vc = v_cache + slot * Hkv * D;
+        for (int64_t h = 0; h < Hkv; h++) {
+            rotate(k + t * ldk + h * D, cs, D, kc + h * D);
+            const float *vr = v + t * ldv + h * D;
+            for (int64_t i = 0; i < D; i++) vc[h * D + i] = vr[i];
+        }
+    }
+}
+
+/* Decode attention over the paged cache: q [B, Hq, D] (rows ldq apart, heads D apart), one query
+ * per sequence at position seq_lens[b] - 1, every earlier position visible. Caches [blocks,
+ * block_size, Hkv, D] contiguous; block_tables [B, width] int32; out [B, Hq, D].
+ *
+ * Each (sequence, KV head) pair reads its keys and values once for the whole group of query
+ * heads that share them (GQA), scores into a scratch row, then a float32 softmax (max
+ * subtracted) and the weighted sum of values. Pairs run in parallel when the step is big enough
+ * to pay for a parallel region. Returns 0, or -1 when scratch memory cannot be had. */
+int rq_attention_decode(const float *q, int64_t ldq, int64_t B, int64_t Hq, int64_t Hkv,
+                        int64_t D, const float *k_cache, const float *v_cache,
+                        int64_t block_size, const int32_t *block_tables, int64_t width,
+                        const int32_t *seq_lens, float scale, float *out) {
+    const int64_t group = Hq / Hkv;
+    int64_t max_ctx = 0, work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        max_ctx = seq_lens[b] > max_ctx ? seq_lens[b] : max_ctx;
+        work += seq_lens[b];
+    }
+    int failed = 0;
+    const int parallel = work * Hq * D >= 256 * 1024;
+#pragma omp parallel if (parallel) reduction(| : failed)
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(group * max_ctx + group * D));
+        if (scores == NULL) failed = 1;
+#pragma omp for schedule(dynamic)
+        for (int64_t pair = 0; pair < B * Hkv; pair++) {
+            if (scores == NULL) continue;
+            const int64_t b = pair / Hkv, kvh = pair % Hkv, ctx = seq_lens[b];
+            const int32_t *table = block_tables + b * width;
+            const float *qb = q + b * ldq + kvh * group * D;
+            float *acc = scores + group * max_ctx; /* [group, D] */
+            for (int64_t t = 0; t < ctx; t++) {
+                const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
+                const float *kr = k_cache + (slot * Hkv + kvh) * D;
+                for (int64_t g = 0; g < group; g++) {
+                    const float *qh = qb + g * D;
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t i = 0; i < D; i++) dot += qh[i] * kr[i];
+                    scores[g * max_ctx + t] = dot * scale;
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float *s = scores + g * max_ctx, top = -INFINITY, total = 0.0f;
+                for (int64_t t = 0; t < ctx; t++) top = s[t] > top ? s[t] : top;
+                for (int64_t t = 0; t < ctx; t++) {
+                    s[t] = expf(s[t] - top);
+                    total += s[t];
+                }
+                const float inv = 1.0f / total;
+                for (int64_t t = 0; t < ctx; t++) s[t] *= inv;
+                for (int64_t i = 0; i < D; i++) acc[g * D + i] = 0.0f;
+            }
+            for (int64_t t = 0; t < ctx; t++) {
+                const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
+                const float *vr = v_cache + (slot * Hkv + kvh) * D;
+                for (int64_t g = 0; g < group; g++) {
+                    const float p = scores[g * max_ctx + t];
+                    float *a = acc + g * D;
+#pragma omp simd
+                    for (int64_t i = 0; i < D; i++) a[i] += p * vr[i];
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float *o = out + (b * Hq + kvh * group + g) * D;
+                for (int64_t i = 0; i < D; i++) o[i] = acc[g * D + i];
+            }
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,379 @@
+/* Quantized matmul for the CPU: out[M, N] = x[M, K] @ W^T (+ bias), W held as 4- or 8-bit codes.
+ *
+ * Why our own kernel: torch's packed int4 CPU kernel needs bf16 activations (float32 ones take a
+ * path ~20x slower) and has no group-wise 8-bit form, so an LM head or a Q8_0 matrix through it
+ * either loses float32 accuracy or runs as two 4-bit planes. Here the activations are rounded to int16 per block of 32 values (a relative error of
+ * 2^-16 of the block's largest value, far finer than the bf16 rounding torch's kernel needs,
+ * 2^-9 per value) so the products run as int16 pairs into int32 (vpmaddwd: 32 products per
+ * instruction on AVX-512), exact, and only each block's partial sum is scaled in float32.
+ *
+ * Weight layout (what prepare writes; see quant_native.py): rows in tiles of 4, each tile one
+ * contiguous run of bytes, so a thread streams its share of W as one sequence (not the twelve
+ * streams of four rows' codes, scales and shifts read from separate arrays):
+ *   scale  [4][K / 32] float32 or fp16: one per block of 32 values (groups of 64 or 128 repeat
+ *          theirs);
+ *   shift  [4][K / 32] the same, 4-bit formats only: value = scale * code + shift (q4_0's offset
+ *          of 8 folded in as -8 * scale, exact in fp16 too);
+ *   codes  [K / 32][4][block]: block b of the 4 rows side by side; a 4-bit block is 16 bytes in
+ *          llama.cpp's nibble order (byte j: value j low, value j + 16 high), an 8-bit one 32
+ *          int8 codes.
+ * Each value is thus scale * code + shift exactly as the format defines it (the file's fp16
+ * numbers or our float32 ones, widened to float32 exactly).
+ *
+ * out[m, n] = sum_b scale[n, b] * sx[m, b] * (sum_i code * xq[m, b, i]) + shift[n, b] * xsum[m, b]
+ * where xq = round(x / sx) in int16 and xsum is the float32 sum of the block's x. The integer
+ * part is exact (|code| <= 128, |xq| <= 32767: a pair is below 2^24, so its float conversion
+ * too), so the one approximation is x's rounding to 16 bits per block.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define RQ_SIMD "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define RQ_SIMD "avx2"
+#else
+#define RQ_SIMD "scalar"
+#endif
+
+#if defined(__FLT16_MAX__)
+typedef _Float16 half_t;
+#define RQ_HALF 1
+#else
+typedef uint16_t half_t; /* never read: rq_half() says 0 and callers pass float32 */
+#define RQ_HALF 0
+#endif
+
+#define BLOCK 32
+/* Rows of x handled together, so each weight block is widened once for all of them. */
+#define M_TILE 4
+
+const char *rq_simd(void) { return RQ_SIMD; }
+int rq_half(void) { return RQ_HALF; }
+
+/* Scales and shifts come as float32, or as fp16 (GGUF's own, exact in float32: the kernel widens
+ * them as it reads, so the weight streams 4 bytes less per block of 32). */
+typedef struct {
+    const void *p;
+    int half;
+} nums;
+static inline float num_at(nums v, int64_t i) {
+#if RQ_HALF
+    if (v.half) return (float)((const half_t *)v.p)[i];
+#endif
+    return ((const float *)v.p)[i];
+}
+static inline nums nums_at(nums v, int64_t offset) {
+    nums r = {v.p == NULL ? NULL : (const char *)v.p + offset * (v.half ? 2 : 4), v.half};
+    return r;
+}
+/* out[i] = v[i] * w[i] and the sum of v[i] * w[i], i < n (n = K / 32: 18 for a 576-wide row).
+ * Spelled with F16C's 8-wide conversion: left to the compiler, the fp16 loops came out scalar and
+ * cost more than the row's whole block loop. The sum may be reordered. */
+#if defined(__F16C__) && defined(__AVX2__)
+static inline __m256 load8(nums v, int64_t i) {
+    if (v.half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)v.p + i)));
+    return _mm256_loadu_ps((const float *)v.p + i);
+}
+static inline void mul_nums(nums v, const float *w, float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(load8(v, i), _mm256_loadu_ps(w + i)));
+    for (; i < n; i++) out[i] = num_at(v, i) * w[i];
+}
+static inline float dot_nums(nums v, const float *w, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(v, i), _mm256_loadu_ps(w + i), acc);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    float total = _mm_cvtss_f32(s);
+    for (; i < n; i++) total += num_at(v, i) * w[i];
+    return total;
+}
+#else
+static inline void mul_nums(nums v, const float *w, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = num_at(v, i) * w[i];
+}
+static inline float dot_nums(nums v, const float *w, int64_t n) {
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; i++) total += num_at(v, i) * w[i];
+    return total;
+}
+#endif
+
+/* One block of 32 activations -> int16 codes q = round(v * 32767 / amax), its scale amax / 32767
+ * and its float sum. Rounding is to nearest even (the vector units' default mode; lrintf's too). */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+static inline void quantize_block(const float *v, int16_t *q, float *scale, float *sum) {
+    const __m512 a = _mm512_loadu_ps(v), b = _mm512_loadu_ps(v + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));
+    const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    _mm256_storeu_si256((__m256i *)q, _mm512_cvtsepi32_epi16(qa));
+    _mm256_storeu_si256((__m256i *)(q + 16), _mm512_cvtsepi32_epi16(qb));
+    *scale = amax / 32767.0f;
+    *sum = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline float hmax8(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline float hadd8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline void quantize_block(const float *v, int16_t *q, float *scale, float *sum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 x[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        x[i] = _mm256_loadu_ps(v + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, x[i]));
+        total = _mm256_add_ps(total, x[i]);
+    }
+    const float m = hmax8(amax);
+    const __m256 inv = _mm256_set1_ps(m > 0.0f ? 32767.0f / m : 0.0f);
+    for (int i = 0; i < 4; i += 2) {
+        __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], inv));
+        __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(x[i + 1], inv));
+        /* packs interleaves 128-bit lanes: put them back in order. */
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+        _mm256_storeu_si256((__m256i *)(q + 8 * i), packed);
+    }
+    *scale = m / 32767.0f;
+    *sum = hadd8(total);
+}
+#else
+static inline void quantize_block(const float *v, int16_t *q, float *scale, float *sum) {
+    float amax = 0.0f, total = 0.0f;
+    for (int i = 0; i < BLOCK; i++) {
+        const float a = fabsf(v[i]);
+        amax = a > amax ? a : amax;
+        total += v[i];
+    }
+    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+    for (int i = 0; i < BLOCK; i++) q[i] = (int16_t)lrintf(v[i] * inv);
+    *scale = amax / 32767.0f;
+    *sum = total;
+}
+#endif
+
+/* x [M, K] (row stride ldx floats) -> xq int16 [M, K], sx [M, K/32], xsum [M, K/32]. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t ldx, int16_t *xq,
+                          float *sx, float *xsum) {
+    const int64_t nb = K / BLOCK;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++)
+            quantize_block(x + m * ldx + b * BLOCK, xq + m * K + b * BLOCK, sx + m * nb + b,
+                           xsum + m * nb + b);
+}
+
+/* The vector unit's pieces: a widened block of 32 codes (W), a float vector (V), the int16
+ * dot of a block with 32 activations as float partial sums, and a horizontal sum. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+typedef __m512i W;
+typedef __m512 V;
+static inline W widen_block(const uint8_t *codes, int bits) {
+    if (bits == 4) {
+        __m128i v = _mm_loadu_si128((const __m128i *)codes);
+        __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+        return _mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo));
+    }
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)codes));
+}
+static inline V v_zero(void) { return _mm512_setzero_ps(); }
+static inline V v_dot(W w, const int16_t *x) {
+    return _mm512_cvtepi32_ps(_mm512_madd_epi16(w, _mm512_loadu_si512((const void *)x)));
+}
+static inline V v_fma(V a, float s, V acc) { return _mm512_fmadd_ps(a, _mm512_set1_ps(s), acc); }
+static inline float v_sum(V v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef struct {
+    __m256i lo, hi;
+} W;
+typedef __m256 V;
+static inline W widen_block(const uint8_t *codes, int bits) {
+    W w;
+    if (bits == 4) {
+        __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)codes));
+        w.lo = _mm256_and_si256(v, _mm256_set1_epi16(0x0F));
+        w.hi = _mm256_srli_epi16(v, 4);
+    } else {
+        const int8_t *c = (const int8_t *)codes;
+        w.lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)c));
+        w.hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 16)));
+    }
+    return w;
+}
+static inline V v_zero(void) { return _mm256_setzero_ps(); }
+static inline V v_dot(W w, const int16_t *x) {
+    __m256i p0 = _mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i *)x));
+    __m256i p1 = _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i *)(x + 16)));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
+}
+static inline V v_fma(V a, float s, V acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
+static inline float v_sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#else
+typedef struct {
+    int16_t c[BLOCK];
+} W;
+typedef float V;
+static inline W widen_block(const uint8_t *codes, int bits) {
+    W w;
+    for (int i = 0; i < BLOCK; i++) {
+        if (bits == 4) {
+            uint8_t byte = codes[i & 15];
+            w.c[i] = i < 16 ? (byte & 0x0F) : (byte >> 4);
+        } else {
+            w.c[i] = ((const int8_t *)codes)[i];
+        }
+    }
+    return w;
+}
+static inline V v_zero(void) { return 0.0f; }
+static inline V v_dot(W w, const int16_t *x) {
+    int32_t dot = 0;
+    for (int i = 0; i < BLOCK; i++) dot += w.c[i] * x[i];
+    return (float)dot;
+}
+static inline V v_fma(V a, float s, V acc) { return acc + a * s; }
+static inline float v_sum(V v) { return v; }
+#endif
+
+/* One tile: rows n..n+3 of W against rows m..m+MT-1 of x (MT and bits compile-time constants:
+ * the switch below spells every pair out). The 4 x MT accumulators are named variables, not an
+ * array, so they stay in registers: independent FMA chains whose latency overlaps, and each
+ * widened block of codes serves MT rows of x. comb[m][r][b] = scale[r][b] * sx[m][b] is made
+ * before the block loop. */
+#define ACC_DECL(m) V a##m##0 = v_zero(), a##m##1 = v_zero(), a##m##2 = v_zero(), a##m##3 = v_zero()
+#define ACC_STEP(m)                                                                          \
+    if (MT > m) {                                                                            \
+        const int16_t *xb = xq + m * K + b * BLOCK;                                          \
+        const float *cb = comb + m * 4 * nb + b;                                             \
+        a##m##0 = v_fma(v_dot(w0, xb), cb[0], a##m##0);                                      \
+        a##m##1 = v_fma(v_dot(w1, xb), cb[nb], a##m##1);                                     \
+        a##m##2 = v_fma(v_dot(w2, xb), cb[2 * nb], a##m##2);                                 \
+        a##m##3 = v_fma(v_dot(w3, xb), cb[3 * nb], a##m##3);                                 \
+    }
+#define ACC_OUT(m)                                                                           \
+    if (MT > m) {                                                                            \
+        res[m][0] = v_sum(a##m##0);                                                          \
+        res[m][1] = v_sum(a##m##1);                                                          \
+        res[m][2] = v_sum(a##m##2);                                                          \
+        res[m][3] = v_sum(a##m##3);                                                          \
+    }
+
+static inline __attribute__((always_inline)) void tile4(
+    const int MT, const int bits, const uint8_t *codes, nums scale, nums shift,
+    const int16_t *xq, const float *sx, const float *xsum, int64_t K, float *out, int64_t ldo,
+    const float *bias) {
+    const int64_t nb = K / BLOCK;
+    const int64_t bb = bits == 4 ? BLOCK / 2 : BLOCK; /* bytes per block of codes */
+    float comb[MT * 4 * nb];
+    for (int m = 0; m < MT; m++)
+        for (int r = 0; r < 4; r++)
+            mul_nums(nums_at(scale, r * nb), sx + m * nb, comb + (m * 4 + r) * nb, nb);
+    ACC_DECL(0);
+    ACC_DECL(1);
+    ACC_DECL(2);
+    ACC_DECL(3);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *c = codes + b * 4 * bb; /* the tile's 4 rows' block b, side by side */
+        const W w0 = widen_block(c, bits), w1 = widen_block(c + bb, bits),
+                w2 = widen_block(c + 2 * bb, bits), w3 = widen_block(c + 3 * bb, bits);
+        ACC_STEP(0)
+        ACC_STEP(1)
+        ACC_STEP(2)
+        ACC_STEP(3)
+    }
+    float res[4][4];
+    ACC_OUT(0)
+    ACC_OUT(1)
+    ACC_OUT(2)
+    ACC_OUT(3)
+    for (int m = 0; m < MT; m++) {
+        for (int r = 0; r < 4; r++) {
+            float v = res[m][r];
+            if (shift.p != NULL) v += dot_nums(nums_at(shift, r * nb), xsum + m * nb, nb);
+            out[m * ldo + r] = v + (bias != NULL ? bias[r] : 0.0f);
+        }
+    }
+}
+
+#define TILE_ARGS codes, scale, shift, xq, sx, xsum, K, out, ldo, bias
+static void tile(int mt, int bits, const uint8_t *codes, nums scale, nums shift,
+                 const int16_t *xq, const float *sx, const float *xsum, int64_t K, float *out,
+                 int64_t ldo, const float *bias) {
+    switch (mt * 16 + bits) {
+    case 16 + 4: tile4(1, 4, TILE_ARGS); break;
+    case 32 + 4: tile4(2, 4, TILE_ARGS); break;
+    case 48 + 4: tile4(3, 4, TILE_ARGS); break;
+    case 64 + 4: tile4(4, 4, TILE_ARGS); break;
+    case 16 + 8: tile4(1, 8, TILE_ARGS); break;
+    case 32 + 8: tile4(2, 8, TILE_ARGS); break;
+    case 48 + 8: tile4(3, 8, TILE_ARGS); break;
+    default: tile4(4, 8, TILE_ARGS); break;
+    }
+}
+
+/* Bytes of one tile of 4 rows in the packed layout (see the top of this file). */
+int64_t rq_tile_bytes(int64_t K, int bits, int half, int has_shift) {
+    const int64_t nb = K / BLOCK;
+    const int64_t numbers = 4 * nb * (half ? 2 : 4) * (has_shift ? 2 : 1);
+    return numbers + 4 * nb * (bits == 4 ? BLOCK / 2 : BLOCK);
+}
+
+/* out [M, N] (row stride ldo) = x [M, K] (row stride ldx) @ W^T + bias; W packed in tiles of 4
+ * rows (N % 4 == 0, K % 32 == 0). Returns 0; -1 when scratch memory cannot be had, -2 for fp16
+ * numbers from a compiler without _Float16. */
+int rq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *packed, int bits,
+              int half, int has_shift, const float *bias, float *out, int64_t N, int64_t ldo) {
+    if (half && !RQ_HALF) return -2;
+    const int64_t nb = K / BLOCK;
+    const int64_t tile_bytes = rq_tile_bytes(K, bits, half, has_shift);
+    const int64_t number_bytes = 4 * nb * (half ? 2 : 4);
+    int16_t *xq = (int16_t *)aligned_alloc(64, (size_t)((M * K * 2 + 63) / 64 * 64));
+    float *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb) * 2);
+    if (xq == NULL || sx == NULL) {
+        free(xq);
+        free(sx);
+        return -1;
+    }
+    float *xsum = sx + M * nb;
+    quantize_rows(x, M, K, ldx, xq, sx, xsum);
+    /* Threads split the tiles: each streams its own share of W once, whatever M is. Small
+     * matrices stay on one thread (a parallel region costs a few microseconds). */
+    const int parallel = N * tile_bytes / 4 * (M < 8 ? M : 8) >= 64 * 1024;
+    const int64_t n_tiles = N / 4;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t t = 0; t < n_tiles; t++) {
+        const uint8_t *base = packed + t * tile_bytes;
+        const nums scale = {base, half};
+        const nums shift = {has_shift ? base + number_bytes : NULL, half};
+        const uint8_t *codes = base + number_bytes * (has_shift ? 2 : 1);
+        for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
+            const int mt = (int)(M - m0 < M_TILE ? M - m0 : M_TILE);
+            tile(mt, bits, codes, scale, shift, xq + m0 * K, sx + m0 * nb, xsum + m0 * nb, K,
+                 out + m0 * ldo + t * 4, ldo, bias != NULL ? bias + t * 4 : NULL);
+        }
+    }
+    free(xq);
+    free(sx);
+    return 0;
+}
