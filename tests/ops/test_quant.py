@@ -221,3 +221,14 @@ def test_cpu_quantized_logits(format: str, m: int, n: int, k: int, dtype: torch.
         rounded = QUANTIZED_LOGITS.reference(x.bfloat16(), weight).float()
         with pytest.raises(AssertionError):
             assert_matches_spec("quantized_logits", rounded, reference, torch.float32)
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_native_layout_round_trips_to_the_same_values(format: str) -> None:
+    """The C kernel's tiles (N padded to 4) hold the canonical values exactly: read back, they
+    dequantize to the very same numbers (the batched path builds torch's copy from them)."""
+    from rustinfer_ops_cpu.quant_native import canonical_from_packed, prepare_quantized_weight
+
+    weight = make_weight(weight_values(37, 192, offset=1.0), format)
+    back = canonical_from_packed(prepare_quantized_weight(weight))
+    assert torch.equal(back.dequantize(), weight.dequantize())

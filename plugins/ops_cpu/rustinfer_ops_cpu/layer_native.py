@@ -31,7 +31,7 @@ def fused_add_rmsnorm(
     if not (_rows(x) and _rows(residual) and weight.dtype == _F32 and weight.is_contiguous()):
         return norm.fused_add_rmsnorm(x, residual, weight, eps)
     t, h = x.shape
-    out = torch.empty((2, t, h), dtype=_F32)
+    normed, total = torch.empty((2, t, h), dtype=_F32).unbind(0)
     library().rq_add_rmsnorm(
         x.data_ptr(),
         x.stride(0),
@@ -41,10 +41,10 @@ def fused_add_rmsnorm(
         eps,
         t,
         h,
-        out.data_ptr(),
-        out[1].data_ptr(),
+        normed.data_ptr(),
+        total.data_ptr(),
     )
-    return out[0], out[1]
+    return normed, total
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

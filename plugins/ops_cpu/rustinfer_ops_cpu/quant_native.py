@@ -19,6 +19,8 @@ import torch
 
 from rustinfer.ops.quant import QuantizedWeight
 from rustinfer_ops_cpu.native import library
+from rustinfer_ops_cpu.quant import prepare_packed
+from rustinfer_ops_cpu.quant import quantized_linear as torch_quantized_linear
 
 __all__ = ["NATIVE_LAYOUT", "prepare_quantized_weight", "quantized_linear", "quantized_logits"]
 
@@ -28,6 +30,16 @@ NATIVE_LAYOUT = "cpu_native"
 _BLOCK = 32
 _TILE = 4
 _ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
+# From this many rows on (prompts), the weight is widened to float32 once per call and multiplied
+# by MKL's GEMM: the block kernel works row tile by row tile and fell to ~1/4 of torch's int4
+# kernel's prefill rate at 512 rows (BENCHMARKS.md, "CPU, against llama.cpp").
+DENSE_ROWS = 32
+# From this many rows up to DENSE_ROWS (batched decode), torch's packed int4 kernel with bf16
+# activations: it ran SmolLM2's 120 matmuls in 15.8 / 27.1 / 50.1 ms at 4 / 8 / 16 rows against
+# the block kernel's 23.4 / 45.8 / 84.1 (whose int16 products cost three vector instructions per
+# row of x and block, BENCHMARKS.md). Its copy of the weight is built on the first such call, so a
+# model served one request at a time (and the LM head, which never comes here) holds one copy.
+BATCHED_ROWS = 2
 
 
 def _as_tiles(t: torch.Tensor, n_pad: int) -> torch.Tensor:
@@ -65,8 +77,56 @@ def prepare_quantized_weight(weight: QuantizedWeight) -> QuantizedWeight:
     return prepared
 
 
+def _dequantized(weight: QuantizedWeight, n_pad: int, k: int) -> torch.Tensor:
+    """The weight's float32 values [N_pad, K] (exact), widened by the C code."""
+    spec = weight.spec
+    out = torch.empty((n_pad, k), dtype=torch.float32)
+    library().rq_dequantize(
+        weight._buffers["packed"].data_ptr(),
+        spec.bits,
+        int(weight.half_numbers),
+        int(spec.bits == 4),
+        n_pad,
+        k,
+        out.data_ptr(),
+    )
+    return out
+
+
+def canonical_from_packed(weight: QuantizedWeight) -> QuantizedWeight:
+    """The prepared weight back in canonical form, as our own int4/int8 format with one float32
+    scale (and min) per block of 32: the very same values (fp16 numbers widen exactly)."""
+    f, (n, k) = weight.spec, weight.shape
+    nb, bb = k // _BLOCK, (_BLOCK // 2 if f.bits == 4 else _BLOCK)
+    packed = weight._buffers["packed"]
+    tiles = packed.shape[0]
+    dtype = torch.float16 if weight.half_numbers else torch.float32
+    width = _TILE * nb * dtype.itemsize
+
+    def numbers(i: int) -> torch.Tensor:
+        raw = packed[:, i * width : (i + 1) * width].contiguous().view(dtype)
+        return raw.reshape(tiles * _TILE, nb)[:n].float()
+
+    codes = packed[:, width * (2 if f.bits == 4 else 1) :].reshape(tiles, nb, _TILE, bb)
+    codes = codes.transpose(1, 2).reshape(tiles * _TILE, nb * bb)[:n].contiguous()
+    if f.bits == 4:
+        return QuantizedWeight(
+            "int4", (n, k), _BLOCK, codes=codes, scales=numbers(0), mins=numbers(1)
+        )
+    return QuantizedWeight("int8", (n, k), _BLOCK, codes=codes.view(torch.int8), scales=numbers(0))
+
+
+def _batched_copy(weight: QuantizedWeight) -> QuantizedWeight:
+    """torch's packed int4 copy of ``weight``, made on first use."""
+    copy = weight.__dict__.get("batched_copy")
+    if copy is None:
+        copy = prepare_packed(canonical_from_packed(weight))
+        weight.__dict__["batched_copy"] = copy  # a plain attribute: not state, not a submodule
+    return copy
+
+
 def _run(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, K] -> float32 [T, N] through ``rq_linear``."""
+    """x [T, K] -> float32 [T, N] through ``rq_linear`` (few rows) or a dense GEMM (prompts)."""
     n, k = weight.shape
     assert weight.layout == NATIVE_LAYOUT, f"quantized op: weight not prepared here ({weight})"
     assert x.dim() == 2 and x.shape[1] == k, f"quantized op: x {tuple(x.shape)} vs K={k}"
@@ -78,6 +138,10 @@ def _run(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) ->
     if bias is not None and (bias.dtype != torch.float32 or n_pad != n):
         bias = torch.nn.functional.pad(bias.float(), (0, n_pad - n))
     t = x.shape[0]
+    if t >= DENSE_ROWS:
+        dense = _dequantized(weight, n_pad, k)
+        out = torch.nn.functional.linear(x, dense, bias)
+        return out if n_pad == n else out[:, :n]
     out = torch.empty((t, n_pad), dtype=torch.float32)
     spec = weight.spec
     status = library().rq_linear(
@@ -103,6 +167,9 @@ def quantized_linear(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x [T, K] float32/bfloat16 -> [T, N] in x's dtype."""
+    assert weight.layout == NATIVE_LAYOUT, f"quantized op: weight not prepared here ({weight})"
+    if BATCHED_ROWS <= x.shape[0] < DENSE_ROWS:
+        return torch_quantized_linear(x, _batched_copy(weight), bias)
     out = _run(x, weight, bias)
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 

@@ -44,6 +44,8 @@ _SIGNATURES = {
     ),
     # K, bits, half, has_shift
     "rq_tile_bytes": (_i64, [_i64, _int, _int, _int]),
+    # packed, bits, half, has_shift, N, K, out
+    "rq_dequantize": (None, [_ptr, _int, _int, _int, _i64, _i64, _ptr]),
     # x, ldx, residual, ldr, weight, eps, T, H, norm, sum
     "rq_add_rmsnorm": (None, [_ptr, _i64, _ptr, _i64, _ptr, _f32, _i64, _i64, _ptr, _ptr]),
     # x, ldx, T, I, out
@@ -80,6 +82,11 @@ _SIGNATURES = {
 }
 
 
+def _flags() -> tuple[str, ...]:
+    extra = os.environ.get("RUSTINFER_CPU_NATIVE_CFLAGS", "").split()
+    return (*_FLAGS, *extra)
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -102,7 +109,7 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        cmd = [compiler, *_FLAGS, "-o", str(partial), *(str(here / s) for s in _SOURCES), "-lm"]
+        cmd = [compiler, *_flags(), "-o", str(partial), *(str(here / s) for s in _SOURCES), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
@@ -133,7 +140,7 @@ def library() -> ctypes.CDLL | None:
         ).stdout
         here = Path(__file__).parent
         key = hashlib.sha256()
-        for part in (*(here.joinpath(s).read_bytes() for s in _SOURCES), " ".join(_FLAGS)):
+        for part in (*(here.joinpath(s).read_bytes() for s in _SOURCES), " ".join(_flags())):
             key.update(part if isinstance(part, bytes) else part.encode())
         key.update(version.encode())
         key.update(_cpu_flags().encode())

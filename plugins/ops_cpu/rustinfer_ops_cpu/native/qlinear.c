@@ -377,3 +377,37 @@ int rq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
     free(sx);
     return 0;
 }
+
+/* out [N, K] float32 = the packed weight's values (scale * code + shift), exactly: for prompts,
+ * where a dense float32 GEMM over the widened weight beats the block kernel's rows-at-a-time
+ * arithmetic, and the widening is paid once for all the prompt's rows. */
+void rq_dequantize(const uint8_t *packed, int bits, int half, int has_shift, int64_t N,
+                   int64_t K, float *out) {
+    const int64_t nb = K / BLOCK, bb = bits == 4 ? BLOCK / 2 : BLOCK;
+    const int64_t tile_bytes = rq_tile_bytes(K, bits, half, has_shift);
+    const int64_t number_bytes = 4 * nb * (half ? 2 : 4);
+#pragma omp parallel for schedule(static) if (N * K >= 256 * 1024)
+    for (int64_t t = 0; t < N / 4; t++) {
+        const uint8_t *base = packed + t * tile_bytes;
+        const nums scale = {base, half};
+        const nums shift = {has_shift ? base + number_bytes : NULL, half};
+        const uint8_t *codes = base + number_bytes * (has_shift ? 2 : 1);
+        for (int r = 0; r < 4; r++) {
+            float *row = out + (t * 4 + r) * K;
+            for (int64_t b = 0; b < nb; b++) {
+                const float s = num_at(scale, r * nb + b);
+                const float m = shift.p != NULL ? num_at(shift, r * nb + b) : 0.0f;
+                const uint8_t *c = codes + (b * 4 + r) * bb;
+                float *v = row + b * BLOCK;
+                if (bits == 4) {
+                    for (int i = 0; i < 16; i++) {
+                        v[i] = s * (float)(c[i] & 0x0F) + m;
+                        v[i + 16] = s * (float)(c[i] >> 4) + m;
+                    }
+                } else {
+                    for (int i = 0; i < BLOCK; i++) v[i] = s * (float)((const int8_t *)c)[i];
+                }
+            }
+        }
+    }
+}
