@@ -100,3 +100,15 @@ def test_gguf_head_stays_quantized_on_the_cpu() -> None:
     assert model.ops.chosen["quantized_logits"].startswith("native")
     assert model.embed_tokens.dtype == torch.float32 and model.embed_tokens.is_contiguous()
     assert isinstance(loaded("none").model.lm_head, torch.nn.Parameter)
+
+
+def test_without_quantized_logits_the_head_stays_the_float_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device whose quantized ops lack ``quantized_logits`` (CUDA; the CPU with torch's
+    kernels pinned, as here) keeps the tied float table as the head, and answers the same."""
+    monkeypatch.setenv("RUSTINFER_OP_IMPL", "quantized_linear=torch,prepare_quantized_weight=torch")
+    model = load_model(None, device="cpu", dtype="float32", quantization="gguf")
+    assert "quantized_logits" not in model.model.ops.chosen
+    assert model.model.lm_head is model.model.embed_tokens
+    assert "Paris" in model.tokenizer.decode(greedy(model, PROMPTS[0]))
