@@ -13,6 +13,30 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* a . b over n floats. Spelled out: an `omp simd` reduction compiled to a vector loop and then a
+ * scalar sum through the stack, per dot, which made attention's scores its slowest part. */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float total = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    total = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    total = _mm_cvtss_f32(h);
+#endif
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
 
 /* e^x in float32 that the compiler vectorizes (libm's expf is a call per value: SwiGLU's 1,536
  * of them cost more than the rest of the op). x = k ln2 + r with |r| <= ln2 / 2 (ln2 split in
@@ -20,7 +44,7 @@
  * 2e-7, about float32's rounding), 2^k built in the exponent bits. x is clamped to [-87, 88],
  * where e^x stays a normal float32: below, the true value is under 1.7e-38 anyway. */
 static inline float fast_expf(float x) {
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x); /* NaN passes through */
     const float k = floorf(x * 1.44269504088896341f + 0.5f);
     const float r = x - k * 0.693145751953125f - k * 1.428606765330187045e-06f;
     float p = 1.0f / 720.0f;
@@ -130,15 +154,14 @@ int rq_attention_decode(const float *q, int64_t ldq, int64_t B, int64_t Hq, int6
             const int32_t *table = block_tables + b * width;
             const float *qb = q + b * ldq + kvh * group * D;
             float *acc = scores + group * max_ctx; /* [group, D] */
-            for (int64_t t = 0; t < ctx; t++) {
-                const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-                const float *kr = k_cache + (slot * Hkv + kvh) * D;
-                for (int64_t g = 0; g < group; g++) {
-                    const float *qh = qb + g * D;
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < D; i++) dot += qh[i] * kr[i];
-                    scores[g * max_ctx + t] = dot * scale;
+            /* Positions block by block (no division per position: an idiv costs ~40 cycles). */
+            for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
+                const int64_t first = (int64_t)table[t0 / block_size] * block_size;
+                const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+                for (int64_t j = 0; j < n; j++) {
+                    const float *kr = k_cache + ((first + j) * Hkv + kvh) * D;
+                    for (int64_t g = 0; g < group; g++)
+                        scores[g * max_ctx + t0 + j] = dot_f32(qb + g * D, kr, D) * scale;
                 }
             }
             for (int64_t g = 0; g < group; g++) {
@@ -153,14 +176,17 @@ int rq_attention_decode(const float *q, int64_t ldq, int64_t B, int64_t Hq, int6
                 for (int64_t t = 0; t < ctx; t++) s[t] *= inv;
                 for (int64_t i = 0; i < D; i++) acc[g * D + i] = 0.0f;
             }
-            for (int64_t t = 0; t < ctx; t++) {
-                const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-                const float *vr = v_cache + (slot * Hkv + kvh) * D;
-                for (int64_t g = 0; g < group; g++) {
-                    const float p = scores[g * max_ctx + t];
-                    float *a = acc + g * D;
+            for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
+                const int64_t first = (int64_t)table[t0 / block_size] * block_size;
+                const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+                for (int64_t j = 0; j < n; j++) {
+                    const float *vr = v_cache + ((first + j) * Hkv + kvh) * D;
+                    for (int64_t g = 0; g < group; g++) {
+                        const float p = scores[g * max_ctx + t0 + j];
+                        float *a = acc + g * D;
 #pragma omp simd
-                    for (int64_t i = 0; i < D; i++) a[i] += p * vr[i];
+                        for (int64_t i = 0; i < D; i++) a[i] += p * vr[i];
+                    }
                 }
             }
             for (int64_t g = 0; g < group; g++) {
