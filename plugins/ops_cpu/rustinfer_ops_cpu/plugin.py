@@ -30,9 +30,10 @@ TARGETS = {
     "attention_prefill": "rustinfer_ops_cpu.attention:attention_prefill",
     "attention_decode": "rustinfer_ops_cpu.attention:attention_decode",
 }
-# Quantized weights run through torch's packed int4 kernel in bf16 (quant.py says why and what it
-# measured); it serves float32 activations too, rounded to bf16 as the spec allows. float16 and
-# float64 have no fast kernel and are refused at load with the registry's error.
+# torch's packed int4 kernel in bf16 (quant.py says why and what it measured): it serves float32
+# activations too, rounded to bf16 as the spec allows. The C kernels below lead wherever they could
+# be built; these serve machines without a compiler. float16 and float64 have no fast kernel and
+# are refused at load with the registry's error.
 QUANTIZED_TARGETS = {
     "quantized_linear": "rustinfer_ops_cpu.quant:quantized_linear",
     "prepare_quantized_weight": "rustinfer_ops_cpu.quant:prepare_quantized_weight",

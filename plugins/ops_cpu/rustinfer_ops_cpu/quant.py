@@ -1,5 +1,8 @@
 """``quantized_linear`` on the CPU: torch's packed int4 kernel, bf16 activations, for every format.
 
+rustinfer's own C kernels (quant_native.py) lead where a C compiler builds them; this module serves
+machines without one, and batched decode (2-31 rows), where it measured fastest.
+
 Measured on the 2-core dev box (Xeon, AVX-512 + AMX, torch 2.13, 2 threads, 2026-11-28; median
 us per call at M = 1; ``python bench/quant_linear.py``, all rows in BENCHMARKS.md). One weight
 called repeatedly, so the dense ones sit in cache; in a whole model they stream from memory:

@@ -3,7 +3,7 @@
 The kernel rounds the activations to int16 per block of 32 values and multiplies them with the
 weight's codes in integers, exactly, scaling each block's sum in float32 (qlinear.c says why).
 Measured against torch's packed int4 kernel (the ``torch`` implementation, kept for machines
-without a C compiler) in BENCHMARKS.md, "CPU, quantized weights".
+without a C compiler) in BENCHMARKS.md, "rustinfer's own C kernels".
 
 The prepared weight is one uint8 tensor ``packed [N / 4, tile bytes]``: rows in tiles of 4, each
 tile its numbers then its codes (qlinear.c draws the layout). The numbers are what the kernel
@@ -34,7 +34,7 @@ _TILE = 4
 _ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 # From this many rows on (prompts), the weight is widened to float32 once per call and multiplied
 # by MKL's GEMM: the block kernel works row tile by row tile and fell to ~1/4 of torch's int4
-# kernel's prefill rate at 512 rows (BENCHMARKS.md, "CPU, against llama.cpp").
+# kernel's prefill rate at 512 rows (BENCHMARKS.md, "rustinfer's own C kernels").
 DENSE_ROWS = 32
 # From this many rows up to DENSE_ROWS (batched decode), torch's packed int4 kernel with bf16
 # activations: it ran SmolLM2's 120 matmuls in 15.8 / 27.1 / 50.1 ms at 4 / 8 / 16 rows against
