@@ -22,14 +22,15 @@ import statistics
 import time
 
 import torch
+from rustinfer_ops_cpu.plugin import NATIVE_F32_TARGETS, NATIVE_TARGETS
 
 from rustinfer import LLM
 from rustinfer.engine.sampling_params import SamplingParams
 
-# Every op rustinfer-ops-cpu serves with a C kernel (plugin.py's NATIVE_* tables).
-TORCH_PINS = (
-    "quantized_linear=torch,prepare_quantized_weight=torch,fused_add_rmsnorm=torch,"
-    "silu_and_mul=torch,rope_kv_store=torch,attention_decode=torch"
+# Every op rustinfer-ops-cpu serves with a C kernel, pinned to torch (quantized_logits has no torch
+# implementation: without it the model keeps a float head).
+TORCH_PINS = ",".join(
+    f"{op}=torch" for op in {**NATIVE_TARGETS, **NATIVE_F32_TARGETS} if op != "quantized_logits"
 )
 PROMPT = "The history of the city of Paris begins"
 

@@ -67,23 +67,20 @@ class GGUFWeights:
         return {t.name: t.shape for t in self._reader.tensors}
 
     def iter_tensors(
-        self, dtype: torch.dtype, keep_quantized: bool = False
+        self, dtype: torch.dtype, keep_quantized: bool = False, quantized_head: bool = False
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Tensors in ``dtype``; with ``keep_quantized``, the projection matrices stored as
         Q8_0/Q4_0/Q4_1 (blocks copied as is) or Q4_K (as int4 with groups of 32, exact) come as
         :class:`QuantizedWeight` instead. Other types, Q6_K included, are dequantized.
 
-        The LM head comes quantized too (``output.weight``; in a tied file, a second view of
-        ``token_embd.weight``'s blocks after the dequantized table): a model whose device has
-        ``quantized_logits`` holds it so, others take the float table as before."""
-        names = {t.name for t in self._reader.tensors}
+        ``quantized_head`` (with ``keep_quantized``; for a device with ``quantized_logits``): the
+        LM head comes quantized too, ``output.weight``, or in a tied file a second view of
+        ``token_embd.weight``'s blocks after the dequantized table (the embedding's lookups)."""
+        quantized_head = keep_quantized and quantized_head
+        tied = _HEAD not in {t.name for t in self._reader.tensors}
         for tensor in self._reader.tensors:
-            head = tensor.name == _HEAD or (tensor.name == _EMBEDDING and _HEAD not in names)
-            kept = (
-                quantized_tensor(tensor)
-                if keep_quantized and (is_linear_weight(tensor.name) or tensor.name == _HEAD)
-                else None
-            )
+            keep = is_linear_weight(tensor.name) or (quantized_head and tensor.name == _HEAD)
+            kept = quantized_tensor(tensor) if keep_quantized and keep else None
             value: torch.Tensor | QuantizedWeight = (
                 kept if kept is not None else dequantize_tensor(tensor, dtype)
             )
@@ -97,10 +94,10 @@ class GGUFWeights:
                 else:
                     value = unpermute_qk(value, heads)
             yield tensor.name, value
-            if keep_quantized and head and tensor.name == _EMBEDDING:
-                quantized_head = quantized_tensor(tensor)
-                if quantized_head is not None:
-                    yield _HEAD, quantized_head
+            if quantized_head and tied and tensor.name == _EMBEDDING:
+                head = quantized_tensor(tensor)
+                if head is not None:
+                    yield _HEAD, head
 
 
 def load_gguf(path: Path, *, with_weights: bool = True) -> ModelSource:

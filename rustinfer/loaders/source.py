@@ -82,6 +82,7 @@ class ModelSource:
         quantization: QuantizationConfig | None = None,
         *,
         as_stored: bool = False,
+        quantized_head: bool = False,
     ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Yield ``(name, tensor)`` on CPU in ``dtype`` and torch layout, one tensor at a time.
         ``as_stored``: a safetensors file's tensors come in their stored dtype, as views of the
@@ -91,8 +92,9 @@ class ModelSource:
         Names keep the file's spelling (HF ``model.layers.0.self_attn.q_proj.weight``, GGUF
         ``blk.0.attn_q.weight``); mapping them onto parameters is the model's job.
         ``quantization`` (concrete, not ``auto``; default none): ``gguf`` yields a GGUF file's
-        block-quantized projections as :class:`QuantizedWeight`; ``int8``/``int4`` reads every
-        tensor in float32 and quantizes the projections group-wise.
+        block-quantized projections as :class:`QuantizedWeight` (and its LM head too with
+        ``quantized_head``, for a model whose ops have ``quantized_logits``); ``int8``/``int4``
+        reads every tensor in float32 and quantizes the projections group-wise.
         """
         if self.store is None:
             raise ModelLoadError(
@@ -105,7 +107,9 @@ class ModelSource:
         if method == "gguf":
             if self.format != "gguf":
                 raise ModelLoadError(f"quantization 'gguf' needs a GGUF file, not {self.format}")
-            pairs = self.store.iter_tensors(dtype, keep_quantized=True)  # type: ignore[call-arg]
+            pairs = self.store.iter_tensors(  # type: ignore[call-arg]
+                dtype, keep_quantized=True, quantized_head=quantized_head
+            )
         elif method in ("int8", "int4"):
             assert quantization is not None
             pairs = quantize_weights(self.store.iter_tensors(torch.float32), quantization, dtype)

@@ -196,11 +196,8 @@ class DenseDecoderForCausalLM(Model):
             if IGNORED.search(name):
                 continue
             if hf_name == "lm_head.weight" and isinstance(tensor, QuantizedWeight):
-                if self._keep_quantized_head(tensor):
-                    continue
-                if self.config.tie_word_embeddings:
-                    continue  # the float embedding table serves as the head
-                tensor = tensor.dequantize(self.lm_head.dtype)
+                self._hold_quantized_head(tensor)
+                continue
             if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
                 # Some tied checkpoints also store a copy of the embedding; the model reads one.
                 continue
@@ -235,15 +232,16 @@ class DenseDecoderForCausalLM(Model):
         self._prepare_linear_weights()
         self._bind_layers()
 
-    def _keep_quantized_head(self, head: QuantizedWeight) -> bool:
+    def _hold_quantized_head(self, head: QuantizedWeight) -> None:
         """Hold a quantized LM head as it came (a GGUF's Q8_0 embedding: a quarter of float32's
-        bytes, read in full every step) when the device has ``quantized_logits``, which keeps
-        the logits float32-accurate; the head is then its own tensor, no longer the embedding's.
-        Tensor-parallel shards split a float head by vocabulary instead."""
-        quantized_logits = getattr(self.ops, "quantized_logits", None)
+        bytes, read in full every step) through ``quantized_logits``, which keeps the logits
+        float32-accurate; the head is then its own tensor, no longer the embedding's. The loader
+        yields one only for ops that have ``quantized_logits`` (``weights(quantized_head=)``)."""
         prepare = getattr(self.ops, "prepare_quantized_weight", None)
-        if quantized_logits is None or prepare is None or self.shards is not None:
-            return False
+        if getattr(self.ops, "quantized_logits", None) is None or prepare is None:
+            raise ModelLoadError(
+                "a quantized LM head arrived, but the ops have no quantized_logits"
+            )
         if head.shape != (self.config.vocab_size, self.config.hidden_size):
             raise ModelLoadError(
                 f"the quantized LM head has shape {head.shape}, the config implies "
@@ -252,7 +250,6 @@ class DenseDecoderForCausalLM(Model):
         if isinstance(self._parameters.get("lm_head"), torch.nn.Parameter):
             del self._parameters["lm_head"]  # the float head (or the tied table) is not read
         self.lm_head = prepare(head)
-        return True
 
     def _prepare_linear_weights(self) -> None:
         """Give every matmul weight the layout this device's ``linear`` reads fastest (once, here).

@@ -270,7 +270,9 @@ def load_model(
         net.load_weights(drawn)
     else:
         # A shard converts only its slice of each tensor (copying it into its parameter).
-        net.load_weights(source.weights(torch_dtype, quant, as_stored=sharded))
+        # A head held quantized is asked for only where the ops can multiply by it.
+        head = "quantized_logits" in ops.chosen
+        net.load_weights(source.weights(torch_dtype, quant, as_stored=sharded, quantized_head=head))
     weights_read = time.perf_counter()
     net = net.to(dev.torch_device).eval()
     dev.synchronize()

@@ -226,9 +226,21 @@ def test_cpu_quantized_logits(format: str, m: int, n: int, k: int, dtype: torch.
 @pytest.mark.parametrize("format", FORMATS)
 def test_native_layout_round_trips_to_the_same_values(format: str) -> None:
     """The C kernel's tiles (N padded to 4) hold the canonical values exactly: read back, they
-    dequantize to the very same numbers (the batched path builds torch's copy from them)."""
-    from rustinfer_ops_cpu.quant_native import canonical_from_packed, prepare_quantized_weight
+    dequantize to the very same numbers (the batched path builds torch's copy from them), and
+    the C widening gives them in float32 bit for bit."""
+    from rustinfer_ops_cpu.quant_native import (
+        _dequantized,
+        _plan,
+        canonical_from_packed,
+        prepare_quantized_weight,
+    )
 
     weight = make_weight(weight_values(37, 192, offset=1.0), format)
-    back = canonical_from_packed(prepare_quantized_weight(weight))
+    prepared = prepare_quantized_weight(weight)
+    back = canonical_from_packed(prepared)
     assert torch.equal(back.dequantize(), weight.dequantize())
+    # The C widening the prompt path multiplies by: float32 values as dequantize rounds them.
+    packed, bits, half, shift, n_pad, n, k = _plan(prepared)
+    widened = _dequantized(packed, bits, half, shift, n_pad, k)
+    assert torch.equal(widened[:n], weight.dequantize(torch.float32))
+    assert not widened[n:].any()  # the padding rows are zeros

@@ -33,8 +33,9 @@ _BLOCK = 32
 _TILE = 4
 _ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 # From this many rows on (prompts), the weight is widened to float32 once per call and multiplied
-# by MKL's GEMM: the block kernel works row tile by row tile and fell to ~1/4 of torch's int4
-# kernel's prefill rate at 512 rows (BENCHMARKS.md, "rustinfer's own C kernels").
+# by MKL's GEMM: the block kernel's cost grows with every row of x (233 against 188 ms for the
+# 120 matmuls at 32 rows; a 512-token prefill ran at 77 tok/s through it, at 192-266 widened,
+# BENCHMARKS.md, "rustinfer's own C kernels").
 DENSE_ROWS = 32
 # From this many rows up to DENSE_ROWS (batched decode), torch's packed int4 kernel with bf16
 # activations: it ran SmolLM2's 120 matmuls in 15.8 / 27.1 / 50.1 ms at 4 / 8 / 16 rows against
@@ -66,7 +67,7 @@ def prepare_quantized_weight(weight: QuantizedWeight) -> QuantizedWeight:
         parts.append(_as_tiles(shift.repeat_interleave(g // _BLOCK, dim=1), n_pad))
     codes = weight.codes.view(torch.uint8).reshape(n, nb, -1)  # [N, K / 32, block bytes]
     if n_pad > n:
-        # Padding rows: code 0 (4-bit) or 0 (8-bit) with scale 0 and shift 0: value 0.
+        # Padding rows: code 0 with scale 0 and shift 0, value 0.
         codes = torch.nn.functional.pad(codes, (0, 0, 0, 0, 0, n_pad - n))
     # [tiles, 4, K / 32, bytes] -> [tiles, K / 32, 4, bytes]: block b of the tile's rows together.
     tiled = codes.reshape(n_pad // _TILE, _TILE, nb, -1).transpose(1, 2).reshape(n_pad // _TILE, -1)
@@ -79,19 +80,12 @@ def prepare_quantized_weight(weight: QuantizedWeight) -> QuantizedWeight:
     return prepared
 
 
-def _dequantized(weight: QuantizedWeight, n_pad: int, k: int) -> torch.Tensor:
-    """The weight's float32 values [N_pad, K] (exact), widened by the C code."""
-    spec = weight.spec
+def _dequantized(
+    packed: torch.Tensor, bits: int, half: int, shift: int, n_pad: int, k: int
+) -> torch.Tensor:
+    """The weight's values in float32 [N_pad, K], widened by the C code."""
     out = torch.empty((n_pad, k), dtype=torch.float32)
-    library().rq_dequantize(
-        weight._buffers["packed"].data_ptr(),
-        spec.bits,
-        int(weight.half_numbers),
-        int(spec.bits == 4),
-        n_pad,
-        k,
-        out.data_ptr(),
-    )
+    library().rq_dequantize(packed.data_ptr(), bits, half, shift, n_pad, k, out.data_ptr())
     return out
 
 
@@ -128,8 +122,8 @@ def _batched_copy(weight: QuantizedWeight) -> QuantizedWeight:
 
 
 def _plan(weight: QuantizedWeight) -> tuple:
-    """What a call passes for ``weight``, kept on it at prepare (each attribute and property read
-    costs ~0.3-2 us here, and the op runs 120 times a token)."""
+    """What a call passes for ``weight``, made on its first call and kept on it (each attribute
+    and property read costs ~0.3-2 us here, and the op runs 120 times a token)."""
     plan = weight.__dict__.get("plan")
     if plan is None or plan[0] is not weight._buffers.get("packed"):
         if weight.layout != NATIVE_LAYOUT:
@@ -156,7 +150,7 @@ def _run(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) ->
     if bias is not None and (bias.dtype is not torch.float32 or n_pad != n):
         bias = torch.nn.functional.pad(bias.float(), (0, n_pad - n))
     if t >= DENSE_ROWS:
-        dense = _dequantized(weight, n_pad, k)
+        dense = _dequantized(packed, bits, half, shift, n_pad, k)
         out = torch.nn.functional.linear(x, dense, bias)
         return out if n_pad == n else out[:, :n]
     out = torch.empty((t, n_pad), dtype=torch.float32)

@@ -4,7 +4,7 @@ Built with the system C compiler (``cc``, or ``$CC``) as ``-O3 -march=native -fo
 files, no torch headers, so a build takes about a second, and ``-march=native`` picks the widest
 vector unit of the machine that runs it (AVX-512, AVX2, or plain C). The library lands in
 ``$RUSTINFER_CACHE/cpu_kernels`` (default ``~/.cache/rustinfer``) under a name made of the
-source's hash, the compiler's version and this CPU's flags, so a new source, compiler or machine
+source's hash, the compiler's identity and this CPU's flags, so a new source, compiler or machine
 builds its own. Calls go through ``ctypes`` with raw tensor pointers.
 
 The library links ``libgomp.so.1`` and is loaded after torch, which has loaded its own copy by that
@@ -51,27 +51,7 @@ _SIGNATURES = {
     # x, ldx, T, I, out
     "rq_silu_mul": (None, [_ptr, _i64, _i64, _i64, _ptr]),
     # q, ldq, k, ldk, v, ldv, T, Hq, Hkv, D, positions, cos_sin, k_cache, v_cache, slots, q_out
-    "rq_rope_kv_store": (
-        None,
-        [
-            _ptr,
-            _i64,
-            _ptr,
-            _i64,
-            _ptr,
-            _i64,
-            _i64,
-            _i64,
-            _i64,
-            _i64,
-            _ptr,
-            _ptr,
-            _ptr,
-            _ptr,
-            _ptr,
-            _ptr,
-        ],
-    ),
+    "rq_rope_kv_store": (None, [_ptr, _i64] * 3 + [_i64] * 4 + [_ptr] * 6),
     # q, ldq, B, Hq, Hkv, D, k_cache, v_cache, block_size, tables, width, seq_lens, scale, out
     "rq_attention_decode": (
         _int,
@@ -80,11 +60,6 @@ _SIGNATURES = {
     "rq_simd": (ctypes.c_char_p, []),
     "rq_half": (_int, []),
 }
-
-
-def _flags() -> tuple[str, ...]:
-    extra = os.environ.get("RUSTINFER_CPU_NATIVE_CFLAGS", "").split()
-    return (*_FLAGS, *extra)
 
 
 def _cpu_flags() -> str:
@@ -109,7 +84,7 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        cmd = [compiler, *_flags(), "-o", str(partial), *(str(here / s) for s in _SOURCES), "-lm"]
+        cmd = [compiler, *_FLAGS, "-o", str(partial), *(str(here / s) for s in _SOURCES), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
@@ -118,29 +93,32 @@ def _build(compiler: str, target: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-_why_not: list[str] = []
+_why_not = ""  # why library() returned None, for the registry's requirement
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, building them if this machine has none yet; None if they cannot be
     had (the reason is logged once)."""
+    global _why_not
     if os.environ.get("RUSTINFER_CPU_NATIVE", "1") == "0":
-        _why_not.append("turned off by RUSTINFER_CPU_NATIVE=0")
+        _why_not = "turned off by RUSTINFER_CPU_NATIVE=0"
         logger.info("CPU native kernels off (RUSTINFER_CPU_NATIVE=0)")
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        _why_not.append("no C compiler (cc or gcc; or set CC)")
+        _why_not = "no C compiler (cc or gcc; or set CC)"
         logger.warning("no C compiler (cc/gcc): the CPU keeps torch's quantized kernels")
         return None
     try:
-        version = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout
+        # The compiler's identity without running it (a subprocess costs ~15 ms a start): its
+        # resolved path, size and time stamp change when it is upgraded.
+        binary = Path(shutil.which(compiler) or compiler).resolve()
+        stat = binary.stat()
+        version = f"{binary} {stat.st_size} {stat.st_mtime_ns}"
         here = Path(__file__).parent
         key = hashlib.sha256()
-        for part in (*(here.joinpath(s).read_bytes() for s in _SOURCES), " ".join(_flags())):
+        for part in (*(here.joinpath(s).read_bytes() for s in _SOURCES), " ".join(_FLAGS)):
             key.update(part if isinstance(part, bytes) else part.encode())
         key.update(version.encode())
         key.update(_cpu_flags().encode())
@@ -151,7 +129,7 @@ def library() -> ctypes.CDLL | None:
         torch.get_num_threads()  # torch (and its libgomp) loaded first: see the module docstring
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _why_not.append(f"the build failed: {exc}")
+        _why_not = f"the build failed: {exc}"
         logger.warning("CPU native kernels unavailable, keeping torch's: %s", exc)
         return None
     for name, (restype, argtypes) in _SIGNATURES.items():
@@ -171,4 +149,4 @@ def unavailable_reason() -> str | None:
     """The registry's requirement check for the native ops: None when the library loads here."""
     if library() is not None:
         return None
-    return "rustinfer's CPU kernels could not be built: " + (_why_not[-1] if _why_not else "?")
+    return f"rustinfer's CPU kernels could not be built: {_why_not}"

@@ -1,9 +1,9 @@
 /* The small per-layer ops of a float32 decode step, each one C call.
  *
  * Why: at batch 1 a SmolLM2 layer's norms, rope, KV store, attention and SwiGLU are a few
- * thousand flops each, and each torch call around them costs 5-60 us of dispatch and allocation
- * on a 2-core VM (BENCHMARKS.md, "Where a quantized decode step goes"): together more than the
- * layer's matmuls. Here each op is one ctypes call (~2-4 us) doing only the arithmetic.
+ * thousand flops each, and the torch calls around them cost 5-60 us each of dispatch and
+ * allocation on a 2-core VM (BENCHMARKS.md, "Where a quantized decode step goes"): together about
+ * as much as the layer's matmuls. Here each op is one ctypes call (~4 us) doing the arithmetic.
  *
  * Every function takes float32 rows with a row stride (the views a fused QKV or gate/up output
  * hands out) and writes contiguous outputs. Loops are plain C the compiler vectorizes; sums that

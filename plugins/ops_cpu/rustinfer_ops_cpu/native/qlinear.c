@@ -2,8 +2,8 @@
  *
  * Why our own kernel: torch's packed int4 CPU kernel needs bf16 activations (float32 ones take a
  * path ~20x slower) and has no group-wise 8-bit form, so an LM head or a Q8_0 matrix through it
- * either loses float32 accuracy or runs as two 4-bit planes. Here the activations are rounded to int16 per block of 32 values (a relative error of
- * 2^-16 of the block's largest value, far finer than the bf16 rounding torch's kernel needs,
+ * either loses float32 accuracy or runs as two 4-bit planes. Here the activations are rounded to
+ * int16 per block of 32 values (a relative error of 2^-16 of the block's largest value, far finer than the bf16 rounding torch's kernel needs,
  * 2^-9 per value) so the products run as int16 pairs into int32 (vpmaddwd: 32 products per
  * instruction on AVX-512), exact, and only each block's partial sum is scaled in float32.
  *
@@ -55,6 +55,15 @@ typedef uint16_t half_t; /* never read: rq_half() says 0 and callers pass float3
 const char *rq_simd(void) { return RQ_SIMD; }
 int rq_half(void) { return RQ_HALF; }
 
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 /* Scales and shifts come as float32, or as fp16 (GGUF's own, exact in float32: the kernel widens
  * them as it reads, so the weight streams 4 bytes less per block of 32). */
 typedef struct {
@@ -74,7 +83,7 @@ static inline nums nums_at(nums v, int64_t offset) {
 /* out[i] = v[i] * w[i] and the sum of v[i] * w[i], i < n (n = K / 32: 18 for a 576-wide row).
  * Spelled with F16C's 8-wide conversion: left to the compiler, the fp16 loops came out scalar and
  * cost more than the row's whole block loop. The sum may be reordered. */
-#if defined(__F16C__) && defined(__AVX2__)
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
 static inline __m256 load8(nums v, int64_t i) {
     if (v.half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)v.p + i)));
     return _mm256_loadu_ps((const float *)v.p + i);
@@ -88,10 +97,7 @@ static inline float dot_nums(nums v, const float *w, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(v, i), _mm256_loadu_ps(w + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    float total = _mm_cvtss_f32(s);
+    float total = hsum8(acc);
     for (; i < n; i++) total += num_at(v, i) * w[i];
     return total;
 }
@@ -127,12 +133,6 @@ static inline float hmax8(__m256 v) {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-static inline float hadd8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 static inline void quantize_block(const float *v, int16_t *q, float *scale, float *sum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 x[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
@@ -151,7 +151,7 @@ static inline void quantize_block(const float *v, int16_t *q, float *scale, floa
         _mm256_storeu_si256((__m256i *)(q + 8 * i), packed);
     }
     *scale = m / 32767.0f;
-    *sum = hadd8(total);
+    *sum = hsum8(total);
 }
 #else
 static inline void quantize_block(const float *v, int16_t *q, float *scale, float *sum) {
@@ -223,12 +223,7 @@ static inline V v_dot(W w, const int16_t *x) {
     return _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1));
 }
 static inline V v_fma(V a, float s, V acc) { return _mm256_fmadd_ps(a, _mm256_set1_ps(s), acc); }
-static inline float v_sum(V v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+static inline float v_sum(V v) { return hsum8(v); }
 #else
 typedef struct {
     int16_t c[BLOCK];
@@ -339,6 +334,21 @@ int64_t rq_tile_bytes(int64_t K, int bits, int half, int has_shift) {
     return numbers + 4 * nb * (bits == 4 ? BLOCK / 2 : BLOCK);
 }
 
+/* Tile t of the packed weight: its scales, shifts (or none) and codes. */
+typedef struct {
+    nums scale, shift;
+    const uint8_t *codes;
+} tile_parts;
+static inline tile_parts parts_of(const uint8_t *packed, int64_t t, int64_t K, int bits, int half,
+                                  int has_shift) {
+    const uint8_t *base = packed + t * rq_tile_bytes(K, bits, half, has_shift);
+    const int64_t number_bytes = 4 * (K / BLOCK) * (half ? 2 : 4);
+    tile_parts p = {{base, half},
+                    {has_shift ? base + number_bytes : NULL, half},
+                    base + number_bytes * (has_shift ? 2 : 1)};
+    return p;
+}
+
 /* out [M, N] (row stride ldo) = x [M, K] (row stride ldx) @ W^T + bias; W packed in tiles of 4
  * rows (N % 4 == 0, K % 32 == 0). Returns 0; -1 when scratch memory cannot be had, -2 for fp16
  * numbers from a compiler without _Float16. */
@@ -346,8 +356,6 @@ int rq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
               int half, int has_shift, const float *bias, float *out, int64_t N, int64_t ldo) {
     if (half && !RQ_HALF) return -2;
     const int64_t nb = K / BLOCK;
-    const int64_t tile_bytes = rq_tile_bytes(K, bits, half, has_shift);
-    const int64_t number_bytes = 4 * nb * (half ? 2 : 4);
     int16_t *xq = (int16_t *)aligned_alloc(64, (size_t)((M * K * 2 + 63) / 64 * 64));
     float *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb) * 2);
     if (xq == NULL || sx == NULL) {
@@ -359,18 +367,15 @@ int rq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
     quantize_rows(x, M, K, ldx, xq, sx, xsum);
     /* Threads split the tiles: each streams its own share of W once, whatever M is. Small
      * matrices stay on one thread (a parallel region costs a few microseconds). */
-    const int parallel = N * tile_bytes / 4 * (M < 8 ? M : 8) >= 64 * 1024;
+    const int parallel = N * rq_tile_bytes(K, bits, half, has_shift) / 4 * (M < 8 ? M : 8) >= 64 * 1024;
     const int64_t n_tiles = N / 4;
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t t = 0; t < n_tiles; t++) {
-        const uint8_t *base = packed + t * tile_bytes;
-        const nums scale = {base, half};
-        const nums shift = {has_shift ? base + number_bytes : NULL, half};
-        const uint8_t *codes = base + number_bytes * (has_shift ? 2 : 1);
+        const tile_parts p = parts_of(packed, t, K, bits, half, has_shift);
         for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
             const int mt = (int)(M - m0 < M_TILE ? M - m0 : M_TILE);
-            tile(mt, bits, codes, scale, shift, xq + m0 * K, sx + m0 * nb, xsum + m0 * nb, K,
-                 out + m0 * ldo + t * 4, ldo, bias != NULL ? bias + t * 4 : NULL);
+            tile(mt, bits, p.codes, p.scale, p.shift, xq + m0 * K, sx + m0 * nb, xsum + m0 * nb,
+                 K, out + m0 * ldo + t * 4, ldo, bias != NULL ? bias + t * 4 : NULL);
         }
     }
     free(xq);
@@ -378,20 +383,18 @@ int rq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
     return 0;
 }
 
-/* out [N, K] float32 = the packed weight's values (scale * code + shift), exactly: for prompts,
- * where a dense float32 GEMM over the widened weight beats the block kernel's rows-at-a-time
- * arithmetic, and the widening is paid once for all the prompt's rows. */
+/* out [N, K] float32 = the packed weight's values, scale * code + shift in float32 (one rounding
+ * where that needs more than float32's 24 bits, as QuantizedWeight.dequantize(float32) rounds):
+ * for prompts, where a dense float32 GEMM over the widened weight beats the block kernel's
+ * rows-at-a-time arithmetic, and the widening is paid once for all the prompt's rows. */
 void rq_dequantize(const uint8_t *packed, int bits, int half, int has_shift, int64_t N,
                    int64_t K, float *out) {
     const int64_t nb = K / BLOCK, bb = bits == 4 ? BLOCK / 2 : BLOCK;
-    const int64_t tile_bytes = rq_tile_bytes(K, bits, half, has_shift);
-    const int64_t number_bytes = 4 * nb * (half ? 2 : 4);
 #pragma omp parallel for schedule(static) if (N * K >= 256 * 1024)
     for (int64_t t = 0; t < N / 4; t++) {
-        const uint8_t *base = packed + t * tile_bytes;
-        const nums scale = {base, half};
-        const nums shift = {has_shift ? base + number_bytes : NULL, half};
-        const uint8_t *codes = base + number_bytes * (has_shift ? 2 : 1);
+        const tile_parts p = parts_of(packed, t, K, bits, half, has_shift);
+        const nums scale = p.scale, shift = p.shift;
+        const uint8_t *codes = p.codes;
         for (int r = 0; r < 4; r++) {
             float *row = out + (t * 4 + r) * K;
             for (int64_t b = 0; b < nb; b++) {
@@ -401,8 +404,8 @@ void rq_dequantize(const uint8_t *packed, int bits, int half, int has_shift, int
                 float *v = row + b * BLOCK;
                 if (bits == 4) {
                     for (int i = 0; i < 16; i++) {
-                        v[i] = s * (float)(c[i] & 0x0F) + m;
-                        v[i + 16] = s * (float)(c[i] >> 4) + m;
+                        v[i] = fmaf(s, (float)(c[i] & 0x0F), m);
+                        v[i + 16] = fmaf(s, (float)(c[i] >> 4), m);
                     }
                 } else {
                     for (int i = 0; i < BLOCK; i++) v[i] = s * (float)((const int8_t *)c)[i];
