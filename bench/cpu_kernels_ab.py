@@ -2,8 +2,10 @@
 
     python bench/cpu_kernels_ab.py --threads 2 --rounds 6
 
-Loads the embedded SmolLM2 GGUF twice on the CPU (kept quantized, float32): once as the registry
-picks (the C kernels of rustinfer-ops-cpu where they are built), once with every op that has a C
+Loads the embedded SmolLM2 GGUF on the CPU (kept quantized, float32) as three variants: as the
+registry picks (the C kernels of rustinfer-ops-cpu where they are built, a decode step's layers
+in one C call, ``decode_layers``); the same C kernels called op by op (the model's op table
+without ``decode_layers``, sharing the first variant's weights); and every op that has a C
 kernel pinned to its torch implementation (``RUSTINFER_OP_IMPL``). Each round times, for each
 model in turn, a greedy decode (one prompt, ``--tokens`` new tokens, EOS ignored; decode time is
 the whole generate minus a one-token generate of the same prompt) and a prefill of a fresh
@@ -43,7 +45,11 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    models = {"C kernels": LLM(device="cpu", max_num_seqs=1)}
+    fused = LLM(device="cpu", max_num_seqs=1)
+    models = {"C step": fused}
+    if "decode_layers" in fused.engine.model.ops.chosen:
+        # The same weights and engine, the layers op by op: the table swapped per round.
+        models["C ops one by one"] = fused
     os.environ["RUSTINFER_OP_IMPL"] = TORCH_PINS
     try:
         models["torch kernels"] = LLM(device="cpu", max_num_seqs=1)
@@ -54,9 +60,14 @@ def main() -> None:
     rng = random.Random(0)
     decode: dict[str, list[float]] = {name: [] for name in models}
     prefill: dict[str, list[float]] = {name: [] for name in models}
+    step_ops = fused.engine.model.ops
     for _ in range(args.rounds):
-        ids = [rng.randrange(1000, 40000) for _ in range(args.prefill)]
         for name, llm in models.items():
+            # A fresh prompt per variant: two variants share one engine (and its prefix cache).
+            ids = [rng.randrange(1000, 40000) for _ in range(args.prefill)]
+            if llm is fused:
+                one_by_one = name == "C ops one by one"
+                llm.engine.model.ops = step_ops.without("decode_layers") if one_by_one else step_ops
             t0 = time.perf_counter()
             llm.generate(PROMPT, one)
             t1 = time.perf_counter()

@@ -204,13 +204,15 @@ def run_engine(argv: list[str], env: dict[str, str]) -> dict | None:
         argv = [*argv, "--no-extra-bufts"]
     proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
     if (
-        proc.returncode == -signal.SIGSEGV
+        proc.returncode in (-signal.SIGSEGV, -signal.SIGILL)
         and "llama-cpp" in argv
         and "--no-extra-bufts" not in argv
     ):
-        # llama.cpp's AMX matmul (an "extra buffer type") dies with a protection fault on some
-        # AMX Xeons under KVM: run it again on its plain CPU kernels, and say so in the record.
-        print("  llama.cpp crashed (SIGSEGV) with its extra buffer types (AMX); running without")
+        # llama.cpp's AMX matmul (an "extra buffer type") dies with a protection fault or an
+        # illegal instruction on some AMX Xeons under KVM (the guest is not granted the tile
+        # state): run it again on its plain CPU kernels, and say so in the record.
+        name = signal.Signals(-proc.returncode).name
+        print(f"  llama.cpp crashed ({name}) with its extra buffer types (AMX); running without")
         _LLAMA_CPP_PLAIN.append(True)  # and so for the rest of this run
         return run_engine(argv, env)
     for line in reversed(proc.stdout.splitlines()):

@@ -112,3 +112,25 @@ def test_without_quantized_logits_the_head_stays_the_float_table(
     assert "quantized_logits" not in model.model.ops.chosen
     assert model.model.lm_head is model.model.embed_tokens
     assert "Paris" in model.tokenizer.decode(greedy(model, PROMPTS[0]))
+
+
+def test_gguf_decode_runs_the_c_step_and_answers_as_the_ops_one_by_one() -> None:
+    """With the C kernels the quantized model's decode steps run every layer in one call
+    (``decode_layers``); without that op it runs them op by op: the very same tokens."""
+    if not loaded("gguf").model.ops.chosen["quantized_linear"].startswith("native"):
+        pytest.skip("no C kernels on this machine: no C step")
+    model = load_model(None, device="cpu", dtype="float32", quantization="gguf")
+    ops = model.model.ops
+    assert ops.chosen["decode_layers"].startswith("native")
+    calls = []
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        result = ops.decode_layers(*args)
+        calls.append(result is not None)
+        return result
+
+    model.model.ops = ops.with_op("decode_layers", counted)
+    fused = [greedy(model, p) for p in PROMPTS[:3]]
+    assert calls and all(calls), "the C step declined SmolLM2's decode steps"
+    model.model.ops = ops.without("decode_layers")
+    assert fused == [greedy(model, p) for p in PROMPTS[:3]]

@@ -28,7 +28,8 @@ from rustinfer.models.decoder_weights import (
 )
 from rustinfer.models.op_table import OpTable
 from rustinfer.models.quantized_params import QuantizedPacker
-from rustinfer.ops import build_cos_sin_cache
+from rustinfer.ops import DecodeDims, build_cos_sin_cache
+from rustinfer.ops.decode_layers import LayerStack
 from rustinfer.ops.quant import QuantizedWeight
 
 __all__ = ["DecoderLayout", "DenseDecoderForCausalLM", "sliding_window_refusal"]
@@ -138,6 +139,7 @@ class DenseDecoderForCausalLM(Model):
         self.q_size = self.num_q_heads * d
         self.kv_size = self.num_kv_heads * d
         self.scale = d**-0.5
+        self._dims = DecodeDims(self.num_q_heads, self.num_kv_heads, d, c.rms_norm_eps, self.scale)
 
         def empty(*shape: int) -> torch.nn.Parameter:
             return torch.nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -174,7 +176,7 @@ class DenseDecoderForCausalLM(Model):
             d, c.max_position_embeddings, c.rope_theta, c.rope_scaling, dtype=cache_dtype
         )
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
-        self._layers: list[dict[str, torch.Tensor | None]] = []
+        self._layers = LayerStack()
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -266,10 +268,10 @@ class DenseDecoderForCausalLM(Model):
 
     def _bind_layers(self) -> None:
         """Per-layer tensor lookups done once, so the forward loop does no string work."""
-        self._layers = [
+        self._layers = LayerStack(
             {key: getattr(self, f"layers_{i}_{key}", None) for key in _LAYER_KEYS}
             for i in range(self.config.num_hidden_layers)
-        ]
+        )
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .to(device) replaces parameter tensors: re-bind the per-layer lookups afterwards.
@@ -294,6 +296,25 @@ class DenseDecoderForCausalLM(Model):
         hq, hkv, d = self.num_q_heads, self.num_kv_heads, c.head_dim
         hidden = self._embed(input_ids)  # [T, H]
         residual: torch.Tensor | None = None
+        decode_layers = getattr(ops, "decode_layers", None) if attn.is_decode else None
+        if decode_layers is not None and tp.size == 1:
+            # The device may run the whole stack in one call (None: it does not serve this one).
+            first = self._layers[0]["input_norm"]
+            done = decode_layers(
+                ops.rmsnorm(hidden, first, eps),
+                hidden,
+                self._layers,
+                positions,
+                self.cos_sin_cache,
+                kv_caches,
+                attn.slot_mapping,
+                attn.block_tables,
+                attn.seq_lens,
+                self._dims,
+            )
+            if done is not None:
+                out, _ = ops.fused_add_rmsnorm(done[0], done[1], self.norm, eps)
+                return out
         for layer, (k_cache, v_cache) in zip(self._layers, kv_caches, strict=True):
             if residual is None:
                 residual = hidden

@@ -42,3 +42,12 @@ class OpTable:
             return self.__dict__["_fns"][name]
         except KeyError:
             raise AttributeError(f"op table has no op {name!r}") from None
+
+    def without(self, *names: str) -> OpTable:
+        """A copy without the optional ops ``names`` (a model then takes its other path)."""
+        fns = {k: v for k, v in self._fns.items() if k not in names}
+        return OpTable(fns, {k: v for k, v in self.chosen.items() if k not in names})
+
+    def with_op(self, name: str, fn: Callable[..., Any]) -> OpTable:
+        """A copy whose op ``name`` is ``fn`` (described as the op it replaces)."""
+        return OpTable({**self._fns, name: fn}, dict(self.chosen))

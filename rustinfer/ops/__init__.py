@@ -9,6 +9,7 @@ from __future__ import annotations
 from rustinfer.ops.activation import SILU_AND_MUL
 from rustinfer.ops.attention import ATTENTION_DECODE, ATTENTION_PREFILL, KV_CACHE_STORE
 from rustinfer.ops.basic import ARGMAX, EMBEDDING, LINEAR, LOGITS, PREPARE_LINEAR_WEIGHT
+from rustinfer.ops.decode_layers import DECODE_LAYERS, DecodeDims
 from rustinfer.ops.norm import FUSED_ADD_RMSNORM, RMSNORM
 from rustinfer.ops.quant import (
     PREPARE_QUANTIZED_WEIGHT,
@@ -39,6 +40,7 @@ SPECS: dict[str, OpSpec] = {
         KV_CACHE_STORE,
         ATTENTION_PREFILL,
         ATTENTION_DECODE,
+        DECODE_LAYERS,
     )
 }
 
@@ -46,6 +48,7 @@ __all__ = [
     "ARGMAX",
     "ATTENTION_DECODE",
     "ATTENTION_PREFILL",
+    "DECODE_LAYERS",
     "EMBEDDING",
     "EXACT",
     "FUSED_ADD_RMSNORM",
@@ -63,6 +66,7 @@ __all__ = [
     "SPECS",
     "OpSpec",
     "QuantizedWeight",
+    "DecodeDims",
     "Tolerance",
     "build_cos_sin_cache",
     "llama3_inv_freq",

@@ -95,18 +95,18 @@ def with_quantized_ops(
     fns = quantized_op_table(fns, quantized.quantized_linear)
     fns["prepare_quantized_weight"] = quantized.prepare_quantized_weight
     chosen = {**ops.chosen, **quantized.chosen}
-    # Optional: without it a quantized LM head is held in the model dtype. It must come from
-    # the implementation that prepares the weights (it reads their layout).
-    try:
-        head = regs.ops.lookup("quantized_logits", device_type, dtype)
-    except RegistryError:
-        head = None
-    if (
-        head is not None
-        and head.name == regs.ops.lookup("quantized_linear", device_type, dtype).name
-    ):
-        fns["quantized_logits"] = head.load()
-        chosen["quantized_logits"] = head.describe()
+    # Optional: without quantized_logits a quantized LM head is held in the model dtype, without
+    # decode_layers the layers run op by op. Each must come from the implementation that prepares
+    # the weights (they read their layout).
+    preparer = regs.ops.lookup("quantized_linear", device_type, dtype).name
+    for name in ("quantized_logits", "decode_layers"):
+        try:
+            impl = regs.ops.lookup(name, device_type, dtype)
+        except RegistryError:
+            continue
+        if impl.name == preparer:
+            fns[name] = impl.load()
+            chosen[name] = impl.describe()
     return OpTable(fns, chosen)
 
 

@@ -230,8 +230,8 @@ def test_native_layout_round_trips_to_the_same_values(format: str) -> None:
     the C widening gives them in float32 bit for bit."""
     from rustinfer_ops_cpu.quant_native import (
         _dequantized,
-        _plan,
         canonical_from_packed,
+        plan_of,
         prepare_quantized_weight,
     )
 
@@ -240,7 +240,7 @@ def test_native_layout_round_trips_to_the_same_values(format: str) -> None:
     back = canonical_from_packed(prepared)
     assert torch.equal(back.dequantize(), weight.dequantize())
     # The C widening the prompt path multiplies by: float32 values as dequantize rounds them.
-    packed, bits, half, shift, n_pad, n, k = _plan(prepared)
+    packed, bits, half, shift, n_pad, n, k = plan_of(prepared)
     widened = _dequantized(packed, bits, half, shift, n_pad, k)
     assert torch.equal(widened[:n], weight.dequantize(torch.float32))
     assert not widened[n:].any()  # the padding rows are zeros

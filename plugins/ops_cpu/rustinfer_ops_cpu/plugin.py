@@ -54,6 +54,8 @@ NATIVE_F32_TARGETS = {
     "silu_and_mul": "rustinfer_ops_cpu.layer_native:silu_and_mul",
     "rope_kv_store": "rustinfer_ops_cpu.layer_native:rope_kv_store",
     "attention_decode": "rustinfer_ops_cpu.layer_native:attention_decode",
+    # A whole decode step's layers in one C call (step_native.py).
+    "decode_layers": "rustinfer_ops_cpu.step_native:decode_layers",
 }
 NATIVE_REQUIRES = ("rustinfer_ops_cpu.native:unavailable_reason",)
 

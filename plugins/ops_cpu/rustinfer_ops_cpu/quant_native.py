@@ -24,7 +24,13 @@ from rustinfer_ops_cpu.native import library
 from rustinfer_ops_cpu.quant import prepare_packed
 from rustinfer_ops_cpu.quant import quantized_linear as torch_quantized_linear
 
-__all__ = ["NATIVE_LAYOUT", "prepare_quantized_weight", "quantized_linear", "quantized_logits"]
+__all__ = [
+    "NATIVE_LAYOUT",
+    "plan_of",
+    "prepare_quantized_weight",
+    "quantized_linear",
+    "quantized_logits",
+]
 
 NATIVE_LAYOUT = "cpu_native"
 # The kernel's block along K (x is rounded per block, one scale and shift per weight block) and
@@ -121,7 +127,7 @@ def _batched_copy(weight: QuantizedWeight) -> QuantizedWeight:
     return copy
 
 
-def _plan(weight: QuantizedWeight) -> tuple:
+def plan_of(weight: QuantizedWeight) -> tuple:
     """What a call passes for ``weight``, made on its first call and kept on it (each attribute
     and property read costs ~0.3-2 us here, and the op runs 120 times a token)."""
     plan = weight.__dict__.get("plan")
@@ -139,7 +145,7 @@ def _plan(weight: QuantizedWeight) -> tuple:
 
 def _run(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x [T, K] -> float32 [T, N] through ``rq_linear`` (few rows) or a dense GEMM (prompts)."""
-    packed, bits, half, shift, n_pad, n, k = _plan(weight)
+    packed, bits, half, shift, n_pad, n, k = plan_of(weight)
     t, width = x.shape
     if width != k:
         raise ValueError(f"quantized op: x {tuple(x.shape)} against a weight of K={k}")

@@ -33,7 +33,7 @@ __all__ = ["library", "simd", "unavailable_reason"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("qlinear.c", "layer_ops.c")
+_SOURCES = ("qlinear.c", "layer_ops.c", "decode_step.c", "rq_kernels.h")
 _FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _i64, _int, _ptr, _f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
@@ -56,6 +56,12 @@ _SIGNATURES = {
     "rq_attention_decode": (
         _int,
         [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _f32, _ptr],
+    ),
+    # layers, caches, L, T, H, Hq, Hkv, D, I, eps, scale, cos_sin, positions, slots, block_size,
+    # block_tables, width, seq_lens, x, residual (in: the embedded tokens; out: the stream), mlp_out
+    "rq_decode_layers": (
+        _int,
+        [_ptr, _ptr] + [_i64] * 7 + [_f32, _f32] + [_ptr] * 3 + [_i64, _ptr, _i64] + [_ptr] * 4,
     ),
     "rq_simd": (ctypes.c_char_p, []),
     "rq_half": (_int, []),
@@ -84,7 +90,8 @@ def _build(compiler: str, target: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        cmd = [compiler, *_FLAGS, "-o", str(partial), *(str(here / s) for s in _SOURCES), "-lm"]
+        sources = [str(here / s) for s in _SOURCES if s.endswith(".c")]
+        cmd = [compiler, *_FLAGS, "-o", str(partial), *sources, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")

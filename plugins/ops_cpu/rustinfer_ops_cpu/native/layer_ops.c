@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "rq_kernels.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -123,19 +125,72 @@ void rq_rope_kv_store(const float *q, int64_t ldq, const float *k, int64_t ldk, 
     }
 }
 
+int64_t rq_attention_scratch(int64_t group, int64_t D, int64_t max_ctx) {
+    return group * max_ctx + group * D;
+}
+
+/* Decode attention of one (sequence b, KV head) pair = pair / Hkv, pair % Hkv: the group of query
+ * heads sharing that KV head reads its keys and values once, scores into a scratch row (stride
+ * max_ctx), then a float32 softmax (max subtracted) and the weighted sum of values. */
+void rq_attention_pair(int64_t pair, const float *q, int64_t ldq, int64_t Hq, int64_t Hkv,
+                       int64_t D, const float *k_cache, const float *v_cache, int64_t block_size,
+                       const int32_t *block_tables, int64_t width, const int32_t *seq_lens,
+                       float scale, float *scores, int64_t max_ctx, float *out) {
+    const int64_t group = Hq / Hkv;
+    const int64_t b = pair / Hkv, kvh = pair % Hkv, ctx = seq_lens[b];
+    const int32_t *table = block_tables + b * width;
+    const float *qb = q + b * ldq + kvh * group * D;
+    float *acc = scores + group * max_ctx; /* [group, D] */
+    /* Positions block by block (no division per position: an idiv costs ~40 cycles). */
+    for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
+        const int64_t first = (int64_t)table[t0 / block_size] * block_size;
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const float *kr = k_cache + ((first + j) * Hkv + kvh) * D;
+            for (int64_t g = 0; g < group; g++)
+                scores[g * max_ctx + t0 + j] = dot_f32(qb + g * D, kr, D) * scale;
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *s = scores + g * max_ctx, top = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t < ctx; t++) top = s[t] > top ? s[t] : top;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < ctx; t++) {
+            s[t] = fast_expf(s[t] - top);
+            total += s[t];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t t = 0; t < ctx; t++) s[t] *= inv;
+        for (int64_t i = 0; i < D; i++) acc[g * D + i] = 0.0f;
+    }
+    for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
+        const int64_t first = (int64_t)table[t0 / block_size] * block_size;
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = v_cache + ((first + j) * Hkv + kvh) * D;
+            for (int64_t g = 0; g < group; g++) {
+                const float p = scores[g * max_ctx + t0 + j];
+                float *a = acc + g * D;
+#pragma omp simd
+                for (int64_t i = 0; i < D; i++) a[i] += p * vr[i];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *o = out + (b * Hq + kvh * group + g) * D;
+        for (int64_t i = 0; i < D; i++) o[i] = acc[g * D + i];
+    }
+}
+
 /* Decode attention over the paged cache: q [B, Hq, D] (rows ldq apart, heads D apart), one query
  * per sequence at position seq_lens[b] - 1, every earlier position visible. Caches [blocks,
- * block_size, Hkv, D] contiguous; block_tables [B, width] int32; out [B, Hq, D].
- *
- * Each (sequence, KV head) pair reads its keys and values once for the whole group of query
- * heads that share them (GQA), scores into a scratch row, then a float32 softmax (max
- * subtracted) and the weighted sum of values. Pairs run in parallel when the step is big enough
- * to pay for a parallel region. Returns 0, or -1 when scratch memory cannot be had. */
+ * block_size, Hkv, D] contiguous; block_tables [B, width] int32; out [B, Hq, D]. GQA: each
+ * (sequence, KV head) pair is one rq_attention_pair; pairs run in parallel when the step is big
+ * enough to pay for a parallel region. Returns 0, or -1 when scratch memory cannot be had. */
 int rq_attention_decode(const float *q, int64_t ldq, int64_t B, int64_t Hq, int64_t Hkv,
                         int64_t D, const float *k_cache, const float *v_cache,
                         int64_t block_size, const int32_t *block_tables, int64_t width,
                         const int32_t *seq_lens, float scale, float *out) {
-    const int64_t group = Hq / Hkv;
     int64_t max_ctx = 0, work = 0;
     for (int64_t b = 0; b < B; b++) {
         max_ctx = seq_lens[b] > max_ctx ? seq_lens[b] : max_ctx;
@@ -143,56 +198,16 @@ int rq_attention_decode(const float *q, int64_t ldq, int64_t B, int64_t Hq, int6
     }
     int failed = 0;
     const int parallel = work * Hq * D >= 256 * 1024;
+    const size_t floats = (size_t)rq_attention_scratch(Hq / Hkv, D, max_ctx);
 #pragma omp parallel if (parallel) reduction(| : failed)
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(group * max_ctx + group * D));
+        float *scores = (float *)malloc(sizeof(float) * floats);
         if (scores == NULL) failed = 1;
 #pragma omp for schedule(dynamic)
         for (int64_t pair = 0; pair < B * Hkv; pair++) {
             if (scores == NULL) continue;
-            const int64_t b = pair / Hkv, kvh = pair % Hkv, ctx = seq_lens[b];
-            const int32_t *table = block_tables + b * width;
-            const float *qb = q + b * ldq + kvh * group * D;
-            float *acc = scores + group * max_ctx; /* [group, D] */
-            /* Positions block by block (no division per position: an idiv costs ~40 cycles). */
-            for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-                const int64_t first = (int64_t)table[t0 / block_size] * block_size;
-                const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
-                for (int64_t j = 0; j < n; j++) {
-                    const float *kr = k_cache + ((first + j) * Hkv + kvh) * D;
-                    for (int64_t g = 0; g < group; g++)
-                        scores[g * max_ctx + t0 + j] = dot_f32(qb + g * D, kr, D) * scale;
-                }
-            }
-            for (int64_t g = 0; g < group; g++) {
-                float *s = scores + g * max_ctx, top = -INFINITY, total = 0.0f;
-                for (int64_t t = 0; t < ctx; t++) top = s[t] > top ? s[t] : top;
-#pragma omp simd reduction(+ : total)
-                for (int64_t t = 0; t < ctx; t++) {
-                    s[t] = fast_expf(s[t] - top);
-                    total += s[t];
-                }
-                const float inv = 1.0f / total;
-                for (int64_t t = 0; t < ctx; t++) s[t] *= inv;
-                for (int64_t i = 0; i < D; i++) acc[g * D + i] = 0.0f;
-            }
-            for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-                const int64_t first = (int64_t)table[t0 / block_size] * block_size;
-                const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
-                for (int64_t j = 0; j < n; j++) {
-                    const float *vr = v_cache + ((first + j) * Hkv + kvh) * D;
-                    for (int64_t g = 0; g < group; g++) {
-                        const float p = scores[g * max_ctx + t0 + j];
-                        float *a = acc + g * D;
-#pragma omp simd
-                        for (int64_t i = 0; i < D; i++) a[i] += p * vr[i];
-                    }
-                }
-            }
-            for (int64_t g = 0; g < group; g++) {
-                float *o = out + (b * Hq + kvh * group + g) * D;
-                for (int64_t i = 0; i < D; i++) o[i] = acc[g * D + i];
-            }
+            rq_attention_pair(pair, q, ldq, Hq, Hkv, D, k_cache, v_cache, block_size,
+                              block_tables, width, seq_lens, scale, scores, max_ctx, out);
         }
         free(scores);
     }

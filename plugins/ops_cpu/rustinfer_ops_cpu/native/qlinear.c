@@ -30,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "rq_kernels.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define RQ_SIMD "avx512"
@@ -168,9 +170,8 @@ static inline void quantize_block(const float *v, int16_t *q, float *scale, floa
 }
 #endif
 
-/* x [M, K] (row stride ldx floats) -> xq int16 [M, K], sx [M, K/32], xsum [M, K/32]. */
-static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t ldx, int16_t *xq,
-                          float *sx, float *xsum) {
+void rq_quantize_rows(const float *x, int64_t M, int64_t K, int64_t ldx, int16_t *xq, float *sx,
+                      float *xsum) {
     const int64_t nb = K / BLOCK;
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < nb; b++)
@@ -349,6 +350,17 @@ static inline tile_parts parts_of(const uint8_t *packed, int64_t t, int64_t K, i
     return p;
 }
 
+void rq_matrix_tile(const rq_matrix *w, int64_t t, int64_t K, const int16_t *xq, const float *sx,
+                    const float *xsum, int64_t M, float *out, int64_t ldo) {
+    const int64_t nb = K / BLOCK;
+    const tile_parts p = parts_of(w->packed, t, K, w->bits, w->half, w->has_shift);
+    for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
+        const int mt = (int)(M - m0 < M_TILE ? M - m0 : M_TILE);
+        tile(mt, w->bits, p.codes, p.scale, p.shift, xq + m0 * K, sx + m0 * nb, xsum + m0 * nb, K,
+             out + m0 * ldo + t * 4, ldo, w->bias != NULL ? w->bias + t * 4 : NULL);
+    }
+}
+
 /* out [M, N] (row stride ldo) = x [M, K] (row stride ldx) @ W^T + bias; W packed in tiles of 4
  * rows (N % 4 == 0, K % 32 == 0). Returns 0; -1 when scratch memory cannot be had, -2 for fp16
  * numbers from a compiler without _Float16. */
@@ -364,20 +376,14 @@ int rq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
         return -1;
     }
     float *xsum = sx + M * nb;
-    quantize_rows(x, M, K, ldx, xq, sx, xsum);
+    rq_quantize_rows(x, M, K, ldx, xq, sx, xsum);
+    const rq_matrix w = {packed, bias, N, bits, half, has_shift, 0};
     /* Threads split the tiles: each streams its own share of W once, whatever M is. Small
      * matrices stay on one thread (a parallel region costs a few microseconds). */
     const int parallel = N * rq_tile_bytes(K, bits, half, has_shift) / 4 * (M < 8 ? M : 8) >= 64 * 1024;
     const int64_t n_tiles = N / 4;
 #pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t t = 0; t < n_tiles; t++) {
-        const tile_parts p = parts_of(packed, t, K, bits, half, has_shift);
-        for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
-            const int mt = (int)(M - m0 < M_TILE ? M - m0 : M_TILE);
-            tile(mt, bits, p.codes, p.scale, p.shift, xq + m0 * K, sx + m0 * nb, xsum + m0 * nb,
-                 K, out + m0 * ldo + t * 4, ldo, bias != NULL ? bias + t * 4 : NULL);
-        }
-    }
+    for (int64_t t = 0; t < n_tiles; t++) rq_matrix_tile(&w, t, K, xq, sx, xsum, M, out, ldo);
     free(xq);
     free(sx);
     return 0;

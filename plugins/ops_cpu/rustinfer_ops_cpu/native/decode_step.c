@@ -1,0 +1,114 @@
+/* Every layer of a decode step in one call: norms, the quantized matmuls, rope and the KV store,
+ * paged attention and SwiGLU, for T sequences of one new token each.
+ *
+ * Why: one token of SmolLM2 through the ops one by one is ~270 ctypes calls from Python (30
+ * layers of norm, four matmuls, rope, attention, SwiGLU) and ~120 OpenMP parallel regions, whose
+ * dispatch (~15-25 us a call) cost as much as the arithmetic on two cores. Here the threads enter
+ * one parallel region for the whole step: the matmuls split their tiles with `omp for`, the
+ * small ops run on one thread (`omp single`), and each stage ends at the region's barrier.
+ *
+ * The pieces are the ones the single ops call (rq_kernels.h), in the same order on the same
+ * data, so the step's result equals the op-by-op path's bit for bit (a test holds it to that).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "rq_kernels.h"
+
+#define BLOCK 32
+
+/* One layer's tensors: float32 norm weights and four packed matrices. */
+typedef struct {
+    const float *input_norm, *post_attn_norm;
+    rq_matrix qkv, o, gate_up, down;
+} rq_layer;
+
+/* out [M, w->n_pad] = quantized x @ W^T: the tiles split among the region's threads (an
+ * orphaned `omp for`, bound to the caller's parallel region), with its barrier at the end. */
+static void matmul(const rq_matrix *w, int64_t K, const int16_t *xq, const float *sx,
+                   const float *xsum, int64_t M, float *out) {
+    const int64_t n_tiles = w->n_pad / 4;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tiles; t++) rq_matrix_tile(w, t, K, xq, sx, xsum, M, out, w->n_pad);
+}
+
+/* The embedded tokens residual [T, H] through layers 0..L-1, x [T, H] being layer 0's normed input
+ * (the model's own rmsnorm of them: the first norm stays the one every path shares). caches: 2L
+ * pointers, layer l's K cache at 2l and V cache at 2l + 1, each [blocks, block_size, Hkv, D]. On
+ * return mlp_out [T, H] is the last layer's MLP output and residual [T, H] the residual stream
+ * before it (the model's final norm adds the two). Every matrix's n_pad is its true row count
+ * (the caller checks). Returns 0, or -1 when scratch memory cannot be had. */
+int rq_decode_layers(const rq_layer *layers, float *const *caches, int64_t L, int64_t T,
+                     int64_t H, int64_t Hq, int64_t Hkv, int64_t D, int64_t I, float eps,
+                     float scale, const float *cos_sin, const int64_t *positions,
+                     const int64_t *slots, int64_t block_size, const int32_t *block_tables,
+                     int64_t width, const int32_t *seq_lens, const float *x, float *residual,
+                     float *mlp_out) {
+    const int64_t nq = Hq * D, nqkv = (Hq + 2 * Hkv) * D;
+    const int64_t k_max = H > nq ? (H > I ? H : I) : (nq > I ? nq : I);
+    int64_t max_ctx = 0;
+    for (int64_t b = 0; b < T; b++) max_ctx = seq_lens[b] > max_ctx ? seq_lens[b] : max_ctx;
+    /* Activations between stages: the norm's output, q k v, rotated q, attention's output,
+     * o's output, gate|up, SwiGLU's output; and x rounded to int16 for the next matmul. */
+    const size_t floats = (size_t)(T * (H + nqkv + nq + nq + H + 2 * I + I) + 2 * T * (k_max / BLOCK));
+    float *f = (float *)malloc(sizeof(float) * floats);
+    int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)(T * k_max));
+    if (f == NULL || xq == NULL) {
+        free(f);
+        free(xq);
+        return -1;
+    }
+    float *xn = f, *qkv = xn + T * H, *qrot = qkv + T * nqkv, *att = qrot + T * nq;
+    float *o = att + T * nq, *gate_up = o + T * H, *act = gate_up + T * 2 * I;
+    float *sx = act + T * I, *xsum = sx + T * (k_max / BLOCK);
+    const size_t scratch = (size_t)rq_attention_scratch(Hq / Hkv, D, max_ctx);
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *scores = (float *)malloc(sizeof(float) * scratch);
+        /* Every thread must reach every barrier: one without scratch still takes part. */
+        if (scores == NULL) failed = 1;
+        for (int64_t l = 0; l < L; l++) {
+            const rq_layer *ly = layers + l;
+            float *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
+#pragma omp single
+            {
+                if (l == 0)
+                    rq_quantize_rows(x, T, H, H, xq, sx, xsum);
+                else {
+                    rq_add_rmsnorm(mlp_out, H, residual, H, ly->input_norm, eps, T, H, xn, residual);
+                    rq_quantize_rows(xn, T, H, H, xq, sx, xsum);
+                }
+            }
+            matmul(&ly->qkv, H, xq, sx, xsum, T, qkv);
+#pragma omp single
+            rq_rope_kv_store(qkv, nqkv, qkv + nq, nqkv, qkv + nq + Hkv * D, nqkv, T, Hq, Hkv, D,
+                             positions, cos_sin, k_cache, v_cache, slots, qrot);
+#pragma omp for schedule(dynamic)
+            for (int64_t pair = 0; pair < T * Hkv; pair++) {
+                if (scores == NULL) continue;
+                rq_attention_pair(pair, qrot, nq, Hq, Hkv, D, k_cache, v_cache, block_size,
+                                  block_tables, width, seq_lens, scale, scores, max_ctx, att);
+            }
+#pragma omp single
+            rq_quantize_rows(att, T, nq, nq, xq, sx, xsum);
+            matmul(&ly->o, nq, xq, sx, xsum, T, o);
+#pragma omp single
+            {
+                rq_add_rmsnorm(o, H, residual, H, ly->post_attn_norm, eps, T, H, xn, residual);
+                rq_quantize_rows(xn, T, H, H, xq, sx, xsum);
+            }
+            matmul(&ly->gate_up, H, xq, sx, xsum, T, gate_up);
+#pragma omp single
+            {
+                rq_silu_mul(gate_up, 2 * I, T, I, act);
+                rq_quantize_rows(act, T, I, I, xq, sx, xsum);
+            }
+            matmul(&ly->down, I, xq, sx, xsum, T, mlp_out);
+        }
+        free(scores);
+    }
+    free(f);
+    free(xq);
+    return failed ? -1 : 0;
+}
