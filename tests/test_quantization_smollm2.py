@@ -116,21 +116,43 @@ def test_without_quantized_logits_the_head_stays_the_float_table(
 
 def test_gguf_decode_runs_the_c_step_and_answers_as_the_ops_one_by_one() -> None:
     """With the C kernels the quantized model's decode steps run every layer in one call
-    (``decode_layers``); without that op it runs them op by op: the very same tokens."""
+    (``decode_layers``); without that op it runs them op by op: the very same tokens, one
+    request at a time and (where the C step takes batches) three at once."""
+    from rustinfer_ops_cpu.quant_native import BATCHES_IN_C
+
     if not loaded("gguf").model.ops.chosen["quantized_linear"].startswith("native"):
         pytest.skip("no C kernels on this machine: no C step")
     model = load_model(None, device="cpu", dtype="float32", quantization="gguf")
     ops = model.model.ops
     assert ops.chosen["decode_layers"].startswith("native")
-    calls = []
+    calls: list[int] = []
 
     def counted(*args):  # type: ignore[no-untyped-def]
         result = ops.decode_layers(*args)
-        calls.append(result is not None)
+        if result is not None:
+            calls.append(args[0].shape[0])
         return result
 
+    def together() -> list[list[int]]:
+        """PROMPTS[:3] decoded in one batch."""
+        core = engine(model, max_num_seqs=4)
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+        for i, prompt in enumerate(PROMPTS[:3]):
+            chat = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            core.add_request(str(i), chat, params)
+        tokens: dict[str, list[int]] = {"0": [], "1": [], "2": []}
+        while core.has_unfinished():
+            for out in core.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+        return [tokens[str(i)] for i in range(3)]
+
+    def answers() -> tuple[list[list[int]], list[list[int]]]:
+        return [greedy(model, p) for p in PROMPTS[:3]], together()
+
     model.model.ops = ops.with_op("decode_layers", counted)
-    fused = [greedy(model, p) for p in PROMPTS[:3]]
-    assert calls and all(calls), "the C step declined SmolLM2's decode steps"
+    fused = answers()
+    assert calls and 1 in calls, "the C step declined SmolLM2's decode steps"
+    if BATCHES_IN_C:
+        assert max(calls) == 3, "the C step declined a batch of three"
     model.model.ops = ops.without("decode_layers")
-    assert fused == [greedy(model, p) for p in PROMPTS[:3]]
+    assert fused == answers()

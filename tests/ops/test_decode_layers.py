@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from rustinfer_ops_cpu.native import library
+from rustinfer_ops_cpu.quant_native import BATCHES_IN_C
 
 from rustinfer.ops import DecodeDims, build_cos_sin_cache
 from rustinfer.ops.decode_layers import LayerStack, decode_layers_reference
@@ -51,21 +52,23 @@ def _layers(fmt: str, qkv_bias: bool) -> tuple[list[dict], LayerStack]:
     return canonical, prepared
 
 
-def _step(ctx: int) -> dict:
-    """One sequence whose new token sits at position ctx - 1 of random paged caches."""
+def _step(*ctxs: int) -> dict:
+    """One sequence per ctx, its new token at position ctx - 1 of random paged caches."""
     caches = []
     for _ in range(LAYERS):
-        paged = paged_kv([ctx], BLOCK, HKV, D, F32)
+        paged = paged_kv(list(ctxs), BLOCK, HKV, D, F32)
         caches.append((paged.k_cache, paged.v_cache))
-    position = ctx - 1
-    block = int(paged.block_tables[0, position // BLOCK])
+    slots = []
+    for i, ctx in enumerate(ctxs):
+        block = int(paged.block_tables[i, (ctx - 1) // BLOCK])
+        slots.append(block * BLOCK + (ctx - 1) % BLOCK)
     return {
-        "hidden": randn(1, H, dtype=F32),
-        "positions": torch.tensor([position]),
+        "hidden": randn(len(ctxs), H, dtype=F32),
+        "positions": torch.tensor([ctx - 1 for ctx in ctxs]),
         "cos_sin_cache": build_cos_sin_cache(D, 256, 10000.0, None, dtype=F32),
         "kv_caches": caches,
-        "slot_mapping": torch.tensor([block * BLOCK + position % BLOCK]),
-        # Every layer's cache shares one block table here (as the engine's do).
+        "slot_mapping": torch.tensor(slots),
+        # Every layer's cache is read through one block table (as the engine's are).
         "block_tables": paged.block_tables,
         "seq_lens": paged.seq_lens,
     }
@@ -95,14 +98,15 @@ def _one_by_one(step: dict, layers: list[dict]) -> tuple[torch.Tensor, torch.Ten
     linear = cpu_impl("quantized_linear", F32)
     hq, hkv, d, eps, scale = DIMS
     hidden, residual = step["hidden"], step["hidden"]
+    t = hidden.shape[0]
     x = op["rmsnorm"](hidden, layers[0]["input_norm"], eps)
     for i, (layer, (k_cache, v_cache)) in enumerate(zip(layers, step["kv_caches"], strict=True)):
         if i > 0:
             x, residual = op["fused_add_rmsnorm"](hidden, residual, layer["input_norm"], eps)
         qkv = linear(x, layer["qkv_weight"], layer["qkv_bias"])
-        q = qkv[:, : hq * d].view(1, hq, d)
-        k = qkv[:, hq * d : (hq + hkv) * d].view(1, hkv, d)
-        v = qkv[:, (hq + hkv) * d :].view(1, hkv, d)
+        q = qkv[:, : hq * d].view(t, hq, d)
+        k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
         q = op["rope_kv_store"](
             q, k, v, step["positions"], step["cos_sin_cache"], k_cache, v_cache,
             step["slot_mapping"],
@@ -110,7 +114,7 @@ def _one_by_one(step: dict, layers: list[dict]) -> tuple[torch.Tensor, torch.Ten
         o = op["attention_decode"](
             q, k_cache, v_cache, step["block_tables"], step["seq_lens"], scale
         )
-        o = linear(o.reshape(1, hq * d), layer["o_weight"], None)
+        o = linear(o.reshape(t, hq * d), layer["o_weight"], None)
         x, residual = op["fused_add_rmsnorm"](o, residual, layer["post_attn_norm"], eps)
         gate_up = linear(x, layer["gate_up_weight"], None)
         hidden = linear(op["silu_and_mul"](gate_up), layer["down_weight"], None)
@@ -125,36 +129,41 @@ def _clone(step: dict) -> dict:
 
 @pytest.mark.parametrize("qkv_bias", [False, True], ids=["nobias", "qkvbias"])
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "int4"])
-@pytest.mark.parametrize("ctx", [1, 37])
-def test_c_step_matches_reference(fmt: str, qkv_bias: bool, ctx: int) -> None:
+@pytest.mark.parametrize("ctxs", [(1,), (37,), (5, 37, 20)], ids=["first", "one", "batch"])
+def test_c_step_matches_reference(fmt: str, qkv_bias: bool, ctxs: tuple[int, ...]) -> None:
+    if len(ctxs) > 1 and not BATCHES_IN_C:
+        pytest.skip("without AVX512-VNNI batches run op by op")
     canonical, prepared = _layers(fmt, qkv_bias)
-    step = _step(ctx)
+    step = _step(*ctxs)
     before = _clone(step)
     result = _call(cpu_impl("decode_layers", F32), step, prepared)
     assert result is not None, "the C step declined a model it serves"
     ref_out, ref_residual, ref_caches = _call(decode_layers_reference, before, canonical)
     assert_matches_spec("decode_layers", result[0], ref_out, F32)
     assert_matches_spec("decode_layers", result[1], ref_residual, F32)
-    slot = int(step["slot_mapping"][0])
+    slots = step["slot_mapping"]
     for (k, v), (k_ref, v_ref) in zip(step["kv_caches"], ref_caches, strict=True):
-        kf, vf = k.view(-1, HKV, D)[slot], v.view(-1, HKV, D)[slot]
-        assert_matches_spec("decode_layers", kf, k_ref.view(-1, HKV, D)[slot], F32)
-        assert_matches_spec("decode_layers", vf, v_ref.view(-1, HKV, D)[slot], F32)
-        # Only the new token's slot is written.
-        k.view(-1, HKV, D)[slot] = k_ref.view(-1, HKV, D)[slot].float()
-        v.view(-1, HKV, D)[slot] = v_ref.view(-1, HKV, D)[slot].float()
+        kf, vf = k.view(-1, HKV, D)[slots], v.view(-1, HKV, D)[slots]
+        assert_matches_spec("decode_layers", kf, k_ref.view(-1, HKV, D)[slots], F32)
+        assert_matches_spec("decode_layers", vf, v_ref.view(-1, HKV, D)[slots], F32)
+        # Only the new tokens' slots are written.
+        k.view(-1, HKV, D)[slots] = k_ref.view(-1, HKV, D)[slots].float()
+        v.view(-1, HKV, D)[slots] = v_ref.view(-1, HKV, D)[slots].float()
     for (k, v), (k0, v0) in zip(step["kv_caches"], before["kv_caches"], strict=True):
         mask = torch.ones(k.view(-1, HKV, D).shape[0], dtype=torch.bool)
-        mask[slot] = False
+        mask[slots] = False
         assert torch.equal(k.view(-1, HKV, D)[mask], k0.view(-1, HKV, D)[mask])
         assert torch.equal(v.view(-1, HKV, D)[mask], v0.view(-1, HKV, D)[mask])
 
 
+@pytest.mark.parametrize("ctxs", [(40,), (40, 3, 17, 64, 9)], ids=["one", "batch"])
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "int4"])
-def test_c_step_equals_the_ops_one_by_one(fmt: str) -> None:
+def test_c_step_equals_the_ops_one_by_one(fmt: str, ctxs: tuple[int, ...]) -> None:
     """The step strings together the very C pieces the single ops call: the same bits out."""
+    if len(ctxs) > 1 and not BATCHES_IN_C:
+        pytest.skip("without AVX512-VNNI batches run op by op")
     _, prepared = _layers(fmt, qkv_bias=True)
-    step = _step(40)
+    step = _step(*ctxs)
     plain = _clone(step)
     fused = _call(cpu_impl("decode_layers", F32), step, prepared)
     assert fused is not None
@@ -166,12 +175,14 @@ def test_c_step_equals_the_ops_one_by_one(fmt: str) -> None:
 
 
 def test_c_step_declines_what_it_does_not_serve() -> None:
-    """None (the model then runs op by op) for batches, q/k norms and float weights."""
+    """None (the model then runs op by op) for q/k norms, float weights, and batches where the
+    block kernel does not serve them."""
     step_op = cpu_impl("decode_layers", F32)
     _, prepared = _layers("q4_1", qkv_bias=False)
     step = _step(9)
-    batch = dict(step, hidden=randn(2, H, dtype=F32))
-    assert _call(step_op, batch, prepared) is None
+    if not BATCHES_IN_C:
+        batch = _step(9, 12)
+        assert _call(step_op, batch, prepared) is None
     normed = LayerStack(
         dict(layer, q_norm=torch.ones(D), k_norm=torch.ones(D)) for layer in prepared
     )

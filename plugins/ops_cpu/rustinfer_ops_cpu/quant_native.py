@@ -20,7 +20,7 @@ import functools
 import torch
 
 from rustinfer.ops.quant import QuantizedWeight
-from rustinfer_ops_cpu.native import library
+from rustinfer_ops_cpu.native import library, simd
 from rustinfer_ops_cpu.quant import prepare_packed
 from rustinfer_ops_cpu.quant import quantized_linear as torch_quantized_linear
 
@@ -43,18 +43,23 @@ _ACTIVATION_DTYPES = (torch.float32, torch.bfloat16)
 # 120 matmuls at 32 rows; a 512-token prefill ran at 77 tok/s through it, at 192-266 widened,
 # BENCHMARKS.md, "rustinfer's own C kernels").
 DENSE_ROWS = 32
-# From this many rows up to DENSE_ROWS (batched decode), torch's packed int4 kernel with bf16
-# activations: it ran SmolLM2's 120 matmuls in 15.8 / 27.1 / 50.1 ms at 4 / 8 / 16 rows against
-# the block kernel's 23.4 / 45.8 / 84.1 (whose int16 products cost three vector instructions per
-# row of x and block, BENCHMARKS.md). Its copy of the weight is built on the first such call, so a
-# model served one request at a time (and the LM head, which never comes here) holds one copy.
+# From this many rows up to DENSE_ROWS (batched decode), on a CPU without AVX512-VNNI, torch's
+# packed int4 kernel with bf16 activations: it ran SmolLM2's 120 matmuls in 15.8 / 27.1 / 50.1 ms
+# at 4 / 8 / 16 rows against the int16 block kernel's 23.4 / 45.8 / 84.1 (BENCHMARKS.md). Its copy
+# of the weight is built on the first such call, so a model served one request at a time (and the
+# LM head, which never comes here) holds one copy. With VNNI the block kernel keeps up with it
+# (14.3 / 23.1 / 41.6 against 12.5 / 22.1 / 39.5 ms, ``bench/cpu_quant_rows.py``) without a
+# second copy of the weights, and serves every row count below DENSE_ROWS.
 BATCHED_ROWS = 2
+BATCHES_IN_C = (simd() or "").endswith("-vnni")
 
 
 def _as_tiles(t: torch.Tensor, n_pad: int) -> torch.Tensor:
-    """[N, X] -> the bytes of each tile of 4 rows, [N_pad / 4, 4 * X * itemsize] uint8."""
+    """Numbers [N, K / 32] -> the bytes of each tile of 4 rows, block by block ([K / 32][4]: block
+    b's 4 rows side by side), [N_pad / 4, 4 * K / 32 * itemsize] uint8."""
     t = torch.nn.functional.pad(t, (0, 0, 0, n_pad - t.shape[0])) if n_pad > t.shape[0] else t
-    return t.contiguous().view(torch.uint8).reshape(n_pad // _TILE, -1)
+    tiles = t.reshape(n_pad // _TILE, _TILE, -1).transpose(1, 2).contiguous()
+    return tiles.view(torch.uint8).reshape(n_pad // _TILE, -1)
 
 
 def prepare_quantized_weight(weight: QuantizedWeight) -> QuantizedWeight:
@@ -107,7 +112,7 @@ def canonical_from_packed(weight: QuantizedWeight) -> QuantizedWeight:
 
     def numbers(i: int) -> torch.Tensor:
         raw = packed[:, i * width : (i + 1) * width].contiguous().view(dtype)
-        return raw.reshape(tiles * _TILE, nb)[:n].float()
+        return raw.reshape(tiles, nb, _TILE).transpose(1, 2).reshape(tiles * _TILE, nb)[:n].float()
 
     codes = packed[:, width * (2 if f.bits == 4 else 1) :].reshape(tiles, nb, _TILE, bb)
     codes = codes.transpose(1, 2).reshape(tiles * _TILE, nb * bb)[:n].contiguous()
@@ -188,7 +193,7 @@ def quantized_linear(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """x [T, K] float32/bfloat16 -> [T, N] in x's dtype."""
-    if BATCHED_ROWS <= x.shape[0] < DENSE_ROWS:
+    if BATCHED_ROWS <= x.shape[0] < DENSE_ROWS and not BATCHES_IN_C:
         return torch_quantized_linear(x, _batched_copy(weight), bias)
     out = _run(x, weight, bias)
     return out if x.dtype is torch.float32 else out.to(x.dtype)

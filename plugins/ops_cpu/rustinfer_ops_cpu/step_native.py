@@ -2,9 +2,9 @@
 layers in one call.
 
 It serves float32 models whose four matmul weights per layer are held quantized in the C kernel's
-layout (``quant_native``), with no q/k norm, for single-sequence steps (a batch of rows goes
-through torch's packed int4 kernel, faster than the block kernel there: ``quant_native``). It
-declines everything else (returns None) and the model runs its ops one by one.
+layout (``quant_native``), with no q/k norm: single-sequence steps everywhere, batches on CPUs
+with AVX512-VNNI (elsewhere torch's packed int4 kernel is faster for batches: ``quant_native``).
+It declines everything else (returns None) and the model runs its ops one by one.
 
 What a step passes is built once per model and kept: a ctypes array of per-layer structs (the
 weights' pointers) kept on the model's LayerStack, which the model replaces when its tensors
@@ -21,7 +21,7 @@ import torch
 from rustinfer.ops.decode_layers import DecodeDims
 from rustinfer.ops.quant import QuantizedWeight
 from rustinfer_ops_cpu.native import library
-from rustinfer_ops_cpu.quant_native import BATCHED_ROWS, NATIVE_LAYOUT, plan_of
+from rustinfer_ops_cpu.quant_native import BATCHED_ROWS, BATCHES_IN_C, NATIVE_LAYOUT, plan_of
 
 __all__ = ["decode_layers"]
 
@@ -148,7 +148,9 @@ def decode_layers(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The layers of one decode step in C, or None for what the C step does not serve."""
     t = x.shape[0]
-    if t >= BATCHED_ROWS or x.dtype != _F32 or residual.dtype != _F32:
+    # Batches where the block kernel serves them (with VNNI); without it they go op by op,
+    # through torch's int4 kernel (quant_native says why).
+    if (t >= BATCHED_ROWS and not BATCHES_IN_C) or x.dtype != _F32 or residual.dtype != _F32:
         return None
     plan = _plan_for(layers, dims)
     if plan.refusal is not None:

@@ -52,7 +52,7 @@ int rq_decode_layers(const rq_layer *layers, float *const *caches, int64_t L, in
      * o's output, gate|up, SwiGLU's output; and x rounded to int16 for the next matmul. */
     const size_t floats = (size_t)(T * (H + nqkv + nq + nq + H + 2 * I + I) + 2 * T * (k_max / BLOCK));
     float *f = (float *)malloc(sizeof(float) * floats);
-    int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)(T * k_max));
+    int16_t *xq = (int16_t *)malloc(sizeof(int16_t) * (size_t)RQ_XQ_SLOTS(T, k_max));
     if (f == NULL || xq == NULL) {
         free(f);
         free(xq);

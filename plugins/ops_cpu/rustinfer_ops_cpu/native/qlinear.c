@@ -3,16 +3,23 @@
  * Why our own kernel: torch's packed int4 CPU kernel needs bf16 activations (float32 ones take a
  * path ~20x slower) and has no group-wise 8-bit form, so an LM head or a Q8_0 matrix through it
  * either loses float32 accuracy or runs as two 4-bit planes. Here the activations are rounded to
- * int16 per block of 32 values (a relative error of 2^-16 of the block's largest value, far finer than the bf16 rounding torch's kernel needs,
- * 2^-9 per value) so the products run as int16 pairs into int32 (vpmaddwd: 32 products per
- * instruction on AVX-512), exact, and only each block's partial sum is scaled in float32.
+ * int16 per block of 32 values (a relative error of 2^-16 of the block's largest value, far finer
+ * than the bf16 rounding torch's kernel needs, 2^-9 per value) so the products run in integers,
+ * exact, and only each block's partial sum is scaled in float32:
+ *   - 4-bit codes on a CPU with AVX512-VNNI: each int16 activation split into its high byte
+ *     (int8) and low byte (uint8), and vpdpbusd (64 byte products into 16 int32 lanes per
+ *     instruction) multiplies a whole tile's 4 rows' block (64 bytes of nibbles, one load) with
+ *     each half broadcast to the 4 rows: code * x = 256 * (code * hi) + code * lo, exact. About a
+ *     quarter of the vector instructions of widening the nibbles to int16 (below) per row.
+ *   - otherwise (8-bit codes, AVX2 or plain C): codes widened to int16 and multiplied in pairs
+ *     into int32 (vpmaddwd: 32 products per instruction on AVX-512).
  *
  * Weight layout (what prepare writes; see quant_native.py): rows in tiles of 4, each tile one
  * contiguous run of bytes, so a thread streams its share of W as one sequence (not the twelve
  * streams of four rows' codes, scales and shifts read from separate arrays):
- *   scale  [4][K / 32] float32 or fp16: one per block of 32 values (groups of 64 or 128 repeat
- *          theirs);
- *   shift  [4][K / 32] the same, 4-bit formats only: value = scale * code + shift (q4_0's offset
+ *   scale  [K / 32][4] float32 or fp16: one per block of 32 values (groups of 64 or 128 repeat
+ *          theirs), block b's 4 rows side by side (one 8- or 16-byte load per block);
+ *   shift  [K / 32][4] the same, 4-bit formats only: value = scale * code + shift (q4_0's offset
  *          of 8 folded in as -8 * scale, exact in fp16 too);
  *   codes  [K / 32][4][block]: block b of the 4 rows side by side; a 4-bit block is 16 bytes in
  *          llama.cpp's nibble order (byte j: value j low, value j + 16 high), an 8-bit one 32
@@ -22,8 +29,8 @@
  *
  * out[m, n] = sum_b scale[n, b] * sx[m, b] * (sum_i code * xq[m, b, i]) + shift[n, b] * xsum[m, b]
  * where xq = round(x / sx) in int16 and xsum is the float32 sum of the block's x. The integer
- * part is exact (|code| <= 128, |xq| <= 32767: a pair is below 2^24, so its float conversion
- * too), so the one approximation is x's rounding to 16 bits per block.
+ * part is exact (|code| <= 128, |xq| <= 32767: the int32 partial sums stay below 2^24, so their
+ * float conversion too), so the one approximation is x's rounding to 16 bits per block.
  */
 #include <math.h>
 #include <stdint.h>
@@ -54,7 +61,6 @@ typedef uint16_t half_t; /* never read: rq_half() says 0 and callers pass float3
 /* Rows of x handled together, so each weight block is widened once for all of them. */
 #define M_TILE 4
 
-const char *rq_simd(void) { return RQ_SIMD; }
 int rq_half(void) { return RQ_HALF; }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -82,35 +88,12 @@ static inline nums nums_at(nums v, int64_t offset) {
     nums r = {v.p == NULL ? NULL : (const char *)v.p + offset * (v.half ? 2 : 4), v.half};
     return r;
 }
-/* out[i] = v[i] * w[i] and the sum of v[i] * w[i], i < n (n = K / 32: 18 for a 576-wide row).
- * Spelled with F16C's 8-wide conversion: left to the compiler, the fp16 loops came out scalar and
- * cost more than the row's whole block loop. The sum may be reordered. */
-#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
-static inline __m256 load8(nums v, int64_t i) {
-    if (v.half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)v.p + i)));
-    return _mm256_loadu_ps((const float *)v.p + i);
-}
-static inline void mul_nums(nums v, const float *w, float *out, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(load8(v, i), _mm256_loadu_ps(w + i)));
-    for (; i < n; i++) out[i] = num_at(v, i) * w[i];
-}
-static inline float dot_nums(nums v, const float *w, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(v, i), _mm256_loadu_ps(w + i), acc);
-    float total = hsum8(acc);
-    for (; i < n; i++) total += num_at(v, i) * w[i];
-    return total;
-}
-#else
-static inline void mul_nums(nums v, const float *w, float *out, int64_t n) {
-    for (int64_t i = 0; i < n; i++) out[i] = num_at(v, i) * w[i];
-}
-static inline float dot_nums(nums v, const float *w, int64_t n) {
-    float total = 0.0f;
-    for (int64_t i = 0; i < n; i++) total += num_at(v, i) * w[i];
-    return total;
+/* Block b's numbers for the tile's 4 rows (fp16 ones widened exactly). */
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline __m128 load4(nums v, int64_t b) {
+    if (v.half) return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)v.p + 4 * b)));
+    return _mm_loadu_ps((const float *)v.p + 4 * b);
 }
 #endif
 
@@ -177,6 +160,14 @@ void rq_quantize_rows(const float *x, int64_t M, int64_t K, int64_t ldx, int16_t
         for (int64_t b = 0; b < nb; b++)
             quantize_block(x + m * ldx + b * BLOCK, xq + m * K + b * BLOCK, sx + m * nb + b,
                            xsum + m * nb + b);
+    /* The byte planes the VNNI kernel reads: xq = 256 * hi + lo, hi int8, lo uint8. */
+    uint8_t *lo = (uint8_t *)(xq + M * K);
+    int8_t *hi = (int8_t *)(lo + M * K);
+#pragma omp simd
+    for (int64_t i = 0; i < M * K; i++) {
+        lo[i] = (uint8_t)(xq[i] & 0xFF);
+        hi[i] = (int8_t)(xq[i] >> 8);
+    }
 }
 
 /* The vector unit's pieces: a widened block of 32 codes (W), a float vector (V), the int16
@@ -252,20 +243,37 @@ static inline V v_fma(V a, float s, V acc) { return acc + a * s; }
 static inline float v_sum(V v) { return v; }
 #endif
 
+/* The shift term of rows r = 0..3 of a tile for one row of x: sum_b shift[b][r] * xsum[b]. */
+static inline void add_shifts(nums shift, const float *xsum, int64_t nb, float *res) {
+#if defined(__F16C__)
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) acc = _mm_fmadd_ps(load4(shift, b), _mm_set1_ps(xsum[b]), acc);
+    float s[4];
+    _mm_storeu_ps(s, acc);
+    for (int r = 0; r < 4; r++) res[r] += s[r];
+#else
+    for (int r = 0; r < 4; r++) {
+        float total = 0.0f;
+        for (int64_t b = 0; b < nb; b++) total += num_at(shift, b * 4 + r) * xsum[b];
+        res[r] += total;
+    }
+#endif
+}
+
 /* One tile: rows n..n+3 of W against rows m..m+MT-1 of x (MT and bits compile-time constants:
- * the switch below spells every pair out). The 4 x MT accumulators are named variables, not an
- * array, so they stay in registers: independent FMA chains whose latency overlaps, and each
- * widened block of codes serves MT rows of x. comb[m][r][b] = scale[r][b] * sx[m][b] is made
- * before the block loop. */
+ * the switch below spells every pair out), codes widened to int16. The 4 x MT accumulators are
+ * named variables, not an array, so they stay in registers: independent FMA chains whose latency
+ * overlaps, and each widened block of codes serves MT rows of x. comb[m][b][r] = scale[b][r] *
+ * sx[m][b] is made before the block loop. */
 #define ACC_DECL(m) V a##m##0 = v_zero(), a##m##1 = v_zero(), a##m##2 = v_zero(), a##m##3 = v_zero()
 #define ACC_STEP(m)                                                                          \
     if (MT > m) {                                                                            \
         const int16_t *xb = xq + m * K + b * BLOCK;                                          \
-        const float *cb = comb + m * 4 * nb + b;                                             \
+        const float *cb = comb + (m * nb + b) * 4;                                           \
         a##m##0 = v_fma(v_dot(w0, xb), cb[0], a##m##0);                                      \
-        a##m##1 = v_fma(v_dot(w1, xb), cb[nb], a##m##1);                                     \
-        a##m##2 = v_fma(v_dot(w2, xb), cb[2 * nb], a##m##2);                                 \
-        a##m##3 = v_fma(v_dot(w3, xb), cb[3 * nb], a##m##3);                                 \
+        a##m##1 = v_fma(v_dot(w1, xb), cb[1], a##m##1);                                      \
+        a##m##2 = v_fma(v_dot(w2, xb), cb[2], a##m##2);                                      \
+        a##m##3 = v_fma(v_dot(w3, xb), cb[3], a##m##3);                                      \
     }
 #define ACC_OUT(m)                                                                           \
     if (MT > m) {                                                                            \
@@ -281,10 +289,15 @@ static inline __attribute__((always_inline)) void tile4(
     const float *bias) {
     const int64_t nb = K / BLOCK;
     const int64_t bb = bits == 4 ? BLOCK / 2 : BLOCK; /* bytes per block of codes */
-    float comb[MT * 4 * nb];
+    float comb[MT * nb * 4];
     for (int m = 0; m < MT; m++)
-        for (int r = 0; r < 4; r++)
-            mul_nums(nums_at(scale, r * nb), sx + m * nb, comb + (m * 4 + r) * nb, nb);
+        for (int64_t b = 0; b < nb; b++) {
+#if defined(__F16C__)
+            _mm_storeu_ps(comb + (m * nb + b) * 4, _mm_mul_ps(load4(scale, b), _mm_set1_ps(sx[m * nb + b])));
+#else
+            for (int r = 0; r < 4; r++) comb[(m * nb + b) * 4 + r] = num_at(scale, b * 4 + r) * sx[m * nb + b];
+#endif
+        }
     ACC_DECL(0);
     ACC_DECL(1);
     ACC_DECL(2);
@@ -304,18 +317,102 @@ static inline __attribute__((always_inline)) void tile4(
     ACC_OUT(2)
     ACC_OUT(3)
     for (int m = 0; m < MT; m++) {
-        for (int r = 0; r < 4; r++) {
-            float v = res[m][r];
-            if (shift.p != NULL) v += dot_nums(nums_at(shift, r * nb), xsum + m * nb, nb);
-            out[m * ldo + r] = v + (bias != NULL ? bias[r] : 0.0f);
-        }
+        if (shift.p != NULL) add_shifts(shift, xsum + m * nb, nb, res[m]);
+        for (int r = 0; r < 4; r++) out[m * ldo + r] = res[m][r] + (bias != NULL ? bias[r] : 0.0f);
     }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__F16C__)
+#define RQ_VNNI 1
+/* One tile of 4-bit codes against rows m..m+MT-1 of x through vpdpbusd. A 512-bit register holds
+ * block b of the tile's 4 rows (row r in 128-bit lane r: 16 bytes, values j and j + 16 in byte
+ * j's low and high nibble); x's block is broadcast to all four lanes, its values 0..15 against
+ * the low nibbles and 16..31 against the high ones, its high bytes (int8) against the codes as
+ * unsigned and its low bytes (uint8) against the codes as signed (0..15 is both). Lane r's four
+ * int32 partial sums are exact (below 2^22), scaled by scale[b][r] * sx[m][b] in float32. */
+#define VACC_STEP(m)                                                                         \
+    if (MT > m) {                                                                            \
+        const uint8_t *xl = lo + m * K + b * BLOCK;                                          \
+        const int8_t *xh = hi + m * K + b * BLOCK;                                           \
+        const __m512i h0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xh));      \
+        const __m512i h1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xh + 16))); \
+        const __m512i l0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)xl));      \
+        const __m512i l1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xl + 16))); \
+        __m512i ih = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c_lo, h0);                  \
+        ih = _mm512_dpbusd_epi32(ih, c_hi, h1);                                              \
+        __m512i il = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l0, c_lo);                  \
+        il = _mm512_dpbusd_epi32(il, l1, c_hi);                                              \
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(ih, 8), il);                  \
+        const __m512 sc = _mm512_mul_ps(s16, _mm512_set1_ps(sx[m * nb + b]));                \
+        acc##m = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sc, acc##m);                        \
+    }
+
+static inline float lane_sum(__m512 v, int r) {
+    __m128 s;
+    switch (r) {
+    case 0: s = _mm512_extractf32x4_ps(v, 0); break;
+    case 1: s = _mm512_extractf32x4_ps(v, 1); break;
+    case 2: s = _mm512_extractf32x4_ps(v, 2); break;
+    default: s = _mm512_extractf32x4_ps(v, 3); break;
+    }
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void tile4_vnni(
+    const int MT, const uint8_t *codes, nums scale, nums shift, const uint8_t *lo,
+    const int8_t *hi, const float *sx, const float *xsum, int64_t K, float *out, int64_t ldo,
+    const float *bias) {
+    const int64_t nb = K / BLOCK;
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(codes + b * 64));
+        const __m512i c_lo = _mm512_and_si512(v, nibble);
+        const __m512i c_hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        /* scale[b][r] in lane r's four int32 slots */
+        const __m512 s16 = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(load4(scale, b)));
+        VACC_STEP(0)
+        VACC_STEP(1)
+        VACC_STEP(2)
+        VACC_STEP(3)
+    }
+    const __m512 accs[4] = {acc0, acc1, acc2, acc3};
+    for (int m = 0; m < MT; m++) {
+        float res[4];
+        for (int r = 0; r < 4; r++) res[r] = lane_sum(accs[m], r);
+        if (shift.p != NULL) add_shifts(shift, xsum + m * nb, nb, res);
+        for (int r = 0; r < 4; r++) out[m * ldo + r] = res[r] + (bias != NULL ? bias[r] : 0.0f);
+    }
+}
+#else
+#define RQ_VNNI 0
+#endif
+
+const char *rq_simd(void) { return RQ_VNNI ? RQ_SIMD "-vnni" : RQ_SIMD; }
+
 #define TILE_ARGS codes, scale, shift, xq, sx, xsum, K, out, ldo, bias
+#define VNNI_ARGS codes, scale, shift, lo, hi, sx, xsum, K, out, ldo, bias
+/* xq, lo, hi: the tile's first row of x's int16 codes and of their low and high bytes. */
 static void tile(int mt, int bits, const uint8_t *codes, nums scale, nums shift,
-                 const int16_t *xq, const float *sx, const float *xsum, int64_t K, float *out,
-                 int64_t ldo, const float *bias) {
+                 const int16_t *xq, const uint8_t *lo, const int8_t *hi, const float *sx,
+                 const float *xsum, int64_t K, float *out, int64_t ldo, const float *bias) {
+#if RQ_VNNI
+    if (bits == 4) {
+        switch (mt) {
+        case 1: tile4_vnni(1, VNNI_ARGS); return;
+        case 2: tile4_vnni(2, VNNI_ARGS); return;
+        case 3: tile4_vnni(3, VNNI_ARGS); return;
+        default: tile4_vnni(4, VNNI_ARGS); return;
+        }
+    }
+#else
+    (void)lo;
+    (void)hi;
+#endif
     switch (mt * 16 + bits) {
     case 16 + 4: tile4(1, 4, TILE_ARGS); break;
     case 32 + 4: tile4(2, 4, TILE_ARGS); break;
@@ -354,10 +451,13 @@ void rq_matrix_tile(const rq_matrix *w, int64_t t, int64_t K, const int16_t *xq,
                     const float *xsum, int64_t M, float *out, int64_t ldo) {
     const int64_t nb = K / BLOCK;
     const tile_parts p = parts_of(w->packed, t, K, w->bits, w->half, w->has_shift);
+    const uint8_t *lo = (const uint8_t *)(xq + M * K); /* rq_quantize_rows' byte planes */
+    const int8_t *hi = (const int8_t *)(lo + M * K);
     for (int64_t m0 = 0; m0 < M; m0 += M_TILE) {
         const int mt = (int)(M - m0 < M_TILE ? M - m0 : M_TILE);
-        tile(mt, w->bits, p.codes, p.scale, p.shift, xq + m0 * K, sx + m0 * nb, xsum + m0 * nb, K,
-             out + m0 * ldo + t * 4, ldo, w->bias != NULL ? w->bias + t * 4 : NULL);
+        tile(mt, w->bits, p.codes, p.scale, p.shift, xq + m0 * K, lo + m0 * K, hi + m0 * K,
+             sx + m0 * nb, xsum + m0 * nb, K, out + m0 * ldo + t * 4, ldo,
+             w->bias != NULL ? w->bias + t * 4 : NULL);
     }
 }
 
@@ -368,7 +468,7 @@ int rq_linear(const float *x, int64_t M, int64_t K, int64_t ldx, const uint8_t *
               int half, int has_shift, const float *bias, float *out, int64_t N, int64_t ldo) {
     if (half && !RQ_HALF) return -2;
     const int64_t nb = K / BLOCK;
-    int16_t *xq = (int16_t *)aligned_alloc(64, (size_t)((M * K * 2 + 63) / 64 * 64));
+    int16_t *xq = (int16_t *)aligned_alloc(64, (size_t)((RQ_XQ_SLOTS(M, K) * 2 + 63) / 64 * 64));
     float *sx = (float *)malloc(sizeof(float) * (size_t)(M * nb) * 2);
     if (xq == NULL || sx == NULL) {
         free(xq);
@@ -404,8 +504,8 @@ void rq_dequantize(const uint8_t *packed, int bits, int half, int has_shift, int
         for (int r = 0; r < 4; r++) {
             float *row = out + (t * 4 + r) * K;
             for (int64_t b = 0; b < nb; b++) {
-                const float s = num_at(scale, r * nb + b);
-                const float m = shift.p != NULL ? num_at(shift, r * nb + b) : 0.0f;
+                const float s = num_at(scale, b * 4 + r);
+                const float m = shift.p != NULL ? num_at(shift, b * 4 + r) : 0.0f;
                 const uint8_t *c = codes + (b * 4 + r) * bb;
                 float *v = row + b * BLOCK;
                 if (bits == 4) {

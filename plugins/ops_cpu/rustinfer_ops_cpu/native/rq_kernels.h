@@ -14,10 +14,13 @@ typedef struct {
     int32_t bits, half, has_shift, pad_;
 } rq_matrix;
 
-/* x [M, K] (row stride ldx) -> xq int16 [M, K], sx and xsum [M, K / 32] (qlinear.c). */
+/* int16 slots of the xq buffer for M rows of K: the int16 codes [M, K], then their low bytes
+ * (uint8 [M, K]) and high bytes (int8 [M, K]), all three written by rq_quantize_rows. */
+#define RQ_XQ_SLOTS(M, K) (2 * (M) * (K))
+/* x [M, K] (row stride ldx) -> xq (RQ_XQ_SLOTS), sx and xsum [M, K / 32] (qlinear.c). */
 void rq_quantize_rows(const float *x, int64_t M, int64_t K, int64_t ldx, int16_t *xq, float *sx,
                       float *xsum);
-/* Tile t (rows 4t..4t+3) of out [M, n_pad] (row stride ldo) from quantized rows of x. */
+/* Tile t (rows 4t..4t+3) of out [M, n_pad] (row stride ldo) from M quantized rows of x. */
 void rq_matrix_tile(const rq_matrix *w, int64_t t, int64_t K, const int16_t *xq, const float *sx,
                     const float *xsum, int64_t M, float *out, int64_t ldo);
 
