@@ -85,6 +85,31 @@ def test_greedy_ids_match_hf_transformers(smollm2, hf_model, prompt):
     assert greedy_alone(loaded, ids) == hf_greedy(hf_model, ids, NEW_TOKENS)
 
 
+def test_float32_decode_runs_the_c_step_where_built(smollm2, hf_model):
+    """On an AVX-512 CPU the float32 model's decode steps run every layer in one C call
+    (``decode_layers``), and stay token-exact against HF transformers (the test above)."""
+    from rustinfer_ops_cpu.step_native import F32_MATRICES
+
+    _, loaded = smollm2
+    ops = loaded.model.ops
+    if not F32_MATRICES or "decode_layers" not in ops.chosen:
+        pytest.skip("no C step for float32 weights on this CPU")
+    served: list[bool] = []
+
+    def counted(*args):
+        result = ops.decode_layers(*args)
+        served.append(result is not None)
+        return result
+
+    loaded.model.ops = ops.with_op("decode_layers", counted)
+    try:
+        ids = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}])
+        assert greedy_alone(loaded, ids) == hf_greedy(hf_model, ids, NEW_TOKENS)
+    finally:
+        loaded.model.ops = ops
+    assert served and all(served), "the C step declined the float32 model"
+
+
 def test_generate_cli_answers_paris():
     proc = subprocess.run(
         [

@@ -48,6 +48,9 @@ class OpTable:
         fns = {k: v for k, v in self._fns.items() if k not in names}
         return OpTable(fns, {k: v for k, v in self.chosen.items() if k not in names})
 
-    def with_op(self, name: str, fn: Callable[..., Any]) -> OpTable:
-        """A copy whose op ``name`` is ``fn`` (described as the op it replaces)."""
-        return OpTable({**self._fns, name: fn}, dict(self.chosen))
+    def with_op(self, name: str, fn: Callable[..., Any], described: str | None = None) -> OpTable:
+        """A copy whose op ``name`` is ``fn``, ``described`` (default: as the op it replaces)."""
+        chosen = dict(self.chosen)
+        if described is not None:
+            chosen[name] = described
+        return OpTable({**self._fns, name: fn}, chosen)

@@ -110,6 +110,18 @@ def with_quantized_ops(
     return OpTable(fns, chosen)
 
 
+def with_decode_layers(
+    ops: OpTable, regs: Registries, device_type: str, dtype: torch.dtype
+) -> OpTable:
+    """``ops`` plus the device's optional ``decode_layers`` for a model of dense weights, if it
+    has one (it declines, per model, weights in a layout it does not read)."""
+    try:
+        impl = regs.ops.lookup("decode_layers", device_type, dtype)
+    except RegistryError:
+        return ops
+    return ops.with_op("decode_layers", impl.load(), impl.describe())
+
+
 # auto on a GPU dequantizes a GGUF whose dense weights take at most this share of the free
 # memory (the rest is for the KV cache and activations).
 _DENSE_FRACTION_OF_FREE = 0.5
@@ -258,6 +270,8 @@ def load_model(
         )
     if quant.is_quantized:
         ops = with_quantized_ops(ops, regs, dev.type, torch_dtype)
+    elif not batch_invariant:
+        ops = with_decode_layers(ops, regs, dev.type, torch_dtype)
     logger.debug("ops for %s/%s: %s", dev.type, torch_dtype, ops.chosen)
     net = cls(config, ops, torch_dtype, tp=tp) if sharded else cls(config, ops, torch_dtype)
     if source.format == "dummy":

@@ -11,6 +11,7 @@ import pytest
 import torch
 from rustinfer_ops_cpu.native import library
 from rustinfer_ops_cpu.quant_native import BATCHES_IN_C
+from rustinfer_ops_cpu.step_native import F32_MATRICES
 
 from rustinfer.ops import DecodeDims, build_cos_sin_cache
 from rustinfer.ops.decode_layers import LayerStack, decode_layers_reference
@@ -28,7 +29,8 @@ DIMS = DecodeDims(HQ, HKV, D, 1e-5, D**-0.5)
 
 
 def _layers(fmt: str, qkv_bias: bool) -> tuple[list[dict], LayerStack]:
-    """(canonical layers for the reference, the same prepared for the C step)."""
+    """(canonical layers for the reference, the same prepared for the C step); ``fmt`` float32:
+    dense weights, column-major for the C step as the CPU's prepare_linear_weight stores them."""
     prepare = cpu_impl("prepare_quantized_weight", F32)
     shapes = {"qkv": ((HQ + 2 * HKV) * D, H), "o": (H, HQ * D), "gate_up": (2 * INTER, H)}
     shapes["down"] = (H, INTER)
@@ -41,7 +43,9 @@ def _layers(fmt: str, qkv_bias: bool) -> tuple[list[dict], LayerStack]:
             "k_norm": None,
         }
         for name, (n, k) in shapes.items():
-            layer[f"{name}_weight"] = make_weight(weight_values(n, k, offset=0.5), fmt)
+            values = weight_values(n, k, offset=0.5)
+            dense = values.t().contiguous().t()  # column-major
+            layer[f"{name}_weight"] = dense if fmt == "float32" else make_weight(values, fmt)
             layer[f"{name}_bias"] = None
         if qkv_bias:
             layer["qkv_bias"] = 0.5 * randn(shapes["qkv"][0], dtype=F32)
@@ -128,9 +132,11 @@ def _clone(step: dict) -> dict:
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True], ids=["nobias", "qkvbias"])
-@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "int4"])
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0", "int4", "float32"])
 @pytest.mark.parametrize("ctxs", [(1,), (37,), (5, 37, 20)], ids=["first", "one", "batch"])
 def test_c_step_matches_reference(fmt: str, qkv_bias: bool, ctxs: tuple[int, ...]) -> None:
+    if fmt == "float32" and not F32_MATRICES:
+        pytest.skip("the C step's float32 kernel needs AVX-512")
     if len(ctxs) > 1 and not BATCHES_IN_C:
         pytest.skip("without AVX512-VNNI batches run op by op")
     canonical, prepared = _layers(fmt, qkv_bias)
@@ -187,7 +193,7 @@ def test_c_step_declines_what_it_does_not_serve() -> None:
         dict(layer, q_norm=torch.ones(D), k_norm=torch.ones(D)) for layer in prepared
     )
     assert _call(step_op, step, normed) is None
-    dense = LayerStack(dict(layer) for layer in prepared)
-    dense[1]["down_weight"] = randn(H, INTER, dtype=F32)
-    assert _call(step_op, step, dense) is None
+    row_major = LayerStack(dict(layer) for layer in prepared)
+    row_major[1]["down_weight"] = randn(H, INTER, dtype=F32)
+    assert _call(step_op, step, row_major) is None
     assert _call(step_op, step, prepared) is not None

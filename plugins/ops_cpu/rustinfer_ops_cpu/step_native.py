@@ -2,7 +2,8 @@
 layers in one call.
 
 It serves float32 models whose four matmul weights per layer are held quantized in the C kernel's
-layout (``quant_native``), with no q/k norm: single-sequence steps everywhere, batches on CPUs
+layout (``quant_native``) or float32 ones as ``prepare_linear_weight`` stores them (column-major,
+on AVX-512 CPUs), with no q/k norm: single-sequence steps everywhere, batches on CPUs
 with AVX512-VNNI (elsewhere torch's packed int4 kernel is faster for batches: ``quant_native``).
 It declines everything else (returns None) and the model runs its ops one by one.
 
@@ -26,6 +27,8 @@ from rustinfer_ops_cpu.quant_native import BATCHED_ROWS, BATCHES_IN_C, NATIVE_LA
 __all__ = ["decode_layers"]
 
 _F32 = torch.float32
+# Float32 matrices are served where the C step has its AVX-512 float kernel.
+F32_MATRICES = bool(library() is not None and library().rq_step_serves_f32())
 _MATRICES = ("qkv", "o", "gate_up", "down")
 
 
@@ -75,6 +78,7 @@ class _Plan:
         self.inter = layers[0]["down_weight"].shape[1]
 
     def _fill(self, s: _Layer, layer: dict, hq: int, hkv: int, d: int) -> str | None:
+        """Layer ``layer``'s struct ``s``, or why the C step cannot take it."""
         if layer.get("q_norm") is not None:
             return "q/k norms are not in the C step"
         h = layer["input_norm"].shape[0]
@@ -88,16 +92,27 @@ class _Plan:
         expect = {"qkv": (hq + 2 * hkv) * d, "o": h, "gate_up": 2 * inter, "down": h}
         for name in _MATRICES:
             w, b = layer[f"{name}_weight"], layer.get(f"{name}_bias")
-            if not isinstance(w, QuantizedWeight) or w.layout != NATIVE_LAYOUT:
-                return f"{name}_weight is not quantized in the C kernel's layout"
-            packed, bits, half, shift, n_pad, n, _ = plan_of(w)
-            if n_pad != n or n != expect[name]:
-                return f"{name}_weight has {n} rows ({n_pad} padded), the step needs {expect[name]}"
             if b is not None and (b.dtype != _F32 or not b.is_contiguous()):
                 return f"{name}_bias is not contiguous float32"
             m = getattr(s, name)
+            if isinstance(w, QuantizedWeight):
+                if w.layout != NATIVE_LAYOUT:
+                    return f"{name}_weight is quantized, not in the C kernel's layout"
+                packed, bits, half, shift, n_pad, n, _ = plan_of(w)
+                if n_pad != n:
+                    return f"{name}_weight has {n} rows, not a multiple of 4"
+                m.bits, m.half, m.has_shift = bits, half, shift
+            else:
+                # Float32 as the CPU's prepare_linear_weight stores it: column-major.
+                if not (F32_MATRICES and w.dtype == _F32 and w.t().is_contiguous()):
+                    return f"{name}_weight is neither quantized nor column-major float32"
+                (n, _), packed = w.shape, w
+                if n % 16:
+                    return f"{name}_weight has {n} rows: the float step needs a multiple of 16"
+                m.bits, m.half, m.has_shift = 32, 0, 0
+            if n != expect[name]:
+                return f"{name}_weight has {n} rows, the step needs {expect[name]}"
             m.packed, m.bias, m.n_pad = packed.data_ptr(), None if b is None else b.data_ptr(), n
-            m.bits, m.half, m.has_shift = bits, half, shift
             self.keep.append(packed)
             if b is not None:
                 self.keep.append(b)

@@ -63,6 +63,7 @@ _SIGNATURES = {
         _int,
         [_ptr, _ptr] + [_i64] * 7 + [_f32, _f32] + [_ptr] * 3 + [_i64, _ptr, _i64] + [_ptr] * 4,
     ),
+    "rq_step_serves_f32": (_int, []),
     "rq_simd": (ctypes.c_char_p, []),
     "rq_half": (_int, []),
 }

@@ -23,11 +23,67 @@ typedef struct {
     rq_matrix qkv, o, gate_up, down;
 } rq_layer;
 
-/* out [M, w->n_pad] = quantized x @ W^T: the tiles split among the region's threads (an
- * orphaned `omp for`, bound to the caller's parallel region), with its barrier at the end. */
-static void matmul(const rq_matrix *w, int64_t K, const int16_t *xq, const float *sx,
-                   const float *xsum, int64_t M, float *out) {
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#include <omp.h>
+/* out [M, N] (row stride ldo) = x [M, K] @ W^T + bias for a float32 W held column-major, as the
+ * CPU's prepare_linear_weight stores it (wt [K, N]: wt[k * N + n] = W[n, k]; N % 16 == 0). Each
+ * thread of the region takes a contiguous range of columns and streams the K rows of its range,
+ * four at a time, into its outputs (in L1), so the weight is read once, in long runs. */
+static void f32_matmul(const float *wt, int64_t N, int64_t K, const float *x, int64_t M,
+                       const float *bias, float *out, int64_t ldo) {
+    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t vecs = N / 16, n0 = vecs * me / threads * 16, n1 = vecs * (me + 1) / threads * 16;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) out[m * ldo + n] = bias != NULL ? bias[n] : 0.0f;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const float *w0 = wt + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        for (int64_t n = n0; n < n1; n += 16) {
+            const __m512 a = _mm512_loadu_ps(w0 + n), b = _mm512_loadu_ps(w1 + n),
+                         c = _mm512_loadu_ps(w2 + n), d = _mm512_loadu_ps(w3 + n);
+            for (int64_t m = 0; m < M; m++) {
+                const float *xm = x + m * K + k;
+                float *o = out + m * ldo + n;
+                __m512 acc = _mm512_loadu_ps(o);
+                acc = _mm512_fmadd_ps(a, _mm512_set1_ps(xm[0]), acc);
+                acc = _mm512_fmadd_ps(b, _mm512_set1_ps(xm[1]), acc);
+                acc = _mm512_fmadd_ps(c, _mm512_set1_ps(xm[2]), acc);
+                acc = _mm512_fmadd_ps(d, _mm512_set1_ps(xm[3]), acc);
+                _mm512_storeu_ps(o, acc);
+            }
+        }
+    }
+    for (; k < K; k++)
+        for (int64_t n = n0; n < n1; n += 16)
+            for (int64_t m = 0; m < M; m++) {
+                float *o = out + m * ldo + n;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_loadu_ps(wt + k * N + n),
+                                                    _mm512_set1_ps(x[m * K + k]), _mm512_loadu_ps(o)));
+            }
+#pragma omp barrier
+}
+#define RQ_F32_STEP 1
+#else
+#define RQ_F32_STEP 0
+#endif
+
+int rq_step_serves_f32(void) { return RQ_F32_STEP; }
+
+/* out [M, w->n_pad] = x @ W^T, split among the region's threads (an orphaned `omp for`, bound to
+ * the caller's parallel region), with a barrier at the end. A quantized W reads x as
+ * rq_quantize_rows left it in xq, sx, xsum; a float32 one (bits 32, column-major) reads x. */
+static void matmul(const rq_matrix *w, int64_t K, const float *x, const int16_t *xq,
+                   const float *sx, const float *xsum, int64_t M, float *out) {
     const int64_t n_tiles = w->n_pad / 4;
+#if RQ_F32_STEP
+    if (w->bits == 32) {
+        f32_matmul((const float *)w->packed, w->n_pad, K, x, M, w->bias, out, w->n_pad);
+        return;
+    }
+#else
+    (void)x;
+#endif
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tiles; t++) rq_matrix_tile(w, t, K, xq, sx, xsum, M, out, w->n_pad);
 }
@@ -80,7 +136,7 @@ int rq_decode_layers(const rq_layer *layers, float *const *caches, int64_t L, in
                     rq_quantize_rows(xn, T, H, H, xq, sx, xsum);
                 }
             }
-            matmul(&ly->qkv, H, xq, sx, xsum, T, qkv);
+            matmul(&ly->qkv, H, l == 0 ? x : xn, xq, sx, xsum, T, qkv);
 #pragma omp single
             rq_rope_kv_store(qkv, nqkv, qkv + nq, nqkv, qkv + nq + Hkv * D, nqkv, T, Hq, Hkv, D,
                              positions, cos_sin, k_cache, v_cache, slots, qrot);
@@ -92,19 +148,19 @@ int rq_decode_layers(const rq_layer *layers, float *const *caches, int64_t L, in
             }
 #pragma omp single
             rq_quantize_rows(att, T, nq, nq, xq, sx, xsum);
-            matmul(&ly->o, nq, xq, sx, xsum, T, o);
+            matmul(&ly->o, nq, att, xq, sx, xsum, T, o);
 #pragma omp single
             {
                 rq_add_rmsnorm(o, H, residual, H, ly->post_attn_norm, eps, T, H, xn, residual);
                 rq_quantize_rows(xn, T, H, H, xq, sx, xsum);
             }
-            matmul(&ly->gate_up, H, xq, sx, xsum, T, gate_up);
+            matmul(&ly->gate_up, H, xn, xq, sx, xsum, T, gate_up);
 #pragma omp single
             {
                 rq_silu_mul(gate_up, 2 * I, T, I, act);
                 rq_quantize_rows(act, T, I, I, xq, sx, xsum);
             }
-            matmul(&ly->down, I, xq, sx, xsum, T, mlp_out);
+            matmul(&ly->down, I, act, xq, sx, xsum, T, mlp_out);
         }
         free(scores);
     }

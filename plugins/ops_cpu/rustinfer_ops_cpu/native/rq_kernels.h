@@ -6,7 +6,8 @@
 #define RQ_KERNELS_H
 #include <stdint.h>
 
-/* A quantized matrix [n_pad, K] in the packed tile layout of qlinear.c, with its bias or NULL. */
+/* A matrix [n_pad, K] with its bias or NULL: quantized in the packed tile layout of qlinear.c (bits
+ * 4 or 8), or float32 column-major, [K, n_pad] in memory (bits 32; decode_step.c alone reads those). */
 typedef struct {
     const uint8_t *packed;
     const float *bias;
