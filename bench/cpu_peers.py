@@ -12,8 +12,10 @@ Each engine runs two phases on the same token ids: ``decode`` (a ``--prompt-len`
 ``--output-len`` greedy tokens, EOS ignored: decode tok/s) and ``prefill`` (a ``--prefill-len``
 prompt: prefill tok/s, prompt forward plus the first token). Every process reports the median of
 ``--iters`` runs after ``--warmup``; ``--repeat`` rounds alternate the engines so the box's drift
-over minutes lands on all of them alike. One JSON line per process goes to ``--out``; the table
-(medians over rounds, with min-max) is printed last.
+over minutes lands on all of them alike. After each round two "floor" rows give the decode rate
+that streaming a token's weights from memory alone would allow (``memory_floor``: the file's
+bytes, and float32's), from a read rate measured then (``--no-floor`` skips them). One JSON line
+per process goes to ``--out``; the table (medians over rounds, with min-max) is printed last.
 
 llama-cpp-python is not a dependency of rustinfer: ``--install-llama-cpp`` installs it into a
 throwaway ``pip --target`` folder (``--llama-cpp-dir``), from a wheel when one fits, else by
@@ -49,6 +51,8 @@ ENGINES = (
     "hf-bfloat16",
     "llama.cpp",
 )
+# Rows the script adds per round: the decode rate streaming the weights alone would allow.
+FLOORS = ("floor-gguf-bytes", "floor-float32-bytes")
 # What each rustinfer row passes to ``rustinfer bench latency``.
 _RUSTINFER_ARGS = {
     "rustinfer-gguf": ["--quantization", "gguf", "--dtype", "float32"],
@@ -226,6 +230,41 @@ def run_engine(argv: list[str], env: dict[str, str]) -> dict | None:
 _LLAMA_CPP_PLAIN: list[bool] = []
 
 
+# -- the memory floor ----------------------------------------------------------------------------
+
+
+def memory_floor(model: Path, threads: int) -> list[dict]:
+    """What streaming a token's weights from memory alone allows, measured here and now: the
+    read rate of ``torch.sum`` over a buffer larger than the last-level cache (the median of 7),
+    against the bytes a decode token reads: every matrix once (the embedding table once as the
+    tied head; its row lookup is negligible), as the file holds them and as float32."""
+    import torch
+
+    from rustinfer.loaders.gguf_reader import GGUFFile
+
+    tensors = [t for t in GGUFFile(model).tensors if len(t.dims) == 2]
+    quantized_bytes = sum(t.data.nbytes for t in tensors)
+    float32_bytes = sum(4 * t.n_elements for t in tensors)
+    torch.set_num_threads(threads)
+    buffer = torch.ones(max(float32_bytes, 1 << 30) // 4, dtype=torch.float32)
+    buffer.sum()
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    rate = buffer.numel() * 4 / statistics.median(times)  # bytes per second
+    del buffer
+    return [
+        {"engine": name, "phase": "decode", "decode_tok_s": round(rate / size, 2),
+         "read_gb_s": round(rate / 1e9, 2), "bytes_per_token": size}
+        for name, size in (
+            ("floor-gguf-bytes", quantized_bytes),
+            ("floor-float32-bytes", float32_bytes),
+        )
+    ]  # fmt: skip
+
+
 # -- the table -----------------------------------------------------------------------------------
 
 
@@ -281,6 +320,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=3, help="rounds over all engines")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompt's token ids")
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    ap.add_argument(
+        "--no-floor", action="store_true", help="skip the memory-floor rows (a read-rate probe)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON lines (default: a temp file)")
     ap.add_argument("--install-llama-cpp", action="store_true", help="install it if missing")
     ap.add_argument(
@@ -356,7 +398,14 @@ def main(argv: list[str] | None = None) -> None:
                     sink.flush()
                     key = "decode_tok_s" if phase == "decode" else "prefill_tok_s"
                     print(f"  round {rnd} {engine:<20} {phase:<8} {key} {result.get(key)}")
-    print(table(records, engines))
+            if not args.no_floor:
+                for floor in memory_floor(args.model, args.threads):
+                    record = {"round": rnd, "date": datetime.date.today().isoformat(), **floor}
+                    records.append(record)
+                    sink.write(json.dumps(record) + "\n")
+                    print(f"  round {rnd} {floor['engine']:<20} decode   decode_tok_s "
+                          f"{floor['decode_tok_s']} ({floor['read_gb_s']} GB/s)")  # fmt: skip
+    print(table(records, [*engines, *FLOORS]))
 
 
 if __name__ == "__main__":

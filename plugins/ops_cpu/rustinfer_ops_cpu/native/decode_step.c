@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <omp.h>
+
 #include "rq_kernels.h"
 
 #define BLOCK 32
@@ -25,7 +27,6 @@ typedef struct {
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#include <omp.h>
 /* out [M, N] (row stride ldo) = x [M, K] @ W^T + bias for a float32 W held column-major, as the
  * CPU's prepare_linear_weight stores it (wt [K, N]: wt[k * N + n] = W[n, k]; N % 16 == 0). Each
  * thread of the region takes a contiguous range of columns and streams the K rows of its range,
@@ -119,6 +120,9 @@ int rq_decode_layers(const rq_layer *layers, float *const *caches, int64_t L, in
     float *sx = act + T * I, *xsum = sx + T * (k_max / BLOCK);
     const size_t scratch = (size_t)rq_attention_scratch(Hq / Hkv, D, max_ctx);
     int failed = 0;
+    const int64_t group = Hq / Hkv;
+    const int per_head = T * Hkv < 4 * omp_get_max_threads();
+    const int64_t items = per_head ? T * Hq : T * Hkv;
 #pragma omp parallel reduction(| : failed)
     {
         float *scores = (float *)malloc(sizeof(float) * scratch);
@@ -140,11 +144,17 @@ int rq_decode_layers(const rq_layer *layers, float *const *caches, int64_t L, in
 #pragma omp single
             rq_rope_kv_store(qkv, nqkv, qkv + nq, nqkv, qkv + nq + Hkv * D, nqkv, T, Hq, Hkv, D,
                              positions, cos_sin, k_cache, v_cache, slots, qrot);
+            /* Work items: (sequence, KV head) pairs, each reading its keys and values once for
+             * its group of query heads; or, when pairs are too few to keep the threads busy (one
+             * sequence of SmolLM2: 3 pairs on 2 threads), single query heads. */
 #pragma omp for schedule(dynamic)
-            for (int64_t pair = 0; pair < T * Hkv; pair++) {
+            for (int64_t item = 0; item < items; item++) {
                 if (scores == NULL) continue;
-                rq_attention_pair(pair, qrot, nq, Hq, Hkv, D, k_cache, v_cache, block_size,
-                                  block_tables, width, seq_lens, scale, scores, max_ctx, att);
+                const int64_t pair = per_head ? item / group : item;
+                const int64_t g0 = per_head ? item % group : 0, g1 = per_head ? g0 + 1 : group;
+                rq_attention_heads(pair, g0, g1, qrot, nq, Hq, Hkv, D, k_cache, v_cache,
+                                   block_size, block_tables, width, seq_lens, scale, scores,
+                                   max_ctx, att);
             }
 #pragma omp single
             rq_quantize_rows(att, T, nq, nq, xq, sx, xsum);

@@ -129,13 +129,15 @@ int64_t rq_attention_scratch(int64_t group, int64_t D, int64_t max_ctx) {
     return group * max_ctx + group * D;
 }
 
-/* Decode attention of one (sequence b, KV head) pair = pair / Hkv, pair % Hkv: the group of query
- * heads sharing that KV head reads its keys and values once, scores into a scratch row (stride
- * max_ctx), then a float32 softmax (max subtracted) and the weighted sum of values. */
-void rq_attention_pair(int64_t pair, const float *q, int64_t ldq, int64_t Hq, int64_t Hkv,
-                       int64_t D, const float *k_cache, const float *v_cache, int64_t block_size,
-                       const int32_t *block_tables, int64_t width, const int32_t *seq_lens,
-                       float scale, float *scores, int64_t max_ctx, float *out) {
+/* Decode attention of one (sequence b, KV head) pair = pair / Hkv, pair % Hkv, for the query heads
+ * g0..g1-1 of the group sharing that KV head: they read its keys and values once, score into a
+ * scratch row each (stride max_ctx), then a float32 softmax (max subtracted) and the weighted sum
+ * of values. Each head's arithmetic is the same whichever range it comes in. */
+void rq_attention_heads(int64_t pair, int64_t g0, int64_t g1, const float *q, int64_t ldq,
+                        int64_t Hq, int64_t Hkv, int64_t D, const float *k_cache,
+                        const float *v_cache, int64_t block_size, const int32_t *block_tables,
+                        int64_t width, const int32_t *seq_lens, float scale, float *scores,
+                        int64_t max_ctx, float *out) {
     const int64_t group = Hq / Hkv;
     const int64_t b = pair / Hkv, kvh = pair % Hkv, ctx = seq_lens[b];
     const int32_t *table = block_tables + b * width;
@@ -147,11 +149,11 @@ void rq_attention_pair(int64_t pair, const float *q, int64_t ldq, int64_t Hq, in
         const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
         for (int64_t j = 0; j < n; j++) {
             const float *kr = k_cache + ((first + j) * Hkv + kvh) * D;
-            for (int64_t g = 0; g < group; g++)
+            for (int64_t g = g0; g < g1; g++)
                 scores[g * max_ctx + t0 + j] = dot_f32(qb + g * D, kr, D) * scale;
         }
     }
-    for (int64_t g = 0; g < group; g++) {
+    for (int64_t g = g0; g < g1; g++) {
         float *s = scores + g * max_ctx, top = -INFINITY, total = 0.0f;
         for (int64_t t = 0; t < ctx; t++) top = s[t] > top ? s[t] : top;
 #pragma omp simd reduction(+ : total)
@@ -168,7 +170,7 @@ void rq_attention_pair(int64_t pair, const float *q, int64_t ldq, int64_t Hq, in
         const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
         for (int64_t j = 0; j < n; j++) {
             const float *vr = v_cache + ((first + j) * Hkv + kvh) * D;
-            for (int64_t g = 0; g < group; g++) {
+            for (int64_t g = g0; g < g1; g++) {
                 const float p = scores[g * max_ctx + t0 + j];
                 float *a = acc + g * D;
 #pragma omp simd
@@ -176,10 +178,18 @@ void rq_attention_pair(int64_t pair, const float *q, int64_t ldq, int64_t Hq, in
             }
         }
     }
-    for (int64_t g = 0; g < group; g++) {
+    for (int64_t g = g0; g < g1; g++) {
         float *o = out + (b * Hq + kvh * group + g) * D;
         for (int64_t i = 0; i < D; i++) o[i] = acc[g * D + i];
     }
+}
+
+void rq_attention_pair(int64_t pair, const float *q, int64_t ldq, int64_t Hq, int64_t Hkv,
+                       int64_t D, const float *k_cache, const float *v_cache, int64_t block_size,
+                       const int32_t *block_tables, int64_t width, const int32_t *seq_lens,
+                       float scale, float *scores, int64_t max_ctx, float *out) {
+    rq_attention_heads(pair, 0, Hq / Hkv, q, ldq, Hq, Hkv, D, k_cache, v_cache, block_size,
+                       block_tables, width, seq_lens, scale, scores, max_ctx, out);
 }
 
 /* Decode attention over the paged cache: q [B, Hq, D] (rows ldq apart, heads D apart), one query

@@ -35,7 +35,13 @@ void rq_rope_kv_store(const float *q, int64_t ldq, const float *k, int64_t ldk, 
                       float *v_cache, const int64_t *slots, float *q_out);
 /* Floats of scratch one attention pair needs for a step whose longest sequence is max_ctx. */
 int64_t rq_attention_scratch(int64_t group, int64_t D, int64_t max_ctx);
-/* One (sequence, KV head) pair of decode attention: its group of query heads, into out. */
+/* One (sequence, KV head) pair of decode attention: its query heads g0..g1-1 (of the group sharing
+ * the KV head), or all of them, into out. */
+void rq_attention_heads(int64_t pair, int64_t g0, int64_t g1, const float *q, int64_t ldq,
+                        int64_t Hq, int64_t Hkv, int64_t D, const float *k_cache,
+                        const float *v_cache, int64_t block_size, const int32_t *block_tables,
+                        int64_t width, const int32_t *seq_lens, float scale, float *scores,
+                        int64_t max_ctx, float *out);
 void rq_attention_pair(int64_t pair, const float *q, int64_t ldq, int64_t Hq, int64_t Hkv,
                        int64_t D, const float *k_cache, const float *v_cache, int64_t block_size,
                        const int32_t *block_tables, int64_t width, const int32_t *seq_lens,
