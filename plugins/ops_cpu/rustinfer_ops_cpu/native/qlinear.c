@@ -58,6 +58,18 @@ typedef uint16_t half_t; /* never read: rq_half() says 0 and callers pass float3
 #endif
 
 #define BLOCK 32
+/* How far ahead of its reads a tile asks for the weight's bytes. A decode step reads each matrix
+ * once, from memory, in runs of ~50-100 us per thread: too short for the hardware prefetcher to
+ * ramp up on its own, so the matmuls streamed at ~10 GB/s where the memory gives ~20. Asking 4
+ * KB ahead (2-32 KB measured alike) took a SmolLM2 token from ~11.8 to ~8.2 ms (BENCHMARKS.md,
+ * "Prefetching the weights"). Past a thread's range or the matrix it is a harmless hint. */
+#define RQ_AHEAD 4096
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#define RQ_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#else
+#define RQ_PREFETCH(p) __builtin_prefetch((p))
+#endif
 /* Rows of x handled together, so each weight block is widened once for all of them. */
 #define M_TILE 4
 
@@ -304,6 +316,8 @@ static inline __attribute__((always_inline)) void tile4(
     ACC_DECL(3);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *c = codes + b * 4 * bb; /* the tile's 4 rows' block b, side by side */
+        RQ_PREFETCH(c + RQ_AHEAD); /* 4 rows' block: 64 bytes of nibbles, 128 of int8 codes */
+        if (bits == 8) RQ_PREFETCH(c + RQ_AHEAD + 64);
         const W w0 = widen_block(c, bits), w1 = widen_block(c + bb, bits),
                 w2 = widen_block(c + 2 * bb, bits), w3 = widen_block(c + 3 * bb, bits);
         ACC_STEP(0)
@@ -370,6 +384,7 @@ static inline __attribute__((always_inline)) void tile4_vnni(
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
            acc3 = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
+        RQ_PREFETCH(codes + b * 64 + RQ_AHEAD);
         const __m512i v = _mm512_loadu_si512((const void *)(codes + b * 64));
         const __m512i c_lo = _mm512_and_si512(v, nibble);
         const __m512i c_hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
