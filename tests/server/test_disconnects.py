@@ -106,7 +106,9 @@ def test_queued_client_gone_leaves_the_running_one_alone(single_seat: LiveServer
     first_started = threading.Event()
 
     def first() -> None:
-        body = {"messages": QUESTION, "stream": True, **ENDLESS, "max_tokens": 60}
+        # Long enough to outlast the second client's 1 s wait at any CPU speed seen (600 tokens:
+        # ~5 s at the quantized path's ~120 tok/s on 2 cores; 60 ended before the check).
+        body = {"messages": QUESTION, "stream": True, **ENDLESS, "max_tokens": 600}
         with (
             httpx.Client(base_url=single_seat.url, timeout=120) as c,
             c.stream("POST", "/v1/chat/completions", json=body) as r,
