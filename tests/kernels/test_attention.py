@@ -340,6 +340,9 @@ def test_prefill_cuda_block_sizes(block_size):
 
 @cuda
 def test_registry_picks_triton_on_cuda_never_on_cpu():
+    from rustinfer_ops_cpu.native import library
+    from rustinfer_ops_cpu.plugin import NATIVE_F32_TARGETS
+
     from rustinfer.plugins import get_registries
 
     regs = get_registries()
@@ -347,7 +350,10 @@ def test_registry_picks_triton_on_cuda_never_on_cpu():
                "attention_decode", "attention_prefill"):  # fmt: skip
         for dtype in CUDA_DTYPES:  # float32 included: the accurate path runs Triton too
             assert regs.ops.lookup(op, "cuda", dtype, overrides={}).name == "triton"
-            assert regs.ops.lookup(op, "cpu", dtype, overrides={}).name == "torch"
+            # The CPU's own: its C kernels for float32 where they build, else torch's.
+            native = op in NATIVE_F32_TARGETS and dtype == torch.float32 and library() is not None
+            cpu = regs.ops.lookup(op, "cpu", dtype, overrides={}).name
+            assert cpu == ("native" if native else "torch"), (op, dtype, cpu)
 
 
 @pytest.mark.interpret
