@@ -295,13 +295,13 @@ class DenseDecoderForCausalLM(Model):
         n_tokens = input_ids.shape[0]
         hq, hkv, d = self.num_q_heads, self.num_kv_heads, c.head_dim
         hidden = self._embed(input_ids)  # [T, H]
-        residual: torch.Tensor | None = None
+        residual = hidden
+        x = ops.rmsnorm(hidden, self._layers[0]["input_norm"], eps)  # layer 0's input
         decode_layers = getattr(ops, "decode_layers", None) if attn.is_decode else None
         if decode_layers is not None and tp.size == 1:
             # The device may run the whole stack in one call (None: it does not serve this one).
-            first = self._layers[0]["input_norm"]
             done = decode_layers(
-                ops.rmsnorm(hidden, first, eps),
+                x,
                 hidden,
                 self._layers,
                 positions,
@@ -315,11 +315,8 @@ class DenseDecoderForCausalLM(Model):
             if done is not None:
                 out, _ = ops.fused_add_rmsnorm(done[0], done[1], self.norm, eps)
                 return out
-        for layer, (k_cache, v_cache) in zip(self._layers, kv_caches, strict=True):
-            if residual is None:
-                residual = hidden
-                x = ops.rmsnorm(hidden, layer["input_norm"], eps)
-            else:
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self._layers, kv_caches, strict=True)):
+            if i > 0:
                 x, residual = ops.fused_add_rmsnorm(hidden, residual, layer["input_norm"], eps)
             qkv = ops.linear(x, layer["qkv_weight"], layer["qkv_bias"])  # [T, (Hq + 2 Hkv) * D]
             q = qkv[:, : self.q_size].view(n_tokens, hq, d)
@@ -355,7 +352,6 @@ class DenseDecoderForCausalLM(Model):
             gate_up = ops.linear(x, layer["gate_up_weight"], layer["gate_up_bias"])
             hidden = ops.linear(ops.silu_and_mul(gate_up), layer["down_weight"], layer["down_bias"])
             tp.all_reduce(hidden)
-        assert residual is not None, "a model has at least one layer"
         out, _ = ops.fused_add_rmsnorm(hidden, residual, self.norm, eps)
         return out
 

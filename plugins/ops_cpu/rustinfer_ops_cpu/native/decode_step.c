@@ -89,6 +89,12 @@ static void matmul(const rq_matrix *w, int64_t K, const float *x, const int16_t 
     for (int64_t t = 0; t < n_tiles; t++) rq_matrix_tile(w, t, K, xq, sx, xsum, M, out, w->n_pad);
 }
 
+/* x [M, K] rounded to int16 for w's next matmul; a float32 w reads x itself, so nothing. */
+static void quantize_for(const rq_matrix *w, const float *x, int64_t M, int64_t K, int16_t *xq,
+                         float *sx, float *xsum) {
+    if (w->bits != 32) rq_quantize_rows(x, M, K, K, xq, sx, xsum);
+}
+
 /* The embedded tokens residual [T, H] through layers 0..L-1, x [T, H] being layer 0's normed input
  * (the model's own rmsnorm of them: the first norm stays the one every path shares). caches: 2L
  * pointers, layer l's K cache at 2l and V cache at 2l + 1, each [blocks, block_size, Hkv, D]. On
@@ -134,10 +140,10 @@ int rq_decode_layers(const rq_layer *layers, float *const *caches, int64_t L, in
 #pragma omp single
             {
                 if (l == 0)
-                    rq_quantize_rows(x, T, H, H, xq, sx, xsum);
+                    quantize_for(&ly->qkv, x, T, H, xq, sx, xsum);
                 else {
                     rq_add_rmsnorm(mlp_out, H, residual, H, ly->input_norm, eps, T, H, xn, residual);
-                    rq_quantize_rows(xn, T, H, H, xq, sx, xsum);
+                    quantize_for(&ly->qkv, xn, T, H, xq, sx, xsum);
                 }
             }
             matmul(&ly->qkv, H, l == 0 ? x : xn, xq, sx, xsum, T, qkv);
@@ -157,18 +163,18 @@ int rq_decode_layers(const rq_layer *layers, float *const *caches, int64_t L, in
                                    max_ctx, att);
             }
 #pragma omp single
-            rq_quantize_rows(att, T, nq, nq, xq, sx, xsum);
+            quantize_for(&ly->o, att, T, nq, xq, sx, xsum);
             matmul(&ly->o, nq, att, xq, sx, xsum, T, o);
 #pragma omp single
             {
                 rq_add_rmsnorm(o, H, residual, H, ly->post_attn_norm, eps, T, H, xn, residual);
-                rq_quantize_rows(xn, T, H, H, xq, sx, xsum);
+                quantize_for(&ly->gate_up, xn, T, H, xq, sx, xsum);
             }
             matmul(&ly->gate_up, H, xn, xq, sx, xsum, T, gate_up);
 #pragma omp single
             {
                 rq_silu_mul(gate_up, 2 * I, T, I, act);
-                rq_quantize_rows(act, T, I, I, xq, sx, xsum);
+                quantize_for(&ly->down, act, T, I, xq, sx, xsum);
             }
             matmul(&ly->down, I, act, xq, sx, xsum, T, mlp_out);
         }
